@@ -55,10 +55,12 @@ class Generator:
   reused across calls. One program per (bucket length, batch size)."""
 
   def __init__(self, model: Llava, sampling: SamplingConfig = SamplingConfig(),
-               pad_token_id: int = 0):
+               pad_token_id: int = 0, eos_ids: tuple[int, ...] | None = None):
+    """eos_ids: tokens that end a sample (default: the model config's); () never stops."""
     self.model = model
     self.sampling = sampling
-    self.eos_ids = jnp.asarray(model.cfg.text.eos_ids or (-1,), jnp.int32)
+    eos_ids = model.cfg.text.eos_ids if eos_ids is None else eos_ids
+    self.eos_ids = jnp.asarray(eos_ids or (-1,), jnp.int32)
     self.pad_token_id = pad_token_id
     self.trace_counts = collections.Counter()
     self._prefill = jax.jit(self._prefill_impl)
@@ -103,15 +105,23 @@ class Generator:
     carry = (jnp.int32(1), token, state, rng, out, done)
     return jax.lax.while_loop(cond, body, carry)[4]
 
-  def __call__(self, params, batch, rng=None):
+  def prefill(self, params, batch):
     """batch: dict with input_ids, attention_mask, positions (i32/bool[B, T]) and
-    pixel_values f32[B, S, S, C]. Returns the new tokens i32[B, max_new_tokens], padded
-    with `pad_token_id` after each sample's end-of-sequence token."""
+    pixel_values f32[B, S, S, C] -> (logits f32[B, V] of the last position, DecodeState)."""
+    return self._prefill(params, batch["input_ids"], batch["pixel_values"],
+                         batch["attention_mask"], batch["positions"])
+
+  def decode(self, params, logits, state: DecodeState, rng=None) -> np.ndarray:
+    """The new tokens i32[B, max_new_tokens], padded with `pad_token_id` after each
+    sample's end-of-sequence token."""
     if rng is None:
       rng = jax.random.PRNGKey(0)
-    logits, state = self._prefill(params, batch["input_ids"], batch["pixel_values"],
-                                  batch["attention_mask"], batch["positions"])
     tokens = self._decode(params, logits, state, rng,
                           jnp.float32(max(self.sampling.temperature, 1e-6)),
                           jnp.float32(self.sampling.top_p))
     return np.asarray(tokens)
+
+  def __call__(self, params, batch, rng=None) -> np.ndarray:
+    """Prefill then decode: i32[B, max_new_tokens]."""
+    logits, state = self.prefill(params, batch)
+    return self.decode(params, logits, state, rng)
