@@ -1,0 +1,31 @@
+r"""LLaVA-1.5-7B inference (CLIP ViT-L/14-336 + Vicuna-7B), no token reduction.
+
+Run, from a local copy of llava-hf/llava-1.5-7b-hf (the optional config argument is
+the checkpoint directory):
+
+  python infer.py --config=configs/llava15_7b.py:/path/to/llava-1.5-7b-hf
+
+`preset` names the same architecture in tokred_jax/presets.py, for what needs no
+weights (shape checks, cost tables); inference needs the checkpoint.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  """arg: optional checkpoint directory (a Hugging Face LLaVA checkpoint)."""
+  config = ml_collections.ConfigDict()
+  # A typed placeholder, so that --config.checkpoint=... can set it from the command line.
+  config.checkpoint = config_dict.placeholder(str)
+  if arg:
+    config.checkpoint = arg
+  config.preset = "llava-1.5-7b"
+  config.dtype = "bfloat16"
+  config.max_new_tokens = 64
+  config.temperature = 0.0
+  config.top_p = 1.0
+  config.seed = 0
+  # Run once before timing, so the latency printed excludes compilation.
+  config.warmup = True
+  return config
