@@ -1,0 +1,223 @@
+"""Tokenizer, prompt, image preprocessing and batch encoding, against transformers."""
+
+import dataclasses
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+import transformers
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from tokred_jax import checkpoint, processing
+from tokred_jax.config import CLIP_MEAN, CLIP_STD, VisionConfig
+
+CLIP = VisionConfig(kind="clip", image_size=42, patch_size=14)
+SIGLIP = VisionConfig(kind="siglip", image_size=56, patch_size=14, image_mean=(0.5,) * 3,
+                      image_std=(0.5,) * 3)
+
+
+def _images(tmp_path: pathlib.Path):
+  """Odd sizes and every accepted input kind, including modes that need conversion."""
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)  # Wider than tall.
+  file = tmp_path / "tall.png"
+  PIL.Image.fromarray(rng.integers(0, 256, (61, 23, 3), dtype=np.uint8)).save(file)
+  return [
+      PIL.Image.fromarray(rgb),
+      rgb,  # The same, as an array.
+      PIL.Image.fromarray(rng.integers(0, 256, (50, 37), dtype=np.uint8)),  # Grayscale.
+      PIL.Image.fromarray(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8)),  # RGBA.
+      str(file),
+      PIL.Image.fromarray(rng.integers(0, 256, (400, 300, 3), dtype=np.uint8)),  # Shrinks.
+  ]
+
+
+def _as_hf_input(image):
+  return PIL.Image.open(image) if isinstance(image, str) else image
+
+
+@pytest.mark.parametrize("size", [42, 336])
+def test_clip_pixels_match_transformers(size, tmp_path):
+  images = _images(tmp_path)
+  cfg = dataclasses.replace(CLIP, image_size=size)
+  hf = CLIPImageProcessorPil(size={"shortest_edge": size},
+                             crop_size={"height": size, "width": size},
+                             image_mean=CLIP_MEAN, image_std=CLIP_STD)
+  want = hf([_as_hf_input(i) for i in images], return_tensors="np")["pixel_values"]
+  got = processing.preprocess_images(images, cfg)
+  assert got.shape == (len(images), size, size, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(got[0], got[1])
+
+
+@pytest.mark.parametrize("size", [56, 384])
+def test_siglip_pixels_match_transformers(size, tmp_path):
+  images = _images(tmp_path)
+  cfg = dataclasses.replace(SIGLIP, image_size=size, patch_size=14 if size == 56 else 16)
+  hf = SiglipImageProcessorPil(size={"height": size, "width": size})
+  want = hf([_as_hf_input(i) for i in images], return_tensors="np")["pixel_values"]
+  got = processing.preprocess_images(images, cfg)
+  np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
+
+
+def test_single_image_and_batch_array():
+  batch = np.random.default_rng(1).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+  assert processing.preprocess_images(batch[0], CLIP).shape == (1, 42, 42, 3)
+  assert processing.preprocess_images(batch, CLIP).shape == (2, 42, 42, 3)
+  processing.validate_pixels(processing.preprocess_images(batch, CLIP), CLIP)
+  processing.validate_pixels(jnp.zeros((1, 42, 42, 3), jnp.bfloat16), CLIP)
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((3, 20, 30), np.uint8), r"uint8 \[H, W, 3\].*\(3, 20, 30\).*channels-first"),
+    (np.zeros((20, 30, 4), np.uint8), r"\[H, W, 3\].*got shape \(20, 30, 4\)"),
+    (np.zeros((20, 30), np.uint8), r"\[H, W, 3\].*got shape \(20, 30\)"),
+    (np.zeros((20, 30, 3), np.float32), "dtype float32"),
+    (np.zeros((1, 2, 20, 30, 3), np.uint8), r"got shape \(1, 2, 20, 30, 3\)"),
+    ([], "no images"),
+    (7, "unsupported image type int"),
+    ("/nonexistent/cat.jpg", "cannot read image file /nonexistent/cat.jpg"),
+])
+def test_bad_images(image, message):
+  with pytest.raises(ValueError, match=message):
+    processing.preprocess_images(image, CLIP)
+
+
+@pytest.mark.parametrize("shape, dtype, message", [
+    ((42, 42, 3), np.float32, r"\[B, 42, 42, 3\].*got shape \(42, 42, 3\)"),
+    ((2, 3, 42, 42), np.float32, "channels-first"),
+    ((2, 56, 56, 3), np.float32, r"got shape \(2, 56, 56, 3\). Resize"),
+    ((2, 42, 42, 1), np.float32, r"got shape \(2, 42, 42, 1\)"),
+    ((2, 42, 42, 3), np.uint8, "floating point"),
+])
+def test_validate_pixels_errors(shape, dtype, message):
+  with pytest.raises(ValueError, match=message):
+    processing.validate_pixels(np.zeros(shape, dtype), CLIP)
+
+
+def test_build_prompt():
+  assert processing.build_prompt(" What is this? ") == "USER: <image>\nWhat is this? ASSISTANT:"
+  assert (processing.build_prompt("Compare <image> with a dog.")
+          == "USER: Compare <image> with a dog. ASSISTANT:")
+  with pytest.raises(ValueError, match="question is empty"):
+    processing.build_prompt("  \n")
+
+
+def test_prompt_matches_llava_hf_chat_template():
+  """The template llava-hf ships with llava-1.5-7b-hf renders our prompt exactly."""
+  jinja2 = pytest.importorskip("jinja2")
+  template = (
+      "{% for message in messages %}{% if message['role'] != 'system' %}"
+      "{{ message['role'].upper() + ': '}}{% endif %}"
+      "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+      "{{ '<image>\n' }}{% endfor %}"
+      "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+      "{{ content['text'] + ' '}}{% endfor %}{% endfor %}"
+      "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+  messages = [{"role": "user", "content": [{"type": "image"},
+                                           {"type": "text", "text": "What is this?"}]}]
+  rendered = jinja2.Environment().from_string(template).render(
+      messages=messages, add_generation_prompt=True)
+  assert rendered == processing.build_prompt("What is this?")
+
+
+@pytest.mark.parametrize("fixture, adds_bos", [
+    ("clip_llama_dir", True), ("published_dir", True), ("siglip_qwen2_dir", False)])
+def test_tokenizer(fixture, adds_bos, request):
+  path = request.getfixturevalue(fixture)
+  cfg = checkpoint.read_config(path)
+  tok = processing.Tokenizer.load(path, cfg)
+  ids = tok.encode("USER: <image>\nHi there ASSISTANT:")
+  assert ids.count(cfg.image_token_id) == 1 and tok.image_token_id == cfg.image_token_id
+  assert (ids[0] == 1) == adds_bos and ids.count(1) == int(adds_bos)  # BOS exactly once.
+  assert tok.decode(ids + [tok.pad_id] + list(tok.eos_ids)) == "USER: \nHi there ASSISTANT:"
+  assert tok.eos_ids == (2,)
+
+
+def test_tokenizer_errors(clip_llama_dir, tmp_path):
+  cfg = checkpoint.read_config(clip_llama_dir)
+  with pytest.raises(ValueError, match="tokenizer.json does not exist"):
+    processing.Tokenizer.load(tmp_path, cfg)
+  (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+  with pytest.raises(ValueError, match="corrupt or not a tokenizers JSON"):
+    processing.Tokenizer.load(tmp_path, cfg)
+  with pytest.raises(ValueError, match="maps <image> to id 290 but config.json says "
+                     "image_token_index 5"):
+    processing.Tokenizer.load(clip_llama_dir, dataclasses.replace(cfg, image_token_id=5))
+
+
+def test_encode_batch_matches_transformers_processor(clip_llama_dir):
+  cfg = checkpoint.read_config(clip_llama_dir)
+  tok = processing.Tokenizer.load(clip_llama_dir, cfg)
+  prompts = [processing.build_prompt("Hi"),
+             processing.build_prompt("What colour is the car in the park?")]
+  batch = processing.encode_batch(tok, prompts, cfg, cfg.num_image_tokens,
+                                  bucket_lengths=(16, 32, 64), max_length=64)
+  hf_processor = transformers.LlavaProcessor(
+      image_processor=CLIPImageProcessorPil(size={"shortest_edge": 42},
+                                            crop_size={"height": 42, "width": 42}),
+      tokenizer=transformers.PreTrainedTokenizerFast(
+          tokenizer_file=str(clip_llama_dir / "tokenizer.json")),
+      patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+      num_additional_image_tokens=1)
+  image = np.zeros((42, 42, 3), np.uint8)
+  for b, prompt in enumerate(prompts):
+    want = hf_processor(text=prompt, images=image, return_tensors="np")["input_ids"][0]
+    mask = batch["attention_mask"][b]
+    np.testing.assert_array_equal(batch["input_ids"][b][mask], want)
+
+
+def test_encode_batch_padding_and_positions(clip_llama_dir):
+  cfg = checkpoint.read_config(clip_llama_dir)
+  tok = processing.Tokenizer.load(clip_llama_dir, cfg)
+  short, long = "<image>", "USER: <image>\nWhat colour is the car? ASSISTANT:"
+  n_short, n_long = 1 + 30, len(tok.encode(long)) - 1 + 30  # BOS, 30 image slots, text.
+  assert 32 < n_long <= 64
+  batch = processing.encode_batch(tok, [short, long], cfg, num_image_tokens=30,
+                                  bucket_lengths=(128, 64, 32), max_length=128)
+  ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["positions"]
+  assert ids.shape == mask.shape == pos.shape == (2, 64)
+  assert (ids.dtype, mask.dtype, pos.dtype) == (np.int32, np.bool_, np.int32)
+  pad = 64 - n_short
+  assert not mask[0, :pad].any() and mask[0, pad:].all()  # Left padding.
+  assert mask[1].sum() == n_long and mask[1, -n_long:].all()
+  assert (ids[0, :pad] == cfg.pad_token_id).all() and ids[0, pad] == 1
+  assert (ids[0, pad + 1:] == cfg.image_token_id).all()
+  np.testing.assert_array_equal(pos[0], np.r_[np.zeros(pad), np.arange(n_short)])
+  np.testing.assert_array_equal(pos[1], np.r_[np.zeros(64 - n_long), np.arange(n_long)])
+  # Without a pad id in the config, padding uses 0.
+  cfg0 = dataclasses.replace(cfg, pad_token_id=None)
+  tok0 = processing.Tokenizer.load(clip_llama_dir, cfg0)
+  ids0 = processing.encode_batch(tok0, [short], cfg0, 30, (64,), 64)["input_ids"]
+  assert (ids0[0, :pad] == 0).all()
+
+
+def test_default_buckets():
+  assert processing.default_buckets(2048) == (64, 128, 256, 512, 1024, 2048)
+  assert processing.default_buckets(100) == (64, 100)
+  assert processing.default_buckets(64) == (64,)
+  assert processing.default_buckets(10) == (10,)
+  with pytest.raises(ValueError, match="positive"):
+    processing.default_buckets(0)
+
+
+@pytest.mark.parametrize("prompts, buckets, max_length, message", [
+    (["USER: hello ASSISTANT:"], (64,), 64, "prompt 0 holds 0 <image> tokens.*exactly one"),
+    (["<image>", "<image> and <image>"], (64,), 64, "prompt 1 holds 2 <image> tokens"),
+    (["<image>", "  "], (64,), 64, "prompt 1 is empty"),
+    (["<image> " + "word " * 40], (256,), 40,
+     r"prompt 0 is \d+ tokens long \(9 of them for the image\) but at most 40 fit; shorten"),
+    (["<image> " + "word " * 40], (16, 32), 256,
+     r"longest prompt is \d+ tokens but the largest length bucket is 32; add a bucket"),
+    ("<image>", (64,), 64, "a list of strings"),
+    ([], (64,), 64, "no prompts"),
+    (["<image>"], (), 64, "bucket_lengths is empty"),
+])
+def test_encode_batch_errors(prompts, buckets, max_length, message, clip_llama_dir):
+  cfg = checkpoint.read_config(clip_llama_dir)
+  tok = processing.Tokenizer.load(clip_llama_dir, cfg)
+  with pytest.raises(ValueError, match=message):
+    processing.encode_batch(tok, prompts, cfg, cfg.num_image_tokens, buckets, max_length)
