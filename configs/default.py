@@ -1,0 +1,28 @@
+r"""Inference with the model embedded in the package, on its sample image.
+
+Run (every field can be overridden, e.g. --config.max_new_tokens=8):
+
+  python infer.py
+  python infer.py --image=photo.jpg --prompt="What colour is the car?"
+  python infer.py --config=configs/default.py --config.checkpoint=/path/to/llava-hf-dir
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  """arg: optional checkpoint directory (a Hugging Face LLaVA checkpoint)."""
+  config = ml_collections.ConfigDict()
+  # None means the checkpoint embedded in the package (tokred_jax/assets/tiny-llava).
+  config.checkpoint = config_dict.placeholder(str)
+  if arg:
+    config.checkpoint = arg
+  config.dtype = "float32"
+  config.max_new_tokens = 24
+  config.temperature = 0.0
+  config.top_p = 1.0
+  config.seed = 0
+  # Run once before timing, so the latency printed excludes compilation.
+  config.warmup = True
+  return config

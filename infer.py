@@ -1,0 +1,59 @@
+r"""Answer a question about an image with a LLaVA model, and print what it cost.
+
+  python infer.py                                     # embedded model, sample image
+  python infer.py --image=photo.jpg --prompt="What is on the table?"
+  python infer.py --checkpoint=/path/to/llava-1.5-7b-hf --config.dtype=bfloat16
+
+Options not given as flags come from --config (default: configs/default.py), each
+overridable as --config.NAME=VALUE.
+"""
+
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+import tokred_jax
+from tokred_jax import pipeline, report
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"), "Inference config file.")
+_IMAGE = flags.DEFINE_string("image", None, "Image path (default: the bundled sample).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Question about the image.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "Hugging Face LLaVA directory (overrides the config).")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  checkpoint = _CHECKPOINT.value or config.checkpoint or tokred_jax.DEFAULT_CHECKPOINT
+  image = _IMAGE.value or os.path.join(tokred_jax.DEFAULT_CHECKPOINT, "sample.png")
+  prompt = _PROMPT.value or pipeline.default_prompt(checkpoint)
+  sampling = tokred_jax.SamplingConfig(config.max_new_tokens, config.temperature, config.top_p)
+
+  if config.get("preset") and not (_CHECKPOINT.value or config.checkpoint):
+    raise SystemExit(f"infer.py: the {config.preset!r} preset has no weights here; pass "
+                     "--checkpoint=DIR with a Hugging Face LLaVA directory.")
+  try:
+    pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype)
+    batch = pipe.prepare([image], [prompt], sampling.max_new_tokens)
+  except ValueError as e:  # bad checkpoint, image or prompt: the message says what to fix
+    raise SystemExit(f"infer.py: {e}") from None
+  rng = jax.random.PRNGKey(config.seed)
+  if config.warmup:
+    pipe.generate_tokens(batch, sampling, rng)
+  tokens, timings = pipe.generate_tokens(batch, sampling, rng)
+
+  print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}")
+  print(f"answer: {pipe.tokenizer.decode(tokens[0])}\n")
+  counts = pipe.token_counts(batch, timings.new_tokens)
+  print(report.cost_table(counts, pipe.cost(batch, timings.new_tokens), {
+      "prefill latency": timings.prefill_s,
+      "decode latency per token": timings.decode_s / max(timings.new_tokens, 1)}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,92 @@
+"""The public API and infer.py on the embedded checkpoint; bad input fails early."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tokred_jax
+from tokred_jax import processing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(tokred_jax.DEFAULT_CHECKPOINT, "sample.png")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  return tokred_jax.Pipeline.load()
+
+
+def test_generate_answers_each_prompt(pipe):
+  sampling = tokred_jax.SamplingConfig(max_new_tokens=5)
+  answers = pipe.generate([SAMPLE, SAMPLE], ["What colour is the circle?", "How many?"],
+                          sampling)
+  assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+  batch = pipe.prepare([SAMPLE], ["What colour is the circle?"])
+  logits = np.asarray(pipe.forward(batch))
+  assert logits.shape == batch["input_ids"].shape + (pipe.cfg.text.vocab_size,)
+  assert np.isfinite(logits).all()
+
+
+def test_batched_answer_equals_single(pipe):
+  """Left padding must not change a prompt's answer."""
+  sampling = tokred_jax.SamplingConfig(max_new_tokens=6)
+  short, long = "What?", "How many shapes are there on the grey background?"
+  alone = pipe.generate([SAMPLE], [short], sampling)
+  together = pipe.generate([SAMPLE, SAMPLE], [short, long], sampling)
+  assert together[0] == alone[0]
+
+
+@pytest.mark.parametrize("images, prompts, match", [
+    ([SAMPLE], [""], "empty"),
+    ([SAMPLE], ["   "], "empty"),
+    ([SAMPLE, SAMPLE], ["one prompt"], "2 images for 1 prompts"),
+    ([SAMPLE], ["<image> <image> two images?"], "exactly one"),
+    ([SAMPLE], ["word " * 600], "at most"),
+    ([np.zeros((3, 40, 40), np.uint8)], ["channels first?"], "shape"),
+    ([np.zeros((40, 40, 4, 2), np.uint8)], ["4-d?"], "shape"),
+])
+def test_bad_input_is_rejected_before_compiling(pipe, images, prompts, match):
+  before = pipe._forward._cache_size()
+  with pytest.raises(ValueError, match=match):
+    pipe.forward(pipe.prepare(images, prompts))
+  assert pipe._forward._cache_size() == before
+
+
+def test_prompt_without_placeholder_is_rejected_when_raw(pipe):
+  with pytest.raises(ValueError, match="exactly one"):
+    pipe.prepare([SAMPLE], ["USER: no image here ASSISTANT:"], chat_template=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 112, 112), (1, 56, 56, 3), (112, 112, 3),
+                                   (2, 112, 112, 3)])
+def test_bad_pixel_arrays(pipe, shape):
+  batch = pipe.prepare([SAMPLE], ["What?"])
+  batch["pixel_values"] = np.zeros(shape, np.float32)
+  with pytest.raises(ValueError, match="pixel_values"):
+    pipe.forward(batch)
+
+
+def test_unknown_dtype():
+  with pytest.raises(ValueError, match="dtype"):
+    tokred_jax.Pipeline.load(dtype="float8")
+
+
+def test_infer_script_prints_answer_and_cost():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "infer.py"), "--config.max_new_tokens=4",
+       "--config.warmup=False", "--prompt=What colour is the circle?"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  for line in ("answer:", "prefill FLOPs, LLM layers", "KV cache", "prefill latency"):
+    assert line in out.stdout
+
+
+def test_infer_script_reports_missing_checkpoint(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "infer.py"), f"--checkpoint={tmp_path / 'nope'}"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode != 0
+  assert "nope" in out.stderr and "Traceback" not in out.stderr
