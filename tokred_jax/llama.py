@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers
+from tokred_jax import layers, sharding
 from tokred_jax.config import TextConfig
 
 
@@ -116,5 +116,6 @@ class Decoder(nn.Module):
     new_caches = []
     for layer, mask, cache, index in zip(self.layers, masks, caches, write_indices):
       x, c = layer(x, positions, mask, cache, index)
+      x = sharding.constrain(x, sharding.STREAM)
       new_caches.append(c)
     return x, tuple(new_caches)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers
+from tokred_jax import layers, sharding
 from tokred_jax.config import LlavaConfig
 from tokred_jax.llama import Decoder, LayerCache
 from tokred_jax.vit import VisionTower
@@ -68,7 +68,7 @@ class Llava(nn.Module):
     hidden = self.vision(pixel_values)
     if self.cfg.vision.has_cls and self.cfg.vision_feature_select == "default":
       hidden = hidden[:, 1:]
-    return self.projector(hidden)
+    return sharding.constrain(self.projector(hidden), sharding.STREAM)
 
   def embed_inputs(self, input_ids, image_features):
     """Text embeddings with the i-th image token of each row replaced by feature i.
@@ -79,7 +79,8 @@ class Llava(nn.Module):
     x = self.llm.embed_tokens(input_ids)
     slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
     spliced = jnp.take_along_axis(image_features, slot[..., None], axis=1)
-    return jnp.where(is_image[..., None], spliced.astype(x.dtype), x)
+    x = jnp.where(is_image[..., None], spliced.astype(x.dtype), x)
+    return sharding.constrain(x, sharding.STREAM)
 
   def _hidden(self, input_ids, pixel_values, attention_mask, positions):
     x = self.embed_inputs(input_ids, self.encode_images(pixel_values))

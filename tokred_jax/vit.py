@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers
+from tokred_jax import layers, sharding
 from tokred_jax.config import VisionConfig
 
 
@@ -88,9 +88,9 @@ class VisionTower(nn.Module):
     return x
 
   def __call__(self, pixels):
-    x = self.embed(pixels)
+    x = sharding.constrain(self.embed(pixels), sharding.STREAM)
     for layer in self.layers[:self.num_layers_run]:
-      x = layer(x)
+      x = sharding.constrain(layer(x), sharding.STREAM)
     if self.is_initializing():  # create every parameter, also those LLaVA never reads
       y = x
       for layer in self.layers[self.num_layers_run:]:
