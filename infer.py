@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import tokred_jax
-from tokred_jax import pipeline, report
+from tokred_jax import pipeline, report, sharding
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,7 +38,8 @@ def main(argv):
     raise SystemExit(f"infer.py: the {config.preset!r} preset has no weights here; pass "
                      "--checkpoint=DIR with a Hugging Face LLaVA directory.")
   try:
-    pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype)
+    pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype,
+                                    mesh_shape=sharding.parse_mesh(config.get("mesh", "")))
     batch = pipe.prepare([image], [prompt], sampling.max_new_tokens)
   except ValueError as e:  # bad checkpoint, image or prompt: the message says what to fix
     raise SystemExit(f"infer.py: {e}") from None

@@ -5,6 +5,7 @@ Run (every field can be overridden, e.g. --config.max_new_tokens=8):
   python infer.py
   python infer.py --image=photo.jpg --prompt="What colour is the car?"
   python infer.py --config=configs/default.py --config.checkpoint=/path/to/llava-hf-dir
+  python infer.py --config.mesh=data=1,fsdp=1,tensor=-1
 """
 
 import ml_collections
@@ -23,6 +24,9 @@ def get_config(arg=None):
   config.temperature = 0.0
   config.top_p = 1.0
   config.seed = 0
+  # Device mesh as "data=1,fsdp=1,tensor=-1" (-1: the remaining devices); "" runs on
+  # one device.
+  config.mesh = ""
   # Run once before timing, so the latency printed excludes compilation.
   config.warmup = True
   return config

@@ -90,3 +90,21 @@ def test_infer_script_reports_missing_checkpoint(tmp_path):
       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode != 0
   assert "nope" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 1, "tensor": 4},
+                                        {"data": 1, "fsdp": -1, "tensor": 1}])
+def test_sharded_pipeline_generates_the_same(pipe, mesh_shape):
+  sampling = tokred_jax.SamplingConfig(max_new_tokens=6)
+  images, prompts = [SAMPLE] * 8, [f"Question {i}?" for i in range(8)]
+  sharded = tokred_jax.Pipeline.load(mesh_shape=mesh_shape)
+  assert sharded.generate(images, prompts, sampling) == pipe.generate(images, prompts, sampling)
+  batch = pipe.prepare(images, prompts)
+  np.testing.assert_allclose(np.asarray(sharded.forward(batch)), np.asarray(pipe.forward(batch)),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_batch_that_does_not_split_over_the_mesh():
+  sharded = tokred_jax.Pipeline.load(mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
+  with pytest.raises(ValueError, match="multiple of 2"):
+    sharded.forward(sharded.prepare([SAMPLE] * 3, ["a?", "b?", "c?"]))

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import checkpoint, cost, processing
+from tokred_jax import checkpoint, cost, processing, sharding
 from tokred_jax.config import LlavaConfig
 from tokred_jax.generate import Generator, SamplingConfig
 from tokred_jax.llava import Llava
@@ -50,9 +52,13 @@ class Pipeline:
   tokenizer: processing.Tokenizer
   dtype: Any = jnp.float32
   buckets: tuple[int, ...] | None = None
+  mesh: jax.sharding.Mesh | None = None
+  rules: tuple = sharding.DEFAULT_RULES
 
   def __post_init__(self):
     self.model = Llava(self.cfg, self.dtype)
+    if self.mesh is not None:
+      self.params = sharding.shard_params(self.params, self.mesh, self.rules)
     if self.buckets is None:
       self.buckets = tuple(processing.default_buckets(self.cfg.text.max_position_embeddings))
     self._forward = jax.jit(lambda p, b: self.model.apply(
@@ -60,13 +66,22 @@ class Pipeline:
     self._generators: dict[SamplingConfig, Generator] = {}
 
   @classmethod
-  def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32", **kwargs) -> "Pipeline":
-    """Loads a Hugging Face LLaVA directory (config.json, safetensors, tokenizer.json)."""
+  def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
+           mesh_shape: dict[str, int] | None = None, **kwargs) -> "Pipeline":
+    """Loads a Hugging Face LLaVA directory (config.json, safetensors, tokenizer.json).
+
+    mesh_shape: e.g. {"data": 2, "fsdp": 1, "tensor": 4} (-1: the remaining devices)
+    shards the parameters by logical axis over a device mesh; batches must then be a
+    multiple of data x fsdp.
+    """
     if dtype not in DTYPES:
       raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     cfg, params = checkpoint.load_checkpoint(path)
     tokenizer = processing.Tokenizer.load(path, cfg)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if mesh_shape is not None:
+      kwargs["mesh"] = sharding.make_mesh(mesh_shape)
+    else:
+      params = jax.tree_util.tree_map(jnp.asarray, params)
     return cls(cfg, params, tokenizer, DTYPES[dtype], **kwargs)
 
   def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int = 0,
@@ -87,16 +102,32 @@ class Pipeline:
     return batch
 
   def _validate(self, batch: dict[str, np.ndarray]):
+    """Checks a batch and places it on the mesh, split on the batch axis."""
     processing.validate_pixels(batch["pixel_values"], self.cfg.vision)
     images, prompts = len(batch["pixel_values"]), len(batch["input_ids"])
     if images != prompts:
       raise ValueError(f"pixel_values holds {images} images for {prompts} prompts; LLaVA-1.5 "
                        "takes exactly one image per prompt.")
+    if self.mesh is None:
+      return batch
+    split = math.prod(self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape)
+    if prompts % split:
+      raise ValueError(f"a batch of {prompts} does not split over the mesh's data x fsdp = "
+                       f"{split} devices; send a multiple of {split} prompts.")
+    return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, np.ndim(v), self.rules))
+            for k, v in batch.items()}
+
+  def _sharded(self):
+    """Traces inside it lay activations out on the mesh (a no-op without one)."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.activation_sharding(self.mesh, self.rules)
 
   def forward(self, batch: dict[str, np.ndarray]) -> jax.Array:
     """Logits f32[B, T, V] for every position of a prepared batch."""
-    self._validate(batch)
-    return self._forward(self.params, batch)
+    batch = self._validate(batch)
+    with self._sharded():
+      return self._forward(self.params, batch)
 
   def generator(self, sampling: SamplingConfig) -> Generator:
     if sampling not in self._generators:
@@ -107,14 +138,15 @@ class Pipeline:
   def generate_tokens(self, batch: dict[str, np.ndarray], sampling: SamplingConfig,
                       rng: jax.Array | None = None) -> tuple[np.ndarray, Timings]:
     """New tokens i32[B, max_new_tokens] for a prepared batch, and how long it took."""
-    self._validate(batch)
+    batch = self._validate(batch)
     gen = self.generator(sampling)
-    start = time.perf_counter()
-    logits, state = gen.prefill(self.params, batch)
-    jax.block_until_ready(logits)
-    mid = time.perf_counter()
-    tokens = gen.decode(self.params, logits, state, rng)
-    end = time.perf_counter()
+    with self._sharded():
+      start = time.perf_counter()
+      logits, state = gen.prefill(self.params, batch)
+      jax.block_until_ready(logits)
+      mid = time.perf_counter()
+      tokens = gen.decode(self.params, logits, state, rng)
+      end = time.perf_counter()
     new = int(np.max(np.sum(tokens != gen.pad_token_id, axis=1))) if tokens.size else 0
     return tokens, Timings(mid - start, end - mid, new)
 
