@@ -9,23 +9,13 @@ the checkpoint directory):
 weights (shape checks, cost tables); inference needs the checkpoint.
 """
 
-import ml_collections
-from ml_collections import config_dict
+from configs import default
 
 
 def get_config(arg=None):
   """arg: optional checkpoint directory (a Hugging Face LLaVA checkpoint)."""
-  config = ml_collections.ConfigDict()
-  # A typed placeholder, so that --config.checkpoint=... can set it from the command line.
-  config.checkpoint = config_dict.placeholder(str)
-  if arg:
-    config.checkpoint = arg
+  config = default.get_config(arg)
   config.preset = "llava-1.5-7b"
   config.dtype = "bfloat16"
   config.max_new_tokens = 64
-  config.temperature = 0.0
-  config.top_p = 1.0
-  config.seed = 0
-  # Run once before timing, so the latency printed excludes compilation.
-  config.warmup = True
   return config
