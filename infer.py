@@ -40,18 +40,20 @@ def main(argv):
   try:
     pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype,
                                     mesh_shape=sharding.parse_mesh(config.get("mesh", "")))
-    batch = pipe.prepare([image], [prompt], sampling.max_new_tokens)
+    plan = pipe.plan(config.method, config.retention, config.mode)
+    batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
   except ValueError as e:  # bad checkpoint, image or prompt: the message says what to fix
     raise SystemExit(f"infer.py: {e}") from None
   rng = jax.random.PRNGKey(config.seed)
   if config.warmup:
-    pipe.generate_tokens(batch, sampling, rng)
-  tokens, timings = pipe.generate_tokens(batch, sampling, rng)
+    pipe.generate_tokens(batch, sampling, rng, plan)
+  tokens, timings = pipe.generate_tokens(batch, sampling, rng, plan)
 
-  print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}")
+  print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
+        f"method: {plan.reduction.name} ({plan.reduction.mode} mode)")
   print(f"answer: {pipe.tokenizer.decode(tokens[0])}\n")
-  counts = pipe.token_counts(batch, timings.new_tokens)
-  print(report.cost_table(counts, pipe.cost(batch, timings.new_tokens), {
+  counts = pipe.token_counts(batch, plan, timings.new_tokens)
+  print(report.cost_table(counts, pipe.cost(batch, plan, timings.new_tokens), {
       "prefill latency": timings.prefill_s,
       "decode latency per token": timings.decode_s / max(timings.new_tokens, 1)}))
 

@@ -6,6 +6,7 @@ Run (every field can be overridden, e.g. --config.max_new_tokens=8):
   python infer.py --image=photo.jpg --prompt="What colour is the car?"
   python infer.py --config=configs/default.py --config.checkpoint=/path/to/llava-hf-dir
   python infer.py --config.mesh=data=1,fsdp=1,tensor=-1
+  python infer.py --config.method=aim --config.retention=0.25
 """
 
 import ml_collections
@@ -20,6 +21,11 @@ def get_config(arg=None):
   if arg:
     config.checkpoint = arg
   config.dtype = "float32"
+  # Token reduction: a name from tokred_jax.methods (METHODS or PRESETS), and optionally
+  # the fraction of visual tokens to keep on average (None: the method's preset).
+  config.method = "none"
+  config.retention = config_dict.placeholder(float)
+  config.mode = "fast"
   config.max_new_tokens = 24
   config.temperature = 0.0
   config.top_p = 1.0

@@ -261,3 +261,61 @@ def kv_cache_bytes(cfg: LlavaConfig, tokens_per_layer: Counts, batch: int = 1,
   counts = _per_layer(tokens_per_layer, t.num_layers, "kv tokens_per_layer")
   per_token = 2 * t.num_kv_heads * t.head_dim * bytes_per_element * batch
   return KvBytes(tuple(n * per_token for n in counts))
+
+
+def scorer_flops(cfg: LlavaConfig, red, num_tokens: int) -> int:
+  """Matmul FLOPs of one scoring layer's scorer on `num_tokens` tokens: PageRank
+  recomputes the full attention logits and walks them `iterations` times; FastV
+  computes the last query's row only."""
+  t = cfg.text
+  if red.scorer == "pagerank":
+    return (2 * num_tokens * num_tokens * t.num_heads * t.head_dim
+            + red.pagerank_iterations * 2 * t.num_heads * num_tokens * num_tokens)
+  if red.scorer == "fastv":
+    return 2 * num_tokens * t.num_heads * t.head_dim
+  return 0
+
+
+def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
+              new_tokens: int = 0, bytes_per_element: int = 2, exact: bool = False
+              ) -> dict:
+  """Prefill FLOPs per stage, KV-cache bytes and equivalent tokens of a reduction plan.
+
+  plan: a `reduction.Plan`. num_text_tokens: the prompt's non-image slots (with the
+  padding, to predict the compiled program). exact=False counts the plan's static
+  capacities, i.e. what the compiled program computes; exact=True the exact counts
+  (the method's ideal). Reference mode only masks, so its LLM layers and caches keep
+  every token whatever the plan prunes.
+  """
+  red = plan.reduction
+  tome_r, merge_r, visual, llm_visual = plan.exact
+  has_cls = cfg.vision.has_cls and cfg.vision_feature_select == "default"
+  if exact:
+    vision_in, n = [], cfg.vision.seq_len
+    for r in tome_r:
+      vision_in.append(n)
+      n -= r
+    vision_mlp = vision_in[1:] + [n]
+  else:
+    vision_in = list(plan.vision_tokens)
+    vision_mlp = vision_in[1:] + [plan.num_visual + int(has_cls)]
+    visual, llm_visual = plan.num_visual, plan.llm_visual
+  vision = vision_flops(cfg, batch, vision_in or None, vision_mlp if tome_r else None)
+  if merge_r and red.merge_metric == "keys":  # the last layer's key projection
+    d = cfg.vision.hidden_size
+    vision = dataclasses.replace(vision, extra=vision.extra + 2 * cfg.num_image_tokens * d * d)
+  # Pooling and feature-metric merging run after the projector; the others before.
+  after_projector = red.pool_stride > 1 or (merge_r and red.merge_metric == "features")
+  projector = projector_flops(cfg, cfg.num_image_tokens if after_projector else visual, batch)
+  layers = cfg.text.num_layers
+  if red.mode == "reference":
+    llm_tokens = (num_text_tokens + (plan.num_visual if not exact else visual),) * layers
+  else:
+    llm_tokens = tuple(num_text_tokens + v for v in llm_visual)
+  llm = llm_flops(cfg, llm_tokens, batch=batch)
+  llm = dataclasses.replace(llm, extra=sum(
+      scorer_flops(cfg, red, llm_tokens[layer]) for layer in plan.score_layers))
+  flops = PrefillFlops(vision, projector, llm, lm_head_flops(cfg, 1, batch))
+  kv = kv_cache_bytes(cfg, [n + new_tokens for n in llm_tokens], batch, bytes_per_element)
+  return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
+              equivalent_tokens=equivalent_visual_tokens(plan.exact[3]))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokred_jax import reduction
 from tokred_jax.llava import DecodeState, Llava
 
 
@@ -51,14 +52,19 @@ def sample_token(logits, rng, temperature, top_p, greedy: bool):
 
 
 class Generator:
-  """Holds the jitted prefill and decode loop for one model, so compiled programs are
-  reused across calls. One program per (bucket length, batch size)."""
+  """Holds the jitted prefill and decode loop for one model and one reduction plan, so
+  compiled programs are reused across calls. One program per (bucket length, batch
+  size); the plan's exact counts are traced, so plans that differ only in them (e.g.
+  two retention levels within a token bucket) share the programs."""
 
   def __init__(self, model: Llava, sampling: SamplingConfig = SamplingConfig(),
-               pad_token_id: int = 0, eos_ids: tuple[int, ...] | None = None):
-    """eos_ids: tokens that end a sample (default: the model config's); () never stops."""
+               pad_token_id: int = 0, eos_ids: tuple[int, ...] | None = None,
+               plan: reduction.Plan | None = None):
+    """eos_ids: tokens that end a sample (default: the model config's); () never stops.
+    plan: the token reduction (default: none)."""
     self.model = model
     self.sampling = sampling
+    self.plan = plan or reduction.make_plan(reduction.Reduction(), model.cfg)
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else eos_ids
     self.eos_ids = jnp.asarray(eos_ids or (-1,), jnp.int32)
     self.pad_token_id = pad_token_id
@@ -66,11 +72,12 @@ class Generator:
     self._prefill = jax.jit(self._prefill_impl)
     self._decode = jax.jit(self._decode_impl)
 
-  def _prefill_impl(self, params, input_ids, pixel_values, attention_mask, positions):
+  def _prefill_impl(self, params, input_ids, pixel_values, attention_mask, positions, counts):
     self.trace_counts["prefill"] += 1
     return self.model.apply({"params": params}, input_ids, pixel_values, attention_mask,
                             positions, method="prefill",
-                            max_new_tokens=self.sampling.max_new_tokens)
+                            max_new_tokens=self.sampling.max_new_tokens, plan=self.plan,
+                            counts=counts)
 
   def _decode_impl(self, params, logits, state: DecodeState, rng, temperature, top_p):
     """Samples from the prefill logits, then steps until done. -> i32[B, max_new]."""
@@ -105,11 +112,13 @@ class Generator:
     carry = (jnp.int32(1), token, state, rng, out, done)
     return jax.lax.while_loop(cond, body, carry)[4]
 
-  def prefill(self, params, batch):
+  def prefill(self, params, batch, counts: reduction.Counts | None = None):
     """batch: dict with input_ids, attention_mask, positions (i32/bool[B, T]) and
-    pixel_values f32[B, S, S, C] -> (logits f32[B, V] of the last position, DecodeState)."""
+    pixel_values f32[B, S, S, C]; counts: the exact counts (default: the plan's) ->
+    (logits f32[B, V] of the last position, DecodeState)."""
     return self._prefill(params, batch["input_ids"], batch["pixel_values"],
-                         batch["attention_mask"], batch["positions"])
+                         batch["attention_mask"], batch["positions"],
+                         counts if counts is not None else self.plan.counts())
 
   def decode(self, params, logits, state: DecodeState, rng=None) -> np.ndarray:
     """The new tokens i32[B, max_new_tokens], padded with `pad_token_id` after each
@@ -121,7 +130,7 @@ class Generator:
                           jnp.float32(self.sampling.top_p))
     return np.asarray(tokens)
 
-  def __call__(self, params, batch, rng=None) -> np.ndarray:
+  def __call__(self, params, batch, rng=None, counts=None) -> np.ndarray:
     """Prefill then decode: i32[B, max_new_tokens]."""
-    logits, state = self.prefill(params, batch)
+    logits, state = self.prefill(params, batch, counts)
     return self.decode(params, logits, state, rng)

@@ -35,7 +35,8 @@ class Attention(nn.Module):
 
     Without a cache, attends over the T new tokens (S = T). With one, writes the new
     keys/values at `write_index` (i32[]) and attends over the whole cache.
-    Returns (f32[B, T, D], LayerCache of what was attended to).
+    Returns (f32[B, T, D], LayerCache of what was attended to, the rotated queries
+    f32[B, T, H, h]); a scoring layer hands the queries and keys to its scorer.
     """
     cfg = self.cfg
     proj = lambda n, name: layers.dense((n, cfg.head_dim), use_bias=cfg.attention_bias,
@@ -49,7 +50,7 @@ class Attention(nn.Module):
     out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     out = layers.dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                        name="o")(out)
-    return out, LayerCache(k, v)
+    return out, LayerCache(k, v), q
 
 
 class MLP(nn.Module):
@@ -71,12 +72,12 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, write_index=None):
     eps = self.cfg.rms_norm_eps
-    h, new_cache = Attention(self.cfg, self.dtype, name="attn")(
+    h, new_cache, q = Attention(self.cfg, self.dtype, name="attn")(
         layers.RMSNorm(eps, name="attn_norm")(x), positions, mask, cache, write_index)
     x = x + h.astype(x.dtype)
     x = x + MLP(self.cfg, self.dtype, name="mlp")(
         layers.RMSNorm(eps, name="mlp_norm")(x)).astype(x.dtype)
-    return x, new_cache
+    return x, new_cache, q
 
 
 class Decoder(nn.Module):
@@ -115,7 +116,7 @@ class Decoder(nn.Module):
     write_indices = write_indices if write_indices is not None else [None] * n
     new_caches = []
     for layer, mask, cache, index in zip(self.layers, masks, caches, write_indices):
-      x, c = layer(x, positions, mask, cache, index)
+      x, c, _ = layer(x, positions, mask, cache, index)
       x = sharding.constrain(x, sharding.STREAM)
       new_caches.append(c)
     return x, tuple(new_caches)

@@ -1,8 +1,10 @@
-"""LLaVA: vision tower -> 2-layer GELU projector -> decoder LLM.
+"""LLaVA: vision tower -> 2-layer GELU projector -> decoder LLM, with the stages where
+token-reduction methods plug in (see reduction.py).
 
-The prompt holds `num_image_tokens` copies of the image token per image (the processing
-step expands the single `<image>` placeholder); the projected image features replace
-them in order. Padding is on the left, so every sample's newest token sits at the last
+The prompt holds one image token per visual-token slot (`Plan.num_visual`, the
+processing step expands the single `<image>` placeholder); the visual tokens replace
+them in order. Slots a method leaves empty are masked, and later tokens' position ids
+close the gap. Padding is on the left, so every sample's newest token sits at the last
 index and decoding writes all samples' keys at the same cache slot.
 
 Calls (params are a plain nested dict, `apply` is the boundary):
@@ -10,17 +12,18 @@ Calls (params are a plain nested dict, `apply` is the boundary):
   logits = model.apply({"params": p}, input_ids, pixel_values, attention_mask, positions)
   logits, state = model.apply(..., method="prefill", max_new_tokens=n)
   logits, state = model.apply({"params": p}, tokens, state, method="decode")
+Each takes an optional static `plan` (reduction.make_plan) with its traced `counts`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, sharding
+from tokred_jax import layers, reduction, sharding, tokens
 from tokred_jax.config import LlavaConfig
 from tokred_jax.llama import Decoder, LayerCache
 from tokred_jax.vit import VisionTower
@@ -30,7 +33,7 @@ class DecodeState(NamedTuple):
   """Everything decoding needs after prefill, one entry per LLM layer where layers differ.
 
   caches: LayerCache per layer, k/v f32[B, S_l, K, h]; valid: bool[B, S_l] per layer
-  (which cache slots hold a real token); lengths: i32[] per layer, the next free slot;
+  (which cache slots hold a live token); lengths: i32[] per layer, the next free slot;
   positions: i32[B], the position id the next token gets.
   """
   caches: tuple[LayerCache, ...]
@@ -53,6 +56,13 @@ class Projector(nn.Module):
                         name="linear_2")(x)
 
 
+def _drop_first(ts: tokens.TokenSet) -> tokens.TokenSet:
+  """The set without slot 0 (the CLS token, never merged) or its source patch."""
+  sources = ts.sources[:, 1:]
+  return tokens.TokenSet(ts.features[:, 1:], ts.valid[:, 1:], ts.sizes[:, 1:],
+                         jnp.where(sources > 0, sources - 1, -1))
+
+
 class Llava(nn.Module):
   cfg: LlavaConfig
   dtype: jnp.dtype = jnp.float32
@@ -63,52 +73,137 @@ class Llava(nn.Module):
     self.projector = Projector(cfg, self.dtype)
     self.llm = Decoder(cfg.text, self.dtype)
 
-  def encode_images(self, pixel_values):
-    """pixel_values: f32[B, S, S, C] -> image features f32[B, N_v, D] for the LLM."""
-    hidden = self.vision(pixel_values)
-    if self.cfg.vision.has_cls and self.cfg.vision_feature_select == "default":
-      hidden = hidden[:, 1:]
-    return sharding.constrain(self.projector(hidden), sharding.STREAM)
+  def _plan(self, plan):
+    return plan if plan is not None else reduction.make_plan(reduction.Reduction(), self.cfg)
 
-  def embed_inputs(self, input_ids, image_features):
-    """Text embeddings with the i-th image token of each row replaced by feature i.
+  def encode_images(self, pixel_values, plan=None, counts=None, rng=None):
+    """pixel_values: f32[B, S, S, C] -> the visual tokens for the LLM, a TokenSet of
+    static length `plan.num_visual` with features f32[B, N_v, D]; `sources` maps each
+    image patch to its token (or -1 when it was dropped)."""
+    plan = self._plan(plan)
+    red = plan.reduction
+    counts = counts if counts is not None else plan.counts()
+    drop_cls = self.cfg.vision.has_cls and self.cfg.vision_feature_select == "default"
+    if red.tome_r:
+      caps = plan.vision_tokens[1:] + (plan.num_visual + int(drop_cls),)
+      ts = self.vision.with_tome(pixel_values, caps, counts.tome_r)
+      hidden = None
+    else:
+      hidden = self.vision(pixel_values)
+      ts = tokens.from_features(hidden)
+    if drop_cls:
+      ts = _drop_first(ts)
 
-    input_ids: i32[B, T]; image_features: f32[B, N_v, D] -> f32[B, T, D].
+    if red.merge_r and red.merge_metric == "keys":
+      # Merge the metric along with the features: one matching, one mean for both.
+      metric = self.vision.last_layer_keys(hidden)[:, 1 if drop_cls else 0:]
+      ts = self._merge(ts, metric, plan, counts)
+    if red.keep_visual is not None:
+      ts = tokens.random_keep(ts, rng if rng is not None else jax.random.PRNGKey(red.seed),
+                              plan.num_visual, counts.keep_visual)
+    ts = ts._replace(features=self.projector(ts.features))
+    if red.merge_r and red.merge_metric == "features":
+      ts = self._merge(ts, ts.features, plan, counts)
+    if red.pool_stride > 1:
+      grid = int(round(ts.features.shape[1] ** 0.5))
+      ts = tokens.pool(ts, (grid, grid), red.pool_stride)
+    return ts._replace(features=sharding.constrain(ts.features, sharding.STREAM))
+
+  def _merge(self, ts, metric, plan, counts):
+    """AIM's chained bipartite steps (plain means), the metric merged alongside."""
+    d = ts.features.shape[-1]
+    ts = ts._replace(features=jnp.concatenate([ts.features, metric.astype(ts.features.dtype)],
+                                              axis=-1))
+    for step, capacity in enumerate(plan.merge_tokens):
+      merged = tokens.bipartite_merge(ts, ts.features[..., d:], counts.merge_r[step],
+                                      weighted=False)
+      ts = tokens.compact(merged, capacity)
+    return ts._replace(features=ts.features[..., :d])
+
+  def embed_inputs(self, input_ids, visual: tokens.TokenSet):
+    """Text embeddings with the i-th image token of each row replaced by visual token i.
+
+    input_ids: i32[B, T]; visual: a TokenSet with features f32[B, N_v, D].
+    Returns (f32[B, T, D], visual slot i32[B, T] (-1 on text), slot valid bool[B, T]).
     """
     is_image = input_ids == self.cfg.image_token_id
     x = self.llm.embed_tokens(input_ids)
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
-    spliced = jnp.take_along_axis(image_features, slot[..., None], axis=1)
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual.features.shape[1] - 1)
+    spliced = jnp.take_along_axis(visual.features, slot[..., None], axis=1)
     x = jnp.where(is_image[..., None], spliced.astype(x.dtype), x)
-    return sharding.constrain(x, sharding.STREAM)
+    slot_valid = ~is_image | jnp.take_along_axis(visual.valid, slot, axis=1)
+    return sharding.constrain(x, sharding.STREAM), jnp.where(is_image, slot, -1), slot_valid
 
-  def _hidden(self, input_ids, pixel_values, attention_mask, positions):
-    x = self.embed_inputs(input_ids, self.encode_images(pixel_values))
-    return self.llm(x, positions, layers.causal_mask(attention_mask))
+  def _prefill_stream(self, input_ids, pixel_values, attention_mask, positions, plan, counts,
+                      rng):
+    """Runs every stage. Returns (final Stream, per-layer (LayerCache, keys_valid),
+    the visual TokenSet, per-layer live visual slots bool[B, N_v])."""
+    plan = self._plan(plan)
+    counts = counts if counts is not None else plan.counts()
+    visual = self.encode_images(pixel_values, plan, counts, rng)
+    x, vslot, slot_valid = self.embed_inputs(input_ids, visual)
+    # Empty visual slots leave no gap in the positions of the tokens after them.
+    positions = positions - jnp.cumsum(attention_mask & ~slot_valid, axis=1)
+    valid = attention_mask & slot_valid
+    t = input_ids.shape[1]
+    stream = reduction.Stream(x, positions, valid, jnp.ones_like(valid), vslot >= 0, vslot,
+                              jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), valid.shape))
+    caches, live = [], []
+    for layer_index, layer in enumerate(self.llm.layers):
+      live.append(self._live_slots(stream, visual.valid.shape[1]))
+      x, cache, q = layer(stream.x, stream.positions, layers.causal_mask(stream.keys_valid))
+      stream = stream._replace(x=sharding.constrain(x, sharding.STREAM))
+      caches.append((cache, stream.keys_valid))
+      if layer_index in plan.score_layers:
+        scores = reduction.score_visual(plan, stream, q, cache.k)
+        stream = reduction.prune(plan, layer_index, stream, scores, counts)
+    return stream, caches, visual, live
 
-  def __call__(self, input_ids, pixel_values, attention_mask, positions):
-    """input_ids, positions: i32[B, T]; attention_mask: bool[B, T] -> logits f32[B, T, V]."""
-    x, _ = self._hidden(input_ids, pixel_values, attention_mask, positions)
-    return self.llm.logits(x)
+  @staticmethod
+  def _live_slots(stream, num_visual):
+    b = stream.vslot.shape[0]
+    live = stream.visual & stream.keys_valid
+    return jnp.zeros((b, num_visual), bool).at[
+        jnp.arange(b)[:, None], jnp.maximum(stream.vslot, 0)].max(live)
 
-  def prefill(self, input_ids, pixel_values, attention_mask, positions, max_new_tokens: int):
+  def __call__(self, input_ids, pixel_values, attention_mask, positions, plan=None,
+               counts=None, rng=None, return_aux: bool = False):
+    """input_ids, positions: i32[B, T]; attention_mask: bool[B, T] -> logits f32[B, T, V]
+    (zeros at positions a fast-mode method pruned). With return_aux also a dict:
+    `sources` i32[B, P] patch -> visual slot, `live` bool[L, B, N_v] visual slots each
+    LLM layer processed."""
+    stream, _, visual, live = self._prefill_stream(input_ids, pixel_values, attention_mask,
+                                                   positions, plan, counts, rng)
+    logits = self.llm.logits(stream.x)
+    if stream.x.shape[1] != input_ids.shape[1]:
+      b = input_ids.shape[0]
+      logits = jnp.zeros(input_ids.shape + logits.shape[-1:], logits.dtype).at[
+          jnp.arange(b)[:, None], stream.index].set(logits)
+    if return_aux:
+      return logits, {"sources": visual.sources, "live": jnp.stack(live)}
+    return logits
+
+  def prefill(self, input_ids, pixel_values, attention_mask, positions, max_new_tokens: int,
+              plan=None, counts=None, rng=None):
     """Runs the prompt and sizes each layer's cache for `max_new_tokens` more tokens.
 
-    Returns (logits of the last position f32[B, V], DecodeState).
+    Returns (logits of the last position f32[B, V], DecodeState). Each layer's cache
+    holds the tokens that layer processed, so pruned layers have shorter caches.
     """
-    x, caches = self._hidden(input_ids, pixel_values, attention_mask, positions)
-    logits = self.llm.logits(x[:, -1:])[:, 0]
+    stream, caches, _, _ = self._prefill_stream(input_ids, pixel_values, attention_mask,
+                                                positions, plan, counts, rng)
+    logits = self.llm.logits(stream.x[:, -1:])[:, 0]
     grow = lambda a: jnp.pad(a, [(0, 0), (0, max_new_tokens)] + [(0, 0)] * (a.ndim - 2))
-    caches = tuple(LayerCache(grow(c.k), grow(c.v)) for c in caches)
-    valid = grow(attention_mask)
-    length = jnp.asarray(input_ids.shape[1], jnp.int32)
-    n = len(caches)
-    state = DecodeState(caches, (valid,) * n, (length,) * n, positions[:, -1] + 1)
+    state = DecodeState(
+        tuple(LayerCache(grow(c.k), grow(c.v)) for c, _ in caches),
+        tuple(grow(valid) for _, valid in caches),
+        tuple(jnp.asarray(c.k.shape[1], jnp.int32) for c, _ in caches),
+        stream.positions[:, -1] + 1)
     return logits, state
 
-  def decode(self, tokens, state: DecodeState):
-    """One step. tokens: i32[B] -> (logits f32[B, V], the state advanced by one)."""
-    x = self.llm.embed_tokens(tokens[:, None])
+  def decode(self, tokens_, state: DecodeState):
+    """One step. tokens_: i32[B] -> (logits f32[B, V], the state advanced by one)."""
+    x = self.llm.embed_tokens(tokens_[:, None])
     valid = tuple(v.at[:, n].set(True) for v, n in zip(state.valid, state.lengths))
     masks = [v[:, None, :] for v in valid]
     x, caches = self.llm(x, state.positions[:, None], masks, state.caches, state.lengths)
@@ -117,7 +212,7 @@ class Llava(nn.Module):
     return logits, DecodeState(caches, valid, lengths, state.positions + 1)
 
 
-def init_params(cfg: LlavaConfig, rng: jax.Array, dtype=jnp.float32):
+def init_params(cfg: LlavaConfig, rng: jax.Array, dtype=jnp.float32) -> Any:
   """Random parameters (every tensor a checkpoint holds), as a plain nested dict."""
   s = cfg.vision.image_size
   ids = jnp.full((1, cfg.num_image_tokens), cfg.image_token_id, jnp.int32)

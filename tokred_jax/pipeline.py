@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import checkpoint, cost, processing, sharding
+from tokred_jax import checkpoint, cost, methods, processing, reduction, sharding
 from tokred_jax.config import LlavaConfig
 from tokred_jax.generate import Generator, SamplingConfig
 from tokred_jax.llava import Llava
@@ -61,9 +61,12 @@ class Pipeline:
       self.params = sharding.shard_params(self.params, self.mesh, self.rules)
     if self.buckets is None:
       self.buckets = tuple(processing.default_buckets(self.cfg.text.max_position_embeddings))
-    self._forward = jax.jit(lambda p, b: self.model.apply(
-        {"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"], b["positions"]))
-    self._generators: dict[SamplingConfig, Generator] = {}
+    self._forward = jax.jit(
+        lambda p, b, plan, counts, aux: self.model.apply(
+            {"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"],
+            b["positions"], plan=plan, counts=counts, return_aux=aux),
+        static_argnames=("plan", "aux"))
+    self._generators: dict[tuple[SamplingConfig, reduction.Plan], Generator] = {}
 
   @classmethod
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
@@ -84,26 +87,45 @@ class Pipeline:
       params = jax.tree_util.tree_map(jnp.asarray, params)
     return cls(cfg, params, tokenizer, DTYPES[dtype], **kwargs)
 
+  def plan(self, method: str | reduction.Reduction | reduction.Plan | None = None,
+           retention: float | None = None, mode: str = "fast", **kwargs) -> reduction.Plan:
+    """The static plan of a token-reduction method for this model: a name from
+    `methods.METHODS` / `methods.PRESETS` (optionally at a retention level), a
+    `Reduction`, or a plan already made. None: no reduction."""
+    if isinstance(method, reduction.Plan):
+      return method
+    if method is None or isinstance(method, str):
+      method = methods.get(method or "none", self.cfg, retention, mode, **kwargs)
+    return reduction.make_plan(method, self.cfg)
+
   def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int = 0,
-              chat_template: bool = True) -> dict[str, np.ndarray]:
-    """Images (paths, PIL images or uint8 arrays) and prompts -> padded model inputs.
+              chat_template: bool = True, plan: reduction.Plan | None = None
+              ) -> dict[str, np.ndarray]:
+    """Images (paths, PIL images or uint8 arrays) and prompts -> padded model inputs,
+    with as many image-token slots as the plan has visual tokens.
 
     Every check runs here, before anything is compiled or computed.
     """
+    plan = self.plan(plan)
     if len(images) != len(prompts):
       raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; LLaVA-1.5 "
                        "takes exactly one image per prompt.")
     if chat_template:
       prompts = [processing.build_prompt(p) for p in prompts]
     max_length = self.cfg.text.max_position_embeddings - max_new_tokens
-    batch = processing.encode_batch(self.tokenizer, prompts, self.cfg,
-                                    self.cfg.num_image_tokens, self.buckets, max_length)
+    batch = processing.encode_batch(self.tokenizer, prompts, self.cfg, plan.num_visual,
+                                    self.buckets, max_length)
     batch["pixel_values"] = processing.preprocess_images(images, self.cfg.vision)
     return batch
 
-  def _validate(self, batch: dict[str, np.ndarray]):
+  def _validate(self, batch: dict[str, np.ndarray], plan: reduction.Plan):
     """Checks a batch and places it on the mesh, split on the batch axis."""
     processing.validate_pixels(batch["pixel_values"], self.cfg.vision)
+    slots = np.sum(np.asarray(batch["input_ids"]) == self.cfg.image_token_id, axis=1)
+    if np.any(slots != plan.num_visual):
+      raise ValueError(f"the prompts hold {sorted(set(slots.tolist()))} image-token slots but "
+                       f"the plan has {plan.num_visual} visual tokens; prepare the batch with "
+                       "the same plan.")
     images, prompts = len(batch["pixel_values"]), len(batch["input_ids"])
     if images != prompts:
       raise ValueError(f"pixel_values holds {images} images for {prompts} prompts; LLaVA-1.5 "
@@ -123,26 +145,34 @@ class Pipeline:
       return contextlib.nullcontext()
     return sharding.activation_sharding(self.mesh, self.rules)
 
-  def forward(self, batch: dict[str, np.ndarray]) -> jax.Array:
-    """Logits f32[B, T, V] for every position of a prepared batch."""
-    batch = self._validate(batch)
+  def forward(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
+              return_aux: bool = False):
+    """Logits f32[B, T, V] for every position of a prepared batch (zeros where a
+    fast-mode method pruned the token); with return_aux also which visual tokens
+    survive each stage (see `Llava.__call__`)."""
+    plan = self.plan(plan)
+    batch = self._validate(batch, plan)
     with self._sharded():
-      return self._forward(self.params, batch)
+      return self._forward(self.params, batch, plan, plan.counts(), return_aux)
 
-  def generator(self, sampling: SamplingConfig) -> Generator:
-    if sampling not in self._generators:
+  def generator(self, sampling: SamplingConfig, plan: reduction.Plan | None = None
+                ) -> Generator:
+    plan = self.plan(plan)
+    if (sampling, plan) not in self._generators:
       pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-      self._generators[sampling] = Generator(self.model, sampling, pad)
-    return self._generators[sampling]
+      self._generators[sampling, plan] = Generator(self.model, sampling, pad, plan=plan)
+    return self._generators[sampling, plan]
 
   def generate_tokens(self, batch: dict[str, np.ndarray], sampling: SamplingConfig,
-                      rng: jax.Array | None = None) -> tuple[np.ndarray, Timings]:
+                      rng: jax.Array | None = None, plan: reduction.Plan | None = None
+                      ) -> tuple[np.ndarray, Timings]:
     """New tokens i32[B, max_new_tokens] for a prepared batch, and how long it took."""
-    batch = self._validate(batch)
-    gen = self.generator(sampling)
+    plan = self.plan(plan)
+    batch = self._validate(batch, plan)
+    gen = self.generator(sampling, plan)
     with self._sharded():
       start = time.perf_counter()
-      logits, state = gen.prefill(self.params, batch)
+      logits, state = gen.prefill(self.params, batch, plan.counts())
       jax.block_until_ready(logits)
       mid = time.perf_counter()
       tokens = gen.decode(self.params, logits, state, rng)
@@ -151,26 +181,32 @@ class Pipeline:
     return tokens, Timings(mid - start, end - mid, new)
 
   def generate(self, images: Sequence[Any], prompts: Sequence[str],
-               sampling: SamplingConfig = SamplingConfig(), rng: jax.Array | None = None
-               ) -> list[str]:
-    """Answers, one string per prompt."""
-    batch = self.prepare(images, prompts, sampling.max_new_tokens)
-    tokens, _ = self.generate_tokens(batch, sampling, rng)
+               sampling: SamplingConfig = SamplingConfig(), rng: jax.Array | None = None,
+               plan: reduction.Plan | str | None = None) -> list[str]:
+    """Answers, one string per prompt, with the token reduction `plan` (see `plan`)."""
+    plan = self.plan(plan)
+    batch = self.prepare(images, prompts, sampling.max_new_tokens, plan=plan)
+    tokens, _ = self.generate_tokens(batch, sampling, rng, plan)
     return [self.tokenizer.decode(row) for row in tokens]
 
-  def token_counts(self, batch: dict[str, np.ndarray], new_tokens: int = 0) -> dict[str, int]:
-    """Real (unpadded) token counts of the first sample, and the padded bucket length."""
+  def token_counts(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
+                   new_tokens: int = 0) -> dict[str, Any]:
+    """Token counts of the first sample: real text tokens, the visual tokens the plan
+    hands the LLM and its equivalent tokens (mean over LLM layers), the bucket length."""
+    plan = self.plan(plan)
     mask = np.asarray(batch["attention_mask"][0])
-    visual = int(np.sum(np.asarray(batch["input_ids"][0]) == self.cfg.image_token_id))
-    return {"visual tokens": visual, "text tokens": int(mask.sum()) - visual,
+    slots = int(np.sum(np.asarray(batch["input_ids"][0]) == self.cfg.image_token_id))
+    return {"visual tokens before reduction": self.cfg.num_image_tokens,
+            "visual tokens into the LLM": plan.exact[2],
+            "equivalent visual tokens": round(cost.equivalent_visual_tokens(plan.exact[3]), 1),
+            "text tokens": int(mask.sum()) - slots,
             "bucket length": mask.shape[0], "new tokens": new_tokens}
 
-  def cost(self, batch: dict[str, np.ndarray], new_tokens: int = 0) -> dict[str, Any]:
-    """Analytic prefill FLOPs per stage and KV-cache bytes for a prepared batch."""
+  def cost(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
+           new_tokens: int = 0) -> dict[str, Any]:
+    """Analytic prefill FLOPs per stage and KV-cache bytes of what the compiled program
+    computes for a prepared batch (padding and bucket capacities included)."""
+    plan = self.plan(plan)
     batch_size, length = batch["input_ids"].shape
-    num_visual = self.cfg.num_image_tokens
-    flops = cost.prefill_flops(self.cfg, length - num_visual, num_visual, batch=batch_size)
-    kv = cost.kv_cache_bytes(self.cfg, [length + new_tokens] * self.cfg.text.num_layers,
-                             batch=batch_size,
-                             bytes_per_element=jnp.dtype(self.dtype).itemsize)
-    return {"flops": flops, "kv_bytes": kv}
+    return cost.plan_cost(self.cfg, plan, length - plan.num_visual, batch_size, new_tokens,
+                          jnp.dtype(self.dtype).itemsize)

@@ -5,6 +5,11 @@ embeddings, so one module serves both, switched by `VisionConfig.kind`.
 Hidden states are indexed as Hugging Face does: 0 is the embedding output (after
 CLIP's pre-LN), i the output of layer i. The tower runs only the `num_layers_run`
 layers needed for the selected feature layer.
+
+Token reduction hooks in here at two places: ToMe merges tokens between the attention
+and the MLP of every layer (with proportional attention: log token size added to the
+attention logits), and AIM reads the keys the LAST layer would compute, as its
+similarity metric.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, sharding
+from tokred_jax import layers, sharding, tokens
 from tokred_jax.config import VisionConfig
 
 
@@ -22,15 +27,22 @@ class Attention(nn.Module):
   cfg: VisionConfig
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x):
-    """x: f32[B, N, D] -> f32[B, N, D]; full (bidirectional) attention."""
+  def setup(self):
     heads = (self.cfg.num_heads, self.cfg.head_dim)
-    q = layers.dense(heads, dtype=self.dtype, name="q")(x)
-    k = layers.dense(heads, dtype=self.dtype, name="k")(x)
-    v = layers.dense(heads, dtype=self.dtype, name="v")(x)
-    out = layers.attend(q, k, v, mask=None)
-    return layers.dense(self.cfg.hidden_size, axis=(-2, -1), dtype=self.dtype, name="o")(out)
+    self.q = layers.dense(heads, dtype=self.dtype)
+    self.k = layers.dense(heads, dtype=self.dtype)
+    self.v = layers.dense(heads, dtype=self.dtype)
+    self.o = layers.dense(self.cfg.hidden_size, axis=(-2, -1), dtype=self.dtype)
+
+  def __call__(self, x, bias=None):
+    """x: f32[B, N, D]; bias: f32[B, N] added to every query's logit for key n (ToMe's
+    proportional attention) -> (f32[B, N, D], keys f32[B, N, H, h])."""
+    q, k, v = self.q(x), self.k(x), self.v(x)
+    if bias is None:
+      out = layers.attend(q, k, v, mask=None)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias[:, None, None, :].astype(q.dtype))
+    return self.o(out), k
 
 
 class MLP(nn.Module):
@@ -48,12 +60,27 @@ class EncoderLayer(nn.Module):
   cfg: VisionConfig
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    eps = self.cfg.layer_norm_eps
+    self.ln1 = nn.LayerNorm(eps, dtype=jnp.float32)
+    self.attn = Attention(self.cfg, self.dtype)
+    self.ln2 = nn.LayerNorm(eps, dtype=jnp.float32)
+    self.mlp = MLP(self.cfg, self.dtype)
+
+  def attention_block(self, x, bias=None):
+    """x + attention: (f32[B, N, D], keys f32[B, N, H, h])."""
+    h, k = self.attn(self.ln1(x), bias)
+    return x + h.astype(x.dtype), k
+
+  def mlp_block(self, x):
+    return x + self.mlp(self.ln2(x)).astype(x.dtype)
+
+  def keys(self, x):
+    """The keys this layer would compute for input x: f32[B, N, H, h]."""
+    return self.attn.k(self.ln1(x))
+
   def __call__(self, x):
-    cfg = self.cfg
-    ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.float32, name=name)
-    x = x + Attention(cfg, self.dtype, name="attn")(ln("ln1")(x)).astype(x.dtype)
-    return x + MLP(cfg, self.dtype, name="mlp")(ln("ln2")(x)).astype(x.dtype)
+    return self.mlp_block(self.attention_block(x)[0])
 
 
 class VisionTower(nn.Module):
@@ -85,10 +112,10 @@ class VisionTower(nn.Module):
     x = x + self.pos_embed.astype(x.dtype)
     if self.cfg.has_cls:
       x = self.pre_ln(x)
-    return x
+    return sharding.constrain(x, sharding.STREAM)
 
   def __call__(self, pixels):
-    x = sharding.constrain(self.embed(pixels), sharding.STREAM)
+    x = self.embed(pixels)
     for layer in self.layers[:self.num_layers_run]:
       x = sharding.constrain(layer(x), sharding.STREAM)
     if self.is_initializing():  # create every parameter, also those LLaVA never reads
@@ -97,3 +124,29 @@ class VisionTower(nn.Module):
         y = layer(y)
       self.post_ln(y)
     return x
+
+  def with_tome(self, pixels, capacities: tuple[int, ...], merge_r):
+    """The tower with ToMe: layer i merges `merge_r[i]` (traced i32) token pairs
+    between its attention and its MLP, by the similarity of its head-mean keys, with a
+    size-weighted mean; attention adds log(size) to each key's logits. `capacities[i]`
+    is the static token capacity entering layer i+1. The CLS token is never merged.
+
+    Returns the TokenSet of the selected hidden state (CLS in slot 0 if the tower has
+    one), with `sources` over the N tower tokens.
+    """
+    ts = tokens.from_features(self.embed(pixels))
+    for i, layer in enumerate(self.layers[:self.num_layers_run]):
+      x, k = layer.attention_block(ts.features, tokens.proportional_attention_bias(ts.sizes, ts.valid))
+      metric = jnp.mean(k.astype(jnp.float32), axis=2)
+      merged = tokens.bipartite_merge(ts._replace(features=x), metric, merge_r[i],
+                                      weighted=True, protect_first=self.cfg.has_cls)
+      ts = tokens.compact(merged, capacities[i])
+      ts = ts._replace(features=sharding.constrain(layer.mlp_block(ts.features),
+                                                   sharding.STREAM))
+    return ts
+
+  def last_layer_keys(self, hidden):
+    """AIM's merge metric: the keys the tower's last layer computes from `hidden`
+    (the input of that layer), heads concatenated: f32[B, N, D]."""
+    k = self.layers[-1].keys(hidden)
+    return k.reshape(k.shape[:2] + (-1,))

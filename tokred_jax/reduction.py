@@ -1,0 +1,284 @@
+"""What a token-reduction method does at each stage, and the static plan it compiles to.
+
+A `Reduction` names a method's stage settings (hashable, from a config). Given the
+model config it becomes a `Plan`: the static CAPACITY of every stage and LLM layer
+(shapes; part of the compile key) and the exact COUNTS (traced int32 arrays; not part
+of the key). Capacities are counts rounded up to `token_bucket`, so changing a retention
+level within a bucket reuses the compiled program: the slots above the exact count are
+masked out.
+
+Stages (see the data-flow figure in DESIGN.md):
+  vision   ToMe merging inside the ViT layers (`tome_r`, per layer run)
+  pre-LLM  AIM bipartite merging (`merge_r`), s×s pooling (`pool_stride`) or a random
+           subset (`keep_visual`)
+  prune    after LLM layer ℓ a scorer ranks the visual tokens and layer ℓ+1 keeps
+           `layer_ratios[ℓ+1]` of them (text tokens are never pruned)
+Modes: "fast" gathers kept tokens into shorter arrays (real savings); "reference"
+reproduces the official implementations, which only mask pruned tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokred_jax.config import ConfigError, LlavaConfig
+
+SCORERS = ("pagerank", "fastv")
+MODES = ("fast", "reference")
+MERGE_METRICS = ("keys", "features")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+  """A method's settings for every stage. The default reduces nothing."""
+  name: str = "none"
+  mode: str = "fast"
+  tome_r: tuple[int, ...] = ()
+  merge_r: tuple[int, ...] = ()
+  merge_metric: str = "keys"
+  pool_stride: int = 1
+  keep_visual: int | None = None
+  seed: int = 0
+  scorer: str | None = None
+  layer_ratios: tuple[float, ...] | None = None
+  pagerank_tau: float = 0.1
+  pagerank_iterations: int = 5
+  pagerank_damping: float = 0.0
+  token_bucket: int = 16
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ConfigError(f"mode {self.mode!r} is not one of {MODES}.")
+    if self.merge_metric not in MERGE_METRICS:
+      raise ConfigError(f"merge_metric {self.merge_metric!r} is not one of {MERGE_METRICS}.")
+    if self.scorer is not None and self.scorer not in SCORERS:
+      raise ConfigError(f"scorer {self.scorer!r} is not one of {SCORERS}.")
+    if (self.scorer is None) != (self.layer_ratios is None):
+      raise ConfigError("in-LLM pruning needs both a scorer and layer_ratios (or neither).")
+    for r in self.tome_r + self.merge_r:
+      if r < 0:
+        raise ConfigError(f"merge counts must be >= 0, got {r}.")
+    if self.pool_stride < 1:
+      raise ConfigError(f"pool_stride must be >= 1, got {self.pool_stride}.")
+    if self.keep_visual is not None and self.keep_visual < 1:
+      raise ConfigError(f"keep_visual must be >= 1, got {self.keep_visual}.")
+    if self.layer_ratios is not None:
+      bad = [r for r in self.layer_ratios if not 0 <= r <= 1]
+      if bad:
+        raise ConfigError(f"layer_ratios must lie in [0, 1]; got {bad[:3]}.")
+      if any(b > a for a, b in zip(self.layer_ratios, self.layer_ratios[1:])):
+        raise ConfigError("layer_ratios must not increase with depth: pruned tokens "
+                          "never come back.")
+    if self.token_bucket < 1:
+      raise ConfigError(f"token_bucket must be >= 1, got {self.token_bucket}.")
+    stages = sum([bool(self.merge_r), self.pool_stride > 1, self.keep_visual is not None])
+    if stages > 1:
+      raise ConfigError("choose one pre-LLM reduction: merge_r, pool_stride or keep_visual.")
+
+  @property
+  def is_noop(self) -> bool:
+    return self == Reduction(name=self.name, mode=self.mode, seed=self.seed,
+                             token_bucket=self.token_bucket)
+
+
+class Counts(NamedTuple):
+  """Exact counts, traced (changing them does not recompile).
+
+  tome_r: i32[layers run]; merge_r: i32[steps]; keep_visual: i32[];
+  llm_visual: i32[L], visual tokens each LLM layer processes.
+  """
+  tome_r: jax.Array
+  merge_r: jax.Array
+  keep_visual: jax.Array
+  llm_visual: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static capacities for one model and one reduction (hashable: a jit static arg).
+
+  Two plans are equal when they compile to the same program: same stages, settings and
+  capacities, whatever their exact counts (e.g. two retention levels whose counts round
+  up to the same capacities). Traced code reads only what `structure` covers.
+
+  vision_tokens: tower tokens (CLS included) entering each layer run;
+  merge_tokens: visual tokens after each pre-LLM merge step;
+  num_visual: visual-token capacity spliced into the prompt;
+  llm_visual: visual-token capacity of each LLM layer;
+  exact: the exact counts (Python ints) the capacities were rounded up from.
+  """
+  reduction: Reduction = dataclasses.field(compare=False)
+  structure: tuple
+  vision_tokens: tuple[int, ...]
+  merge_tokens: tuple[int, ...]
+  num_visual: int
+  llm_visual: tuple[int, ...]
+  exact: tuple[tuple[int, ...], tuple[int, ...], int, tuple[int, ...]] = dataclasses.field(
+      compare=False, hash=False)
+
+  @property
+  def score_layers(self) -> tuple[int, ...]:
+    """Layers whose attention ranks the visual tokens for the next layer."""
+    if self.reduction.scorer is None:
+      return ()
+    v = self.llm_visual
+    return tuple(l for l in range(len(v) - 1) if v[l + 1] < v[l])
+
+  def counts(self) -> Counts:
+    tome_r, merge_r, keep, llm = self.exact
+    return Counts(jnp.asarray(tome_r, jnp.int32).reshape(-1),
+                  jnp.asarray(merge_r, jnp.int32).reshape(-1),
+                  jnp.asarray(keep, jnp.int32), jnp.asarray(llm, jnp.int32))
+
+
+def _bucket(n: int, bucket: int, limit: int) -> int:
+  return min(limit, bucket * math.ceil(n / bucket)) if n > 0 else 0
+
+
+def make_plan(reduction: Reduction, cfg: LlavaConfig) -> Plan:
+  """Checks `reduction` against the model and derives capacities and exact counts."""
+  red = reduction
+  bucket = red.token_bucket
+  has_cls = cfg.vision.has_cls and cfg.vision_feature_select == "default"
+  layers_run = cfg.vision_layers_used
+
+  # Vision stage: ToMe removes r tokens in each layer it runs (CLS is never merged).
+  tome_r = red.tome_r
+  if tome_r and len(tome_r) != layers_run:
+    raise ConfigError(f"tome_r has {len(tome_r)} entries but the tower runs {layers_run} "
+                      "layers; give one merge count per layer run.")
+  vision_tokens, n = [], cfg.vision.seq_len
+  for layer, r in enumerate(tome_r):
+    vision_tokens.append(n)
+    movable = n - int(cfg.vision.has_cls)
+    if r > movable // 2:
+      raise ConfigError(f"tome_r[{layer}] = {r} is more than half of the {movable} tokens "
+                        "that layer can merge.")
+    n -= r
+  num_visual = n - int(has_cls) if tome_r else cfg.num_image_tokens
+  if tome_r:
+    vision_cap = [vision_tokens[0]] + [_bucket(t, bucket, cfg.vision.seq_len)
+                                      for t in vision_tokens[1:]]
+  else:
+    vision_cap = []
+
+  # Pre-LLM stage.
+  merge_tokens = []
+  if red.merge_r:
+    if red.merge_metric == "keys" and cfg.vision_feature_layer % (cfg.vision.num_layers + 1) \
+        != cfg.vision.num_layers - 1:
+      raise ConfigError("merge_metric='keys' uses the keys of the tower's last layer, which "
+                        "needs vision_feature_layer -2; use merge_metric='features'.")
+    for step, r in enumerate(red.merge_r):
+      if r > (num_visual + 1) // 2:
+        raise ConfigError(f"merge_r[{step}] = {r} is more than half of the {num_visual} "
+                          "tokens it merges (a bipartite step merges at most the even half).")
+      num_visual -= r
+      merge_tokens.append(num_visual)
+  if red.pool_stride > 1:
+    grid = math.isqrt(num_visual)
+    if grid * grid != num_visual or grid % red.pool_stride:
+      raise ConfigError(f"pool_stride {red.pool_stride} does not divide the "
+                        f"{grid}x{grid} token grid.")
+    num_visual = (grid // red.pool_stride) ** 2
+  if red.keep_visual is not None:
+    if red.keep_visual > num_visual:
+      raise ConfigError(f"keep_visual {red.keep_visual} is more than the {num_visual} "
+                        "visual tokens available.")
+    num_visual = red.keep_visual
+  exact_visual = num_visual
+  visual_cap = _bucket(num_visual, bucket, cfg.num_image_tokens)
+  merge_cap = tuple(_bucket(t, bucket, cfg.num_image_tokens) for t in merge_tokens)
+
+  # In-LLM pruning: layer l processes floor(N_v * ratio_l) of the post-merge tokens.
+  layers = cfg.text.num_layers
+  if red.layer_ratios is not None:
+    if len(red.layer_ratios) != layers:
+      raise ConfigError(f"layer_ratios has {len(red.layer_ratios)} entries for a "
+                        f"{layers}-layer LLM; give one per layer.")
+    if red.layer_ratios[0] != 1:
+      raise ConfigError("layer_ratios[0] must be 1: pruning needs a layer's attention to "
+                        "score tokens, so layer 0 sees them all.")
+    llm_exact = tuple(int(math.floor(exact_visual * r + 1e-9)) for r in red.layer_ratios)
+  else:
+    llm_exact = (exact_visual,) * layers
+  llm_cap = tuple(visual_cap if k == exact_visual else _bucket(k, bucket, visual_cap)
+                  for k in llm_exact)
+  structure = (red.name, red.mode, len(red.tome_r), len(red.merge_r), red.merge_metric,
+               red.pool_stride, red.keep_visual is not None, red.seed, red.scorer,
+               red.pagerank_tau, red.pagerank_iterations, red.pagerank_damping)
+  return Plan(red, structure, tuple(vision_cap), merge_cap, visual_cap, llm_cap,
+              exact=(tuple(tome_r), tuple(red.merge_r), exact_visual, llm_exact))
+
+
+class Stream(NamedTuple):
+  """The LLM's token stream during prefill, one row per sample, static length T_ℓ.
+
+  x: f32[B, T, D] hidden states; positions: i32[B, T] original position ids;
+  valid: bool[B, T] real tokens (False: padding, empty capacity, pruned in fast mode);
+  alive: bool[B, T] not pruned (reference mode masks instead of removing);
+  visual: bool[B, T] visual tokens (text is never pruned);
+  vslot: i32[B, T] the visual token's slot in the spliced TokenSet (-1 for text);
+  index: i32[B, T] the token's index in the prompt as given.
+  """
+  x: jax.Array
+  positions: jax.Array
+  valid: jax.Array
+  alive: jax.Array
+  visual: jax.Array
+  vslot: jax.Array
+  index: jax.Array
+
+  @property
+  def keys_valid(self) -> jax.Array:
+    return self.valid & self.alive
+
+
+def score_visual(plan: Plan, stream: Stream, q: jax.Array, k: jax.Array) -> jax.Array:
+  """The plan's scorer on one layer's rotated queries f32[B, T, H, h] and keys
+  f32[B, T, K, h] -> f32[B, T] (only visual entries are read)."""
+  from tokred_jax import aim, fastv  # the methods import this module
+  red = plan.reduction
+  if red.scorer == "pagerank":
+    query_valid = stream.valid if red.mode == "reference" else stream.keys_valid
+    return aim.pagerank_scores(q, k, query_valid, stream.keys_valid, tau=red.pagerank_tau,
+                               iterations=red.pagerank_iterations,
+                               damping=red.pagerank_damping)
+  return fastv.last_token_scores(q[:, -1], k, stream.keys_valid)
+
+
+def prune(plan: Plan, layer: int, stream: Stream, scores: jax.Array,
+          counts: Counts) -> Stream:
+  """After `layer`: keep the `counts.llm_visual[layer + 1]` best-scoring live visual
+  tokens. Fast mode gathers the stream down to the next layer's capacity, in original
+  order; reference mode only marks the others dead."""
+  capacity = plan.llm_visual[layer + 1]
+  count = counts.llm_visual[layer + 1]
+  live = stream.visual & stream.keys_valid
+  # Rank the visual slots: live ones by score, then empty/dead ones; text never.
+  rank_key = jnp.where(live, scores.astype(jnp.float32), -1e30)
+  rank_key = jnp.where(stream.visual, rank_key, -jnp.inf)
+  b, t = live.shape
+  rows = jnp.arange(b)[:, None]
+  if capacity:
+    _, top = jax.lax.top_k(rank_key, capacity)
+    kept_top = (jnp.arange(capacity)[None] < count) & jnp.take_along_axis(live, top, 1)
+    chosen = jnp.zeros((b, t), bool).at[rows, top].set(True)
+    kept = jnp.zeros((b, t), bool).at[rows, top].set(kept_top)
+  else:
+    chosen = kept = jnp.zeros((b, t), bool)
+  if plan.reduction.mode == "reference":
+    return stream._replace(alive=stream.alive & (~stream.visual | kept))
+  # Every sample has the same number of visual slots, so it keeps the same number of
+  # slots: the text, and the `capacity` chosen visual slots.
+  new_len = t - (plan.llm_visual[layer] - capacity)
+  order = jnp.argsort(stream.visual & ~chosen, axis=1, stable=True)[:, :new_len]
+  take = lambda a: jnp.take_along_axis(a, order[(...,) + (None,) * (a.ndim - 2)], axis=1)
+  out = Stream(*(take(a) for a in stream))
+  return out._replace(valid=out.valid & (~out.visual | take(kept)))
