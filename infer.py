@@ -11,11 +11,12 @@ overridable as --config.NAME=VALUE.
 import os
 
 import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 import tokred_jax
-from tokred_jax import pipeline, report, sharding
+from tokred_jax import pipeline, processing, report, sharding, visualize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,6 +53,14 @@ def main(argv):
   print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
         f"method: {plan.reduction.name} ({plan.reduction.mode} mode)")
   print(f"answer: {pipe.tokenizer.decode(tokens[0])}\n")
+  if config.plot:
+    _, aux = pipe.forward(batch, plan, return_aux=True)
+    pixels = np.asarray(processing.preprocess_images([image], pipe.cfg.vision))[0]
+    shown = pixels * np.asarray(pipe.cfg.vision.image_std) + np.asarray(pipe.cfg.vision.image_mean)
+    visualize.survival_figure(shown, np.asarray(aux["sources"][0]),
+                              np.asarray(aux["live"][:, 0]), config.plot,
+                              f"{plan.reduction.name} ({plan.reduction.mode})")
+    print(f"kept patches per stage: {config.plot}")
   counts = pipe.token_counts(batch, plan, timings.new_tokens)
   print(report.cost_table(counts, pipe.cost(batch, plan, timings.new_tokens), {
       "prefill latency": timings.prefill_s,

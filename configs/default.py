@@ -6,7 +6,7 @@ Run (every field can be overridden, e.g. --config.max_new_tokens=8):
   python infer.py --image=photo.jpg --prompt="What colour is the car?"
   python infer.py --config=configs/default.py --config.checkpoint=/path/to/llava-hf-dir
   python infer.py --config.mesh=data=1,fsdp=1,tensor=-1
-  python infer.py --config.method=aim --config.retention=0.25
+  python infer.py --config.method=aim --config.retention=0.25 --config.plot=aim.png
 """
 
 import ml_collections
@@ -26,6 +26,8 @@ def get_config(arg=None):
   config.method = "none"
   config.retention = config_dict.placeholder(float)
   config.mode = "fast"
+  # A PNG path: draws which image patches survive each stage ("" draws nothing).
+  config.plot = ""
   config.max_new_tokens = 24
   config.temperature = 0.0
   config.top_p = 1.0

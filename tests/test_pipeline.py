@@ -108,3 +108,24 @@ def test_batch_that_does_not_split_over_the_mesh():
   sharded = tokred_jax.Pipeline.load(mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
   with pytest.raises(ValueError, match="multiple of 2"):
     sharded.forward(sharded.prepare([SAMPLE] * 3, ["a?", "b?", "c?"]))
+
+
+@pytest.mark.parametrize("method, retention", [("aim", 0.25), ("fastv", 0.5), ("tome", 0.5),
+                                               ("random", 0.25), ("pooling", 0.25)])
+def test_methods_on_a_mesh_equal_one_device(pipe, method, retention):
+  images, prompts = [SAMPLE] * 4, [f"Question {i}?" for i in range(4)]
+  plan = pipe.plan(method, retention)
+  batch = pipe.prepare(images, prompts, plan=plan)
+  sharded = tokred_jax.Pipeline.load(mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
+  np.testing.assert_allclose(np.asarray(sharded.forward(batch, plan)),
+                             np.asarray(pipe.forward(batch, plan)), atol=1e-5, rtol=1e-5)
+
+
+def test_infer_script_draws_surviving_patches(tmp_path):
+  png = tmp_path / "kept.png"
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "infer.py"), "--config.max_new_tokens=2",
+       "--config.warmup=False", "--config.method=aim", "--config.retention=0.25",
+       f"--config.plot={png}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "equivalent visual tokens" in out.stdout and png.stat().st_size > 1000
