@@ -412,3 +412,19 @@ def test_outputs_ignore_invalid_slots(seed, r, weighted):
     results.append([np.asarray(a) for out in (merged, kept, packed) for a in out])
   for first, second in zip(*results):
     np.testing.assert_array_equal(first, second)
+
+
+def test_merging_per_frame_never_crosses_frames():
+  """Two frames whose tokens are identical ACROSS frames but distinct within each:
+  per-frame merging must pair tokens of the same frame only."""
+  rng = np.random.default_rng(0)
+  frame = rng.normal(size=(8, 6)).astype(np.float32)
+  video = jnp.asarray(np.concatenate([frame, frame])[None])  # [1, 2 * 8, 6]
+  ts = T.split_frames(T.from_features(video), frames=2)
+  assert ts.features.shape == (2, 8, 6)
+  merged = T.join_frames(
+      T.bipartite_merge_static(ts, ts.features, 2, weighted=False), frames=2)
+  sources = np.asarray(merged.sources[0])
+  assert merged.features.shape == (1, 12, 6)
+  assert (sources[:8] < 6).all() and (sources[8:] >= 6).all()
+  np.testing.assert_allclose(merged.features[0, :6], merged.features[0, 6:], atol=1e-6)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokred_jax import tokens
 from tokred_jax.config import ConfigError, LlavaConfig
 
 SCORERS = ("pagerank", "fastv")
@@ -138,7 +139,8 @@ class Plan:
 
 
 def _bucket(n: int, bucket: int, limit: int) -> int:
-  return min(limit, bucket * math.ceil(n / bucket)) if n > 0 else 0
+  """n rounded up to a multiple of `bucket`, at most `limit`; 0 stays 0."""
+  return min(limit, tokens.bucket_up(n, bucket)) if n > 0 else 0
 
 
 def make_plan(reduction: Reduction, cfg: LlavaConfig) -> Plan:

@@ -382,6 +382,33 @@ def bipartite_merge_static(ts: TokenSet, metric: jax.Array, r: int, *, weighted:
                   out.sources)
 
 
+def split_frames(ts: TokenSet, frames: int) -> TokenSet:
+  """[B, F·N] tokens of F video frames -> [B·F, N], one row per frame, so that merging
+  and pruning never cross frames. `sources` must still be the identity-like per-frame
+  layout (P = F·N_p) and becomes per-frame slots."""
+  b, n = ts.valid.shape
+  if n % frames or ts.sources.shape[1] % frames:
+    raise ValueError(f"{n} tokens / {ts.sources.shape[1]} patches do not split into "
+                     f"{frames} frames.")
+  per, patches = n // frames, ts.sources.shape[1] // frames
+  offset = (jnp.arange(frames, dtype=jnp.int32) * per)[None, :, None]
+  sources = ts.sources.reshape(b, frames, patches)
+  sources = jnp.where(sources >= 0, sources - offset, -1).reshape(b * frames, patches)
+  rows = lambda a: a.reshape((b * frames, per) + a.shape[2:])
+  return TokenSet(rows(ts.features), rows(ts.valid), rows(ts.sizes), sources)
+
+
+def join_frames(ts: TokenSet, frames: int) -> TokenSet:
+  """Inverse of `split_frames`: [B·F, N'] -> [B, F·N'] (frame by frame)."""
+  bf, per = ts.valid.shape
+  b = bf // frames
+  offset = (jnp.arange(frames, dtype=jnp.int32) * per)[None, :, None]
+  sources = ts.sources.reshape(b, frames, -1)
+  sources = jnp.where(sources >= 0, sources + offset, -1).reshape(b, -1)
+  rows = lambda a: a.reshape((b, frames * per) + a.shape[2:])
+  return TokenSet(rows(ts.features), rows(ts.valid), rows(ts.sizes), sources)
+
+
 def bucket_up(n: int, buckets: int | Sequence[int]) -> int:
   """The smallest allowed capacity >= n (and >= 1).
 
