@@ -125,7 +125,7 @@ def test_batch_samples_keep_different_tokens(params):
   assert not np.array_equal(live[layer, 0], live[layer, 1])
   sources = np.asarray(aux["sources"])  # patch -> token slot after the merge
   assert sources.shape == (2, 64) and (sources >= 0).all()
-  assert len(np.unique(sources[0])) == plan.exact[2]
+  assert len(np.unique(sources[0])) == plan.exact.visual
 
 
 def test_retention_and_prompt_length_within_a_bucket_do_not_recompile(params):
@@ -145,8 +145,8 @@ def test_counts_shape_the_compiled_work(params):
   batch = make_batch(a)
   _, aux_a = forward(params, batch, a, True)
   _, aux_b = forward(params, batch, b, True)
-  assert np.asarray(aux_a["live"])[0, 0].sum() == a.exact[2] == 16
-  assert np.asarray(aux_b["live"])[0, 0].sum() == b.exact[2] == 14
+  assert np.asarray(aux_a["live"])[0, 0].sum() == a.exact.visual == 16
+  assert np.asarray(aux_b["live"])[0, 0].sum() == b.exact.visual == 14
 
 
 MID = LlavaConfig(

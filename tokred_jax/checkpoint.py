@@ -157,6 +157,14 @@ _TEXT_LAYER_RULES = tuple(
         _r("mlp.down_proj.weight", "mlp/down/kernel", "D F", "F D", _T),
     ))
 
+# p-MoD routers, in the layers `TextConfig.router_layers` names. transformers does not
+# know them: it loads such a checkpoint as the dense model and reports them as unused.
+_ROUTER_RULES = (
+    _r("language_model.model.layers.{i}.router.weight", "llm/layers_{i}/router/kernel",
+       "1 D", "D 1", _T),
+    _r("language_model.model.layers.{i}.router.bias", "llm/layers_{i}/router/bias", "1"),
+)
+
 # Older layouts -> the transformers 5 names above; applied in order, each at most once.
 _RENAMES = (
     (re.compile(r"^model\.vision_tower\."), "vision_tower."),
@@ -177,15 +185,15 @@ _DIM_NAMES = dict(
     dv="vision head size", C="num_channels", p="patch_size",
     Sv="vision positions (patches, +1 for CLIP's CLS)", D="text hidden_size",
     F="text intermediate_size", H="text num_attention_heads", K="num_key_value_heads",
-    dh="text head_dim", V="vocab_size")
+    dh="text head_dim", V="vocab_size", **{"1": "one router output"})
 
 
 def _dims(cfg: LlavaConfig) -> dict[str, int]:
   v, t = cfg.vision, cfg.text
-  return dict(Dv=v.hidden_size, Fv=v.intermediate_size, Hv=v.num_heads, dv=v.head_dim,
-              C=v.num_channels, p=v.patch_size, Sv=v.seq_len, D=t.hidden_size,
-              F=t.intermediate_size, H=t.num_heads, K=t.num_kv_heads, dh=t.head_dim,
-              V=t.vocab_size)
+  return {"Dv": v.hidden_size, "Fv": v.intermediate_size, "Hv": v.num_heads,
+          "dv": v.head_dim, "C": v.num_channels, "p": v.patch_size, "Sv": v.seq_len,
+          "D": t.hidden_size, "F": t.intermediate_size, "H": t.num_heads,
+          "K": t.num_kv_heads, "dh": t.head_dim, "V": t.vocab_size, "1": 1}
 
 
 def _shape(spec: tuple[str, ...], dims: dict[str, int]) -> tuple[int, ...]:
@@ -203,9 +211,10 @@ def _rules(cfg: LlavaConfig) -> list[_Rule]:
     # Llama's attention_bias also adds an o_proj bias, which our tree has no place for.
     raise CheckpointError("Llama with attention_bias=True (biased o_proj) is not supported.")
   rules = [rule for rule in _TOP_RULES if rule.when(cfg)]
-  for layer_rules, num_layers in ((_VISION_LAYER_RULES, cfg.vision.num_layers),
-                                  (_TEXT_LAYER_RULES, cfg.text.num_layers)):
-    for i in range(num_layers):
+  for layer_rules, layers in ((_VISION_LAYER_RULES, range(cfg.vision.num_layers)),
+                              (_TEXT_LAYER_RULES, range(cfg.text.num_layers)),
+                              (_ROUTER_RULES, cfg.text.router_layers)):
+    for i in layers:
       rules.extend(
           dataclasses.replace(rule, hf=rule.hf.format(i=i), ours=rule.ours.format(i=i))
           for rule in layer_rules if rule.when(cfg))

@@ -114,10 +114,16 @@ class TextConfig:
   tie_word_embeddings: bool = False
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
+  # p-MoD: the layers with a router, and TanhNorm's scale (w = alpha·tanh(r) + 1).
+  router_layers: tuple[int, ...] = ()
+  router_alpha: float = 0.2
 
   def __post_init__(self):
     if self.kind not in ("llama", "qwen2"):
       raise ConfigError(f"text kind {self.kind!r} is not supported; use 'llama' or 'qwen2'.")
+    bad = [l for l in self.router_layers if not 0 <= l < self.num_layers]
+    if bad:
+      raise ConfigError(f"router_layers {bad} are outside the {self.num_layers}-layer LLM.")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                         f"{self.num_kv_heads}.")
@@ -235,7 +241,9 @@ def text_from_hf(d: dict[str, Any]) -> TextConfig:
       attention_bias=bool(_get(d, "attention_bias", dflt)),
       tie_word_embeddings=bool(_get(d, "tie_word_embeddings", dflt)),
       bos_token_id=_get(d, "bos_token_id", dflt),
-      eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      router_layers=tuple(d.get("mod_router_layers", ())),
+      router_alpha=float(d.get("mod_router_alpha", 0.2)))
 
 
 def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
@@ -286,6 +294,9 @@ def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
       eos_token_id=list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id)
   if t.kind == "llama":
     text["attention_bias"] = t.attention_bias
+  if t.router_layers:  # p-MoD; transformers keeps unknown fields and ignores them
+    text["mod_router_layers"] = list(t.router_layers)
+    text["mod_router_alpha"] = t.router_alpha
   return dict(
       architectures=["LlavaForConditionalGeneration"], model_type="llava",
       vision_config=vision, text_config=text,

@@ -288,34 +288,39 @@ def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
   every token whatever the plan prunes.
   """
   red = plan.reduction
-  tome_r, merge_r, visual, llm_visual = plan.exact
+  ex = plan.exact
   has_cls = cfg.vision.has_cls and cfg.vision_feature_select == "default"
   if exact:
     vision_in, n = [], cfg.vision.seq_len
-    for r in tome_r:
+    for r in ex.tome_r:
       vision_in.append(n)
       n -= r
     vision_mlp = vision_in[1:] + [n]
+    visual, llm_visual, mod_visual = ex.visual, ex.llm_visual, ex.mod_visual
   else:
     vision_in = list(plan.vision_tokens)
     vision_mlp = vision_in[1:] + [plan.num_visual + int(has_cls)]
-    visual, llm_visual = plan.num_visual, plan.llm_visual
-  vision = vision_flops(cfg, batch, vision_in or None, vision_mlp if tome_r else None)
-  if merge_r and red.merge_metric == "keys":  # the last layer's key projection
+    visual, llm_visual, mod_visual = plan.num_visual, plan.llm_visual, plan.mod_visual
+  vision = vision_flops(cfg, batch, vision_in or None, vision_mlp if ex.tome_r else None)
+  if ex.merge_r and red.merge_metric == "keys":  # the last layer's key projection
     d = cfg.vision.hidden_size
     vision = dataclasses.replace(vision, extra=vision.extra + 2 * cfg.num_image_tokens * d * d)
   # Pooling and feature-metric merging run after the projector; the others before.
-  after_projector = red.pool_stride > 1 or (merge_r and red.merge_metric == "features")
+  after_projector = red.pool_stride > 1 or (ex.merge_r and red.merge_metric == "features")
   projector = projector_flops(cfg, cfg.num_image_tokens if after_projector else visual, batch)
   layers = cfg.text.num_layers
   if red.mode == "reference":
-    llm_tokens = (num_text_tokens + (plan.num_visual if not exact else visual),) * layers
+    llm_tokens = (num_text_tokens + visual,) * layers
   else:
-    llm_tokens = tuple(num_text_tokens + v for v in llm_visual)
+    llm_tokens = tuple(num_text_tokens + (v if m is None else m)
+                       for v, m in zip(llm_visual, mod_visual))
   llm = llm_flops(cfg, llm_tokens, batch=batch)
-  llm = dataclasses.replace(llm, extra=sum(
-      scorer_flops(cfg, red, llm_tokens[layer]) for layer in plan.score_layers))
+  extra = sum(scorer_flops(cfg, red, llm_tokens[layer]) for layer in plan.score_layers)
+  # A p-MoD router reads every token of its layer's input: Linear(D -> 1).
+  extra += sum(2 * (num_text_tokens + llm_visual[l]) * cfg.text.hidden_size
+               for l, m in enumerate(mod_visual) if m is not None)
+  llm = dataclasses.replace(llm, extra=extra)
   flops = PrefillFlops(vision, projector, llm, lm_head_flops(cfg, 1, batch))
   kv = kv_cache_bytes(cfg, [n + new_tokens for n in llm_tokens], batch, bytes_per_element)
   return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
-              equivalent_tokens=equivalent_visual_tokens(plan.exact[3]))
+              equivalent_tokens=equivalent_visual_tokens(plan.visual_per_layer))

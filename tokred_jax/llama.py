@@ -66,18 +66,40 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """A pre-norm decoder layer; `has_router` adds p-MoD's router, Linear(D -> 1) with
+  bias, zero-initialised, read on the layer's input."""
   cfg: TextConfig
   dtype: jnp.dtype = jnp.float32
+  has_router: bool = False
 
-  @nn.compact
-  def __call__(self, x, positions, mask, cache=None, write_index=None):
+  def setup(self):
     eps = self.cfg.rms_norm_eps
-    h, new_cache, q = Attention(self.cfg, self.dtype, name="attn")(
-        layers.RMSNorm(eps, name="attn_norm")(x), positions, mask, cache, write_index)
-    x = x + h.astype(x.dtype)
-    x = x + MLP(self.cfg, self.dtype, name="mlp")(
-        layers.RMSNorm(eps, name="mlp_norm")(x)).astype(x.dtype)
-    return x, new_cache, q
+    self.attn_norm = layers.RMSNorm(eps)
+    self.attn = Attention(self.cfg, self.dtype)
+    self.mlp_norm = layers.RMSNorm(eps)
+    self.mlp = MLP(self.cfg, self.dtype)
+    if self.has_router:
+      self.router = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32,
+                             kernel_init=nn.initializers.zeros)
+
+  def attention_block(self, x, positions, mask, cache=None, write_index=None):
+    """x + attention: (f32[B, T, D], LayerCache, rotated queries f32[B, T, H, h])."""
+    h, new_cache, q = self.attn(self.attn_norm(x), positions, mask, cache, write_index)
+    return x + h.astype(x.dtype), new_cache, q
+
+  def mlp_branch(self, h):
+    """The MLP branch alone, without the residual: f32[B, T, D]."""
+    return self.mlp(self.mlp_norm(h)).astype(h.dtype)
+
+  def route(self, x):
+    """Router logits f32[B, T] for the layer input x (p-MoD)."""
+    return self.router(x.astype(jnp.float32))[..., 0]
+
+  def __call__(self, x, positions, mask, cache=None, write_index=None):
+    if self.has_router and self.is_initializing():  # a dense call still creates it
+      self.route(x)
+    h, new_cache, q = self.attention_block(x, positions, mask, cache, write_index)
+    return h + self.mlp_branch(h), new_cache, q
 
 
 class Decoder(nn.Module):
@@ -90,7 +112,8 @@ class Decoder(nn.Module):
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                           param_dtype=jnp.float32,
                           embedding_init=nn.initializers.normal(0.02))
-    self.layers = [DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+    self.layers = [DecoderLayer(cfg, self.dtype, has_router=i in cfg.router_layers)
+                   for i in range(cfg.num_layers)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps)
     if not cfg.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, use_bias=False, dtype=self.dtype)

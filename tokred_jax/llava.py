@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, reduction, sharding, tokens
+from tokred_jax import layers, pmod, reduction, sharding, tokens
 from tokred_jax.config import LlavaConfig
 from tokred_jax.llama import Decoder, LayerCache
 from tokred_jax.vit import VisionTower
@@ -151,6 +151,14 @@ class Llava(nn.Module):
     caches, live = [], []
     for layer_index, layer in enumerate(self.llm.layers):
       live.append(self._live_slots(stream, visual.valid.shape[1]))
+      if plan.mod_visual[layer_index] is not None:
+        routed = stream
+        stream, cache, cache_valid, kept = self._routed_layer(layer, layer_index, stream, plan,
+                                                              counts)
+        live[-1] = self._live_slots(routed._replace(alive=routed.alive & (~routed.visual | kept)),
+                                    visual.valid.shape[1])
+        caches.append((cache, cache_valid))
+        continue
       x, cache, q = layer(stream.x, stream.positions, layers.causal_mask(stream.keys_valid))
       stream = stream._replace(x=sharding.constrain(x, sharding.STREAM))
       caches.append((cache, stream.keys_valid))
@@ -158,6 +166,38 @@ class Llava(nn.Module):
         scores = reduction.score_visual(plan, stream, q, cache.k)
         stream = reduction.prune(plan, layer_index, stream, scores, counts)
     return stream, caches, visual, live
+
+  def _routed_layer(self, layer, layer_index, stream, plan, counts):
+    """A p-MoD layer: the router picks the visual tokens the layer processes (see
+    pmod.py). Returns the updated stream, the layer's LayerCache (text + routed visual
+    tokens only), which of its slots are valid bool[B, T_sub], and which stream tokens
+    were routed through the layer bool[B, T]."""
+    capacity, count = plan.mod_visual[layer_index], counts.mod_visual[layer_index]
+    w = pmod.tanh_norm(layer.route(stream.x), self.cfg.text.router_alpha)  # [B, T]
+    live = stream.visual & stream.keys_valid
+    rank_key = jnp.where(stream.visual, jnp.where(live, w, -1e30), -jnp.inf)
+    b, t = live.shape
+    rows = jnp.arange(b)[:, None]
+    _, top = jax.lax.top_k(rank_key, capacity)
+    kept_top = (jnp.arange(capacity)[None] < count) & jnp.take_along_axis(live, top, 1)
+    chosen = jnp.zeros((b, t), bool).at[rows, top].set(True)
+    kept = jnp.zeros((b, t), bool).at[rows, top].set(kept_top)
+    # Text and the chosen visual slots, in original order (a fixed count per sample).
+    slots = plan.llm_visual[layer_index] if plan.reduction.mode == "fast" else plan.num_visual
+    order = jnp.argsort(stream.visual & ~chosen, axis=1, stable=True)[:, :t - slots + capacity]
+    take = lambda a: jnp.take_along_axis(a, order[(...,) + (None,) * (a.ndim - 2)], axis=1)
+    sub_visual = take(stream.visual)
+    sub_valid = take(stream.keys_valid) & (~sub_visual | take(kept))
+    h, cache, _ = layer.attention_block(take(stream.x), take(stream.positions),
+                                        layers.causal_mask(sub_valid))
+    scale = jnp.where(sub_visual, take(w), 1.0)[..., None].astype(h.dtype)
+    out = h + scale * layer.mlp_branch(h)
+    # Skipped visual tokens: w·x (STRing); text and routed ones: the layer's output.
+    x = jnp.where(stream.visual[..., None], w[..., None].astype(stream.x.dtype) * stream.x,
+                  stream.x)
+    write = (~sub_visual | take(kept))[..., None]
+    x = x.at[rows, order].set(jnp.where(write, out, take(x)))
+    return stream._replace(x=sharding.constrain(x, sharding.STREAM)), cache, sub_valid, kept
 
   @staticmethod
   def _live_slots(stream, num_visual):

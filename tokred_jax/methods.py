@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 
-from tokred_jax import aim, fastv
+from tokred_jax import aim, fastv, pmod
 from tokred_jax.config import ConfigError, LlavaConfig
 from tokred_jax.reduction import Reduction
 
-METHODS = ("none", "aim", "fastv", "tome", "random", "pooling")
+METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "pmod")
 # Presets by name: (method, keyword arguments of the method's builder).
 PRESETS = {
     "aim-252": ("aim", dict(merge_r=aim.LLAVA15_MERGE_252)),
@@ -125,6 +125,29 @@ def build_tome(cfg: LlavaConfig, retention: float | None = None, r: int | None =
   return Reduction(name="tome", mode=mode, tome_r=tome_r)
 
 
+def build_pmod(cfg: LlavaConfig, retention: float | None = None, schedule: str = "cosine",
+               mode: str = "fast", **schedule_args) -> Reduction:
+  """p-MoD routing on the model's router layers with a schedule from pmod.SCHEDULES
+  (default: PRD's shifted cosine). With `retention`, the schedule is shifted so that the
+  mean kept ratio over all layers matches it (the paper's ablations compare schedules
+  at the same mean)."""
+  layers = cfg.text.router_layers
+  if not layers:
+    raise ConfigError("this model has no p-MoD routers; add them with pmod.add_routers and "
+                      "fine-tune (train.py), or load a p-MoD checkpoint.")
+  n_layers = cfg.text.num_layers
+  try:
+    if retention is not None:
+      _check_retention(retention)
+      ratios = pmod.fit_mean(schedule, n_layers, layers, cfg.num_image_tokens, retention,
+                             **schedule_args)
+    else:
+      ratios = pmod.on_layers(pmod.schedule(schedule, n_layers, **schedule_args), layers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return Reduction(name="pmod", mode=mode, mod_ratios=ratios)
+
+
 def _spread(movable: int, wanted: list[int], greedy: bool = False) -> list[int] | None:
   """Per-layer merge counts: `wanted` if each fits (at most half the tokens left), else
   None; with greedy, each layer merges as much of what is left as it can."""
@@ -159,7 +182,7 @@ def build_pooling(cfg: LlavaConfig, retention: float | None = None, stride: int 
 
 
 _BUILDERS = {"aim": build_aim, "fastv": build_fastv, "tome": build_tome,
-             "random": build_random, "pooling": build_pooling}
+             "random": build_random, "pooling": build_pooling, "pmod": build_pmod}
 
 
 def get(name: str, cfg: LlavaConfig, retention: float | None = None, mode: str = "fast",

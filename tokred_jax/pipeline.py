@@ -197,8 +197,9 @@ class Pipeline:
     mask = np.asarray(batch["attention_mask"][0])
     slots = int(np.sum(np.asarray(batch["input_ids"][0]) == self.cfg.image_token_id))
     return {"visual tokens before reduction": self.cfg.num_image_tokens,
-            "visual tokens into the LLM": plan.exact[2],
-            "equivalent visual tokens": round(cost.equivalent_visual_tokens(plan.exact[3]), 1),
+            "visual tokens into the LLM": plan.exact.visual,
+            "equivalent visual tokens": round(
+                cost.equivalent_visual_tokens(plan.visual_per_layer), 1),
             "text tokens": int(mask.sum()) - slots,
             "bucket length": mask.shape[0], "new tokens": new_tokens}
 

@@ -51,6 +51,7 @@ class Reduction:
   pagerank_tau: float = 0.1
   pagerank_iterations: int = 5
   pagerank_damping: float = 0.0
+  mod_ratios: tuple[float | None, ...] | None = None
   token_bucket: int = 16
 
   def __post_init__(self):
@@ -76,6 +77,10 @@ class Reduction:
       if any(b > a for a, b in zip(self.layer_ratios, self.layer_ratios[1:])):
         raise ConfigError("layer_ratios must not increase with depth: pruned tokens "
                           "never come back.")
+    if self.mod_ratios is not None:
+      bad = [r for r in self.mod_ratios if r is not None and not 0 < r <= 1]
+      if bad:
+        raise ConfigError(f"mod_ratios must lie in (0, 1] (None: a dense layer); got {bad[:3]}.")
     if self.token_bucket < 1:
       raise ConfigError(f"token_bucket must be >= 1, got {self.token_bucket}.")
     stages = sum([bool(self.merge_r), self.pool_stride > 1, self.keep_visual is not None])
@@ -92,12 +97,23 @@ class Counts(NamedTuple):
   """Exact counts, traced (changing them does not recompile).
 
   tome_r: i32[layers run]; merge_r: i32[steps]; keep_visual: i32[];
-  llm_visual: i32[L], visual tokens each LLM layer processes.
+  llm_visual: i32[L], visual tokens each LLM layer processes; mod_visual: i32[L], of
+  those, how many a p-MoD layer routes through itself.
   """
   tome_r: jax.Array
   merge_r: jax.Array
   keep_visual: jax.Array
   llm_visual: jax.Array
+  mod_visual: jax.Array
+
+
+class Exact(NamedTuple):
+  """A plan's exact counts (Python ints), which its capacities were rounded up from."""
+  tome_r: tuple[int, ...]
+  merge_r: tuple[int, ...]
+  visual: int
+  llm_visual: tuple[int, ...]
+  mod_visual: tuple[int | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +128,7 @@ class Plan:
   merge_tokens: visual tokens after each pre-LLM merge step;
   num_visual: visual-token capacity spliced into the prompt;
   llm_visual: visual-token capacity of each LLM layer;
+  mod_visual: visual tokens each p-MoD layer processes (capacity), None: not routed;
   exact: the exact counts (Python ints) the capacities were rounded up from.
   """
   reduction: Reduction = dataclasses.field(compare=False)
@@ -120,8 +137,8 @@ class Plan:
   merge_tokens: tuple[int, ...]
   num_visual: int
   llm_visual: tuple[int, ...]
-  exact: tuple[tuple[int, ...], tuple[int, ...], int, tuple[int, ...]] = dataclasses.field(
-      compare=False, hash=False)
+  mod_visual: tuple[int | None, ...]
+  exact: Exact = dataclasses.field(compare=False, hash=False)
 
   @property
   def score_layers(self) -> tuple[int, ...]:
@@ -131,11 +148,17 @@ class Plan:
     v = self.llm_visual
     return tuple(l for l in range(len(v) - 1) if v[l + 1] < v[l])
 
+  @property
+  def visual_per_layer(self) -> tuple[int, ...]:
+    """Exact visual tokens each LLM layer processes (p-MoD's routed ones where routed)."""
+    return tuple(l if m is None else m for l, m in zip(self.exact.llm_visual,
+                                                      self.exact.mod_visual))
+
   def counts(self) -> Counts:
-    tome_r, merge_r, keep, llm = self.exact
-    return Counts(jnp.asarray(tome_r, jnp.int32).reshape(-1),
-                  jnp.asarray(merge_r, jnp.int32).reshape(-1),
-                  jnp.asarray(keep, jnp.int32), jnp.asarray(llm, jnp.int32))
+    tome_r, merge_r, keep, llm, mod = self.exact
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    return Counts(i32(tome_r).reshape(-1), i32(merge_r).reshape(-1), i32(keep), i32(llm),
+                  i32([-1 if m is None else m for m in mod]))
 
 
 def _bucket(n: int, bucket: int, limit: int) -> int:
@@ -212,11 +235,29 @@ def make_plan(reduction: Reduction, cfg: LlavaConfig) -> Plan:
     llm_exact = (exact_visual,) * layers
   llm_cap = tuple(visual_cap if k == exact_visual else _bucket(k, bucket, visual_cap)
                   for k in llm_exact)
+
+  # p-MoD: a routed layer processes floor(N_v * R_l) of the visual tokens it is given.
+  mod_exact, mod_cap = (None,) * layers, (None,) * layers
+  if red.mod_ratios is not None:
+    if len(red.mod_ratios) != layers:
+      raise ConfigError(f"mod_ratios has {len(red.mod_ratios)} entries for a {layers}-layer "
+                        "LLM; give one per layer (None for a dense layer).")
+    missing = [l for l, r in enumerate(red.mod_ratios)
+               if r is not None and l not in cfg.text.router_layers]
+    if missing:
+      raise ConfigError(f"layers {missing} have no p-MoD router in this model (its routers: "
+                        f"{list(cfg.text.router_layers)}); p-MoD needs a model trained with "
+                        "routers, e.g. one made with methods.add_routers and fine-tuned.")
+    mod_exact = tuple(None if r is None else min(llm_exact[l], int(math.floor(
+        exact_visual * r + 1e-9))) for l, r in enumerate(red.mod_ratios))
+    mod_cap = tuple(None if k is None else min(llm_cap[l], _bucket(k, bucket, visual_cap))
+                    for l, k in enumerate(mod_exact))
   structure = (red.name, red.mode, len(red.tome_r), len(red.merge_r), red.merge_metric,
                red.pool_stride, red.keep_visual is not None, red.seed, red.scorer,
-               red.pagerank_tau, red.pagerank_iterations, red.pagerank_damping)
-  return Plan(red, structure, tuple(vision_cap), merge_cap, visual_cap, llm_cap,
-              exact=(tuple(tome_r), tuple(red.merge_r), exact_visual, llm_exact))
+               red.pagerank_tau, red.pagerank_iterations, red.pagerank_damping,
+               None if red.mod_ratios is None else tuple(r is not None for r in red.mod_ratios))
+  return Plan(red, structure, tuple(vision_cap), merge_cap, visual_cap, llm_cap, mod_cap,
+              exact=Exact(tuple(tome_r), tuple(red.merge_r), exact_visual, llm_exact, mod_exact))
 
 
 class Stream(NamedTuple):

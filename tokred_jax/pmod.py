@@ -1,0 +1,145 @@
+"""p-MoD: Mixture-of-Depths for visual tokens, with TanhNorm, STRing and progressive
+ratio decay (PRD).
+
+In a MoD layer a router (Linear(D -> 1), zero-initialised, on the layer input x) gives
+each visual token a weight w = α·tanh(r) + 1 (TanhNorm; w = 1 at init). The layer
+processes the text and its k_ℓ highest-weighted visual tokens, in original order with
+their original positions; with h = x + Attn(·) over that set:
+  kept visual    h + w·MLP(norm(h))     (only the MLP branch is scaled)
+  text           h + MLP(norm(h))
+  skipped visual w·x                    (STRing: the router learns from skipped tokens)
+Skipped tokens stay in the stream for the next layer, whose router picks again.
+
+Schedules give R_ℓ per layer, or None for an ordinary dense layer (no router). PRD is a
+shifted cosine, R̃_ℓ = ½·cos(π·ℓ/(L−1)) + shift; layers with R̃_ℓ > dense_above are
+dense, the others keep max(R̃_ℓ, floor) (the official code hard-codes L − 1 = 31).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Ratios = tuple[float | None, ...]
+SCHEDULES = ("cosine", "linear", "stepped", "constant", "interleaved")
+
+
+def _thresholded(raw: Sequence[float], dense_above: float, floor: float) -> Ratios:
+  return tuple(None if r > dense_above else max(r, floor) for r in raw)
+
+
+def prd_cosine(num_layers: int, shift: float = 0.5, dense_above: float = 0.85,
+               floor: float = 0.15) -> Ratios:
+  """p-MoD's default: R̃_ℓ = ½·cos(π·ℓ/(L−1)) + shift, thresholded."""
+  _check_layers(num_layers)
+  return _thresholded([0.5 * math.cos(math.pi * l / (num_layers - 1)) + shift
+                       for l in range(num_layers)], dense_above, floor)
+
+
+def linear_decay(num_layers: int, shift: float = 0.5, dense_above: float = 0.85,
+                 floor: float = 0.15) -> Ratios:
+  """R̃_ℓ = 0.5 − ℓ/(L−1) + shift (the official 'shiftedlinear'), thresholded."""
+  _check_layers(num_layers)
+  return _thresholded([0.5 - l / (num_layers - 1) + shift for l in range(num_layers)],
+                      dense_above, floor)
+
+
+def stepped_decay(num_layers: int, ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
+                  ) -> Ratios:
+  """Equal blocks of layers at decreasing ratios; the first block (ratio 1) is dense."""
+  _check_layers(num_layers)
+  block = math.ceil(num_layers / len(ratios))
+  return tuple(None if ratios[l // block] >= 1 else ratios[l // block]
+               for l in range(num_layers))
+
+
+def constant(num_layers: int, ratio: float = 0.5, first_dense: int = 2) -> Ratios:
+  """The same ratio in every layer after the first `first_dense` (the official
+  'deep_all' routes layers 2..L−2; the last stays dense)."""
+  _check_layers(num_layers)
+  return tuple(ratio if first_dense <= l < num_layers - 1 else None
+               for l in range(num_layers))
+
+
+def interleaved(num_layers: int, ratio: float = 0.5) -> Ratios:
+  """Every other layer (1, 3, 5, ...) is a MoD layer (the official 'interleave')."""
+  _check_layers(num_layers)
+  return tuple(ratio if l % 2 else None for l in range(num_layers))
+
+
+def schedule(name: str, num_layers: int, **kwargs) -> Ratios:
+  """The schedule called `name` (see SCHEDULES) for `num_layers` layers."""
+  builders = {"cosine": prd_cosine, "linear": linear_decay, "stepped": stepped_decay,
+              "constant": constant, "interleaved": interleaved}
+  if name not in builders:
+    raise ValueError(f"unknown p-MoD schedule {name!r}; choose from {SCHEDULES}.")
+  return builders[name](num_layers, **kwargs)
+
+
+def router_layers(ratios: Ratios) -> tuple[int, ...]:
+  """The layers that have a router (a ratio rather than None)."""
+  return tuple(l for l, r in enumerate(ratios) if r is not None)
+
+
+def kept_counts(num_visual: int, ratios: Ratios) -> tuple[int, ...]:
+  """k_ℓ = ⌊N_v · R_ℓ⌋ visual tokens per layer (N_v in dense layers)."""
+  return tuple(num_visual if r is None else int(math.floor(num_visual * r + 1e-9))
+               for r in ratios)
+
+
+def mean_kept_ratio(num_visual: int, ratios: Ratios) -> float:
+  """Mean over all layers of k_ℓ / N_v: the KV-cache fraction p-MoD reports."""
+  return sum(kept_counts(num_visual, ratios)) / (len(ratios) * num_visual)
+
+
+def on_layers(ratios: Ratios, layers: Sequence[int]) -> Ratios:
+  """`ratios` restricted to the layers that have routers (others dense), each ≤ 1."""
+  return tuple(min(1.0, r if r is not None else 1.0) if l in layers else None
+               for l, r in enumerate(ratios))
+
+
+def fit_mean(name: str, num_layers: int, layers: Sequence[int], num_visual: int,
+             target: float, **kwargs) -> Ratios:
+  """The schedule `name`, on the routed `layers`, shifted so that its mean kept ratio
+  (`mean_kept_ratio`) is as close to `target` as the counts allow: bisection on the
+  cosine/linear shift or on the constant/interleaved ratio."""
+  knob = "shift" if name in ("cosine", "linear") else "ratio"
+  if name == "stepped":
+    raise ValueError("the stepped schedule has no knob to fit a mean ratio; pass ratios.")
+  make = lambda v: on_layers(schedule(name, num_layers, **{**kwargs, knob: v}), layers)
+  lo, hi = -1.0, 2.0
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if mean_kept_ratio(num_visual, make(mid)) < target else (lo, mid)
+  best = make(hi)
+  if abs(mean_kept_ratio(num_visual, best) - target) > 0.02:
+    raise ValueError(f"a {name} schedule on layers {list(layers)} cannot keep {target} of the "
+                     f"visual tokens on average (closest: {mean_kept_ratio(num_visual, best):.3f}).")
+  return best
+
+
+def tanh_norm(router_logits: jax.Array, alpha: float) -> jax.Array:
+  """w = α·tanh(r) + 1, in float32: f32[B, T]."""
+  return alpha * jnp.tanh(router_logits.astype(jnp.float32)) + 1.0
+
+
+def add_routers(cfg, params, layers: Sequence[int]):
+  """A dense model made ready for p-MoD fine-tuning: zero-initialised routers (w = 1
+  at first, so the model starts as the dense one) in `layers`. Returns (cfg, params)."""
+  import dataclasses
+  import numpy as np
+  text = dataclasses.replace(cfg.text, router_layers=tuple(sorted(set(layers))))
+  params = jax.tree_util.tree_map(lambda a: a, params)  # a copy of the containers
+  for l in text.router_layers:
+    params["llm"][f"layers_{l}"] = dict(params["llm"][f"layers_{l}"], router={
+        "kernel": np.zeros((cfg.text.hidden_size, 1), np.float32),
+        "bias": np.zeros((1,), np.float32)})
+  return dataclasses.replace(cfg, text=text), params
+
+
+def _check_layers(num_layers: int):
+  if num_layers < 2:
+    raise ValueError(f"a p-MoD schedule needs at least 2 layers, got {num_layers}.")
