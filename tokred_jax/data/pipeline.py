@@ -1,0 +1,158 @@
+"""The training input pipeline: a TFDS data source read through grain, in fixed-shape batches.
+
+  tfds.data_source (random access to array_record)
+    -> this host's shard -> global shuffle, reseeded every epoch -> repeat
+    -> read + tokenize + normalise (in `worker_count` processes)
+    -> leave out bad samples (in this process) -> batch
+
+Leaving samples out after the worker processes, not in them, keeps the batches the same
+whatever `worker_count` is (grain hands worker i the elements i, i + n, ... and
+interleaves them back in order), keeps the tally of skipped samples in one place, and
+lets "error" mode raise in the training process. The iterator's position can be saved
+and restored (`get_state` / `set_state`, a JSON-able dict, or grain.checkpoint with
+Orbax) to resume mid-epoch with the very same batches; restore it into a pipeline with
+the same config, seed and shard (the state's layout depends on `worker_count`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+from absl import flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tokred_jax import processing
+from tokred_jax.config import LlavaConfig, VisionConfig
+from tokred_jax.data.conversation import encode_example
+from tokred_jax.data.skips import BadSample, SkipLog, check_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to read and how to batch it.
+
+  Attributes:
+    dataset: the TFDS name, "llava_conversations/NAME" as `build_dataset` returns it.
+    data_dir: the TFDS data directory it was built in.
+    batch_size: B, examples per batch (per host when sharded over hosts).
+    max_length: T, the fixed sequence length; longer samples are bad ("too long").
+    num_epochs: passes over the data; None repeats forever.
+    shuffle: shuffle globally, in a different order each epoch, from the seed.
+    worker_count: processes that read, tokenize and normalise (0: this process).
+    worker_buffer_size: examples each worker prepares ahead.
+    on_bad_sample: "skip" leaves samples found bad while reading out (logged with their
+      ids), "error" raises `BadSample` naming the first.
+  """
+  dataset: str
+  data_dir: str
+  batch_size: int
+  max_length: int
+  num_epochs: int | None = None
+  shuffle: bool = True
+  worker_count: int = 0
+  worker_buffer_size: int = 8
+  on_bad_sample: str = "skip"
+
+
+class _Encode(grain.transforms.Map):
+  """A stored example -> the training arrays of one sequence, or the `BadSample`."""
+
+  def __init__(self, tokenizer: processing.Tokenizer, cfg: LlavaConfig, max_length: int,
+               num_image_tokens: int):
+    self._tokenizer = tokenizer
+    self._cfg = cfg
+    self._max_length = max_length
+    self._num_image_tokens = num_image_tokens
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray] | BadSample:
+    sample_id = element["id"].decode()
+    turns = element["conversations"]
+    conversations = [{"from": role.decode(), "value": text.decode()}
+                     for role, text in zip(turns["from"], turns["value"])]
+    try:
+      example = encode_example(self._tokenizer, self._cfg, sample_id, conversations,
+                               self._max_length, self._num_image_tokens)
+    except BadSample as bad:
+      return bad
+    # The stored pixels are already resized, so this only rescales and normalises.
+    example["pixel_values"] = processing.preprocess_images(element["image"],
+                                                           self._cfg.vision)[0]
+    return example
+
+
+class _KeepGood(grain.transforms.Filter):
+  """Drops `BadSample`s into a `SkipLog` (which raises in "error" mode)."""
+
+  def __init__(self, skips: SkipLog):
+    self.skips = skips
+
+  def filter(self, element: dict[str, np.ndarray] | BadSample) -> bool:
+    return self.skips.record(element if isinstance(element, BadSample) else None)
+
+
+def _check_images(info: tfds.core.DatasetInfo, vision_cfg: VisionConfig, name: str):
+  """Raises ValueError if the stored pixels were not made for this vision tower."""
+  size = vision_cfg.image_size
+  shape = tuple(info.features["image"].shape)
+  kind = (info.metadata or {}).get("vision_kind")
+  if shape != (size, size, 3) or kind != vision_cfg.kind:
+    raise ValueError(
+        f"{name} stores {shape} images resized for a {kind} tower, but the model's "
+        f"{vision_cfg.kind} tower takes ({size}, {size}, 3); build the data set again "
+        "with this model's vision config (build_dataset(..., vision_cfg=...)).")
+
+
+def make_dataset(config: DataConfig, split: str, seed: int, *,
+                 tokenizer: processing.Tokenizer, model_cfg: LlavaConfig,
+                 num_image_tokens: int | None = None, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.IterDataset:
+  """Batches of training sequences from a data set written by `build_dataset`.
+
+  Args:
+    config: what to read and how to batch it.
+    split: the split to read, e.g. "train".
+    seed: seeds the shuffle (0 <= seed < 2**32); the same seed gives the same batches.
+    tokenizer: the checkpoint's tokenizer.
+    model_cfg: the model's config (image token id and count, vision tower).
+    num_image_tokens: image slots per sequence, the reduction plan's `num_visual`
+      (fewer than the tower's patches after pre-LLM merging or pooling); None:
+      `model_cfg.num_image_tokens`.
+    shard_index: this host's shard, e.g. jax.process_index().
+    shard_count: the number of shards, e.g. jax.process_count().
+
+  Returns:
+    A grain IterDataset; `iter()` gives an iterator with `get_state`/`set_state`, each
+    element a dict of numpy arrays (full batches only, so that shapes never change):
+      input_ids: i32[B, T], right-padded with the pad id.
+      attention_mask: bool[B, T], False on padding.
+      positions: i32[B, T], cumsum(attention_mask) - 1, at least 0.
+      pixel_values: f32[B, S, S, 3], normalised as `processing.preprocess_images` does.
+      labels: i32[B, T], the next token id at each position (pad id where none).
+      loss_mask: bool[B, T], True where labels[t] is a reply token to learn.
+  """
+  check_mode(config.on_bad_sample)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
+  source = tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)
+  _check_images(source.dataset_info, model_cfg.vision, config.dataset)
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if config.shuffle:
+    ds = ds.shuffle(seed)
+  ds = ds.repeat(config.num_epochs)
+  if num_image_tokens is None:
+    num_image_tokens = model_cfg.num_image_tokens
+  ds = ds.map(_Encode(tokenizer, model_cfg, config.max_length, num_image_tokens))
+  ds = ds.to_iter_dataset()
+  if config.worker_count:
+    if not flags.FLAGS.is_parsed():
+      # grain 0.2.18 reads an absl flag when starting workers in a process that imported
+      # jax, and fails if no absl.app parsed the flags (google/grain#1355); the
+      # defaults are what it needs.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+  skips = SkipLog(f"reading split {split!r} of {config.dataset}", config.on_bad_sample)
+  return ds.filter(_KeepGood(skips)).batch(config.batch_size, drop_remainder=True)
