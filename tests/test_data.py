@@ -25,7 +25,7 @@ from tokenizers import trainers
 from tokred_jax import processing
 from tokred_jax.config import from_hf_dict
 from tokred_jax.data import (BadSample, DataConfig, build_dataset, encode_example,
-                             expand_image_token, make_dataset, parse_turns,
+                             make_dataset, parse_turns,
                              tokenize_conversation)
 
 ASSETS = pathlib.Path(__file__).parent.parent / "tokred_jax" / "assets" / "tiny-llava"
@@ -260,6 +260,7 @@ def test_parse_turns_rejects_bad_conversations(conversations, reason):
 
 
 def test_expand_image_token():
+  expand_image_token = processing.expand_image_token
   assert expand_image_token([1, 5, 3, 6], 3, 4) == ([1, 5, 3, 3, 3, 3, 6], 2)
   for ids in ([1, 5], [3, 1, 3]):
     with pytest.raises(ValueError, match="exactly one image"):

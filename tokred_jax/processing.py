@@ -23,7 +23,7 @@ from tokred_jax.config import LlavaConfig, VisionConfig
 
 IMAGE_TOKEN = "<image>"
 # llava-hf's chat template for LLaVA-1.5 renders one user turn as this.
-_TEMPLATE = "USER: {content} ASSISTANT:"
+TURN_TEMPLATE = "USER: {content} ASSISTANT:"
 
 ImageLike = PIL.Image.Image | str | os.PathLike | np.ndarray
 
@@ -72,6 +72,18 @@ class Tokenizer:
       ids = [self.bos_id] + ids
     return ids
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode` with each token's character span in `text` ((0, 0) for an added BOS)."""
+    encoding = self._tok.encode(text)
+    ids, offsets = list(encoding.ids), list(encoding.offsets)
+    if self.bos_id is not None and ids[:1] != [self.bos_id]:
+      ids, offsets = [self.bos_id] + ids, [(0, 0)] + offsets
+    return ids, offsets
+
+  def token(self, token_id: int) -> str:
+    """The vocabulary entry of `token_id` (e.g. the EOS string "</s>")."""
+    return self._tok.id_to_token(token_id)
+
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, special tokens (BOS, EOS, padding, image) left out."""
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -87,7 +99,7 @@ def build_prompt(question: str) -> str:
   if not question:
     raise ValueError("the question is empty; ask something about the image.")
   content = question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
-  return _TEMPLATE.format(content=content)
+  return TURN_TEMPLATE.format(content=content)
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
@@ -134,15 +146,11 @@ def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
   for b, prompt in enumerate(prompts):
     if not prompt.strip():
       raise ValueError(f"prompt {b} is empty; write a question (see build_prompt).")
-    ids = tokenizer.encode(prompt)
-    count = ids.count(cfg.image_token_id)
-    if count != 1:
-      raise ValueError(
-          f"prompt {b} holds {count} {IMAGE_TOKEN} tokens; LLaVA-1.5 takes exactly one "
-          f"image per prompt, so write {IMAGE_TOKEN} once (build_prompt adds it when "
-          "missing).")
-    at = ids.index(cfg.image_token_id)
-    ids = ids[:at] + [cfg.image_token_id] * num_image_tokens + ids[at + 1:]
+    try:
+      ids, _ = expand_image_token(tokenizer.encode(prompt), cfg.image_token_id,
+                                  num_image_tokens)
+    except ValueError as e:
+      raise ValueError(f"prompt {b}: {e} (build_prompt adds it when missing).") from None
     if len(ids) > max_length:
       raise ValueError(
           f"prompt {b} is {len(ids)} tokens long ({num_image_tokens} of them for the "
@@ -165,6 +173,28 @@ def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
     mask[b, length - len(ids):] = True
   positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0)
   return dict(input_ids=input_ids, attention_mask=mask, positions=positions)
+
+
+def expand_image_token(ids: Sequence[int], image_token_id: int,
+                       num_image_tokens: int) -> tuple[list[int], int]:
+  """Replaces the single image token in `ids` with `num_image_tokens` slots (the ones the
+  visual tokens fill). Returns the expanded ids and the index of the first slot.
+
+  Raises ValueError when `ids` does not hold exactly one image token.
+  """
+  ids = list(ids)
+  count = ids.count(image_token_id)
+  if count != 1:
+    raise ValueError(f"the token ids hold {count} {IMAGE_TOKEN} tokens; LLaVA-1.5 takes "
+                     f"exactly one image per sequence, so write {IMAGE_TOKEN} once")
+  at = ids.index(image_token_id)
+  return ids[:at] + [image_token_id] * num_image_tokens + ids[at + 1:], at
+
+
+def load_image(image: ImageLike, vision_cfg: VisionConfig) -> np.ndarray:
+  """u8[S, S, 3]: an image (PIL, path or uint8 array) read, made RGB and resized as the
+  tower expects, before normalisation."""
+  return _resize(_to_rgb(image), vision_cfg)
 
 
 def _to_rgb(image: ImageLike) -> PIL.Image.Image:
@@ -231,7 +261,7 @@ def preprocess_images(images: ImageLike | Sequence[ImageLike],
   images = list(images) if is_batch else [images]
   if not images:
     raise ValueError("no images given.")
-  pixels = np.stack([_resize(_to_rgb(image), vision_cfg) for image in images])
+  pixels = np.stack([load_image(image, vision_cfg) for image in images])
   # Rescale in float64, then normalise in float32, in the order transformers does.
   pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
   mean = np.asarray(vision_cfg.image_mean, np.float32)

@@ -28,11 +28,11 @@ process. Either way a bad sample is never trained on.
 
 from tokred_jax.data.builder import (DATASET, ConversationsConfig, LlavaConversations,
                                      build_dataset)
-from tokred_jax.data.conversation import (encode_example, expand_image_token, parse_turns,
+from tokred_jax.data.conversation import (encode_example, parse_turns,
                                           tokenize_conversation)
 from tokred_jax.data.pipeline import DataConfig, make_dataset
 from tokred_jax.data.skips import BadSample, SkipLog
 
 __all__ = ["DATASET", "BadSample", "ConversationsConfig", "DataConfig", "LlavaConversations",
-           "SkipLog", "build_dataset", "encode_example", "expand_image_token", "make_dataset",
+           "SkipLog", "build_dataset", "encode_example", "make_dataset",
            "parse_turns", "tokenize_conversation"]

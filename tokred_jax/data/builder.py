@@ -127,7 +127,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
       return BadSample(sample_id, MISSING_IMAGE, f"no file {path}")
     try:
       # pylint: disable-next=protected-access
-      pixels = processing._resize(processing._to_rgb(path), cfg.vision)
+      pixels = processing.load_image(path, cfg.vision)
     except ValueError as e:
       return BadSample(sample_id, UNREADABLE_IMAGE, str(e))
     return {"id": sample_id, "image": pixels, "conversations": [

@@ -33,7 +33,7 @@ HUMAN, GPT = "human", "gpt"
 IMAGE_TOKEN = processing.IMAGE_TOKEN
 # One user turn of llava-hf's template, as processing.build_prompt renders it (a test
 # checks that the first turn equals build_prompt's prompt).
-_TURN = "USER: {question} ASSISTANT:"
+_TURN = processing.TURN_TEMPLATE.replace("{content}", "{question}")
 
 
 def parse_turns(sample_id: str, conversations: Any) -> list[tuple[str, str]]:
@@ -100,35 +100,6 @@ def conversation_text(pairs: Sequence[tuple[str, str]],
   return text, spans
 
 
-def expand_image_token(ids: Sequence[int], image_token_id: int,
-                       num_image_tokens: int) -> tuple[list[int], int]:
-  """Replaces the single image token in `ids` with `num_image_tokens` slots.
-
-  Returns:
-    The expanded ids and the index of the first slot.
-
-  Raises:
-    ValueError: when `ids` does not hold exactly one image token.
-  """
-  ids = list(ids)
-  count = ids.count(image_token_id)
-  if count != 1:
-    raise ValueError(f"the token ids hold {count} {IMAGE_TOKEN} tokens; LLaVA-1.5 takes "
-                     f"exactly one image per sequence, so write {IMAGE_TOKEN} once.")
-  at = ids.index(image_token_id)
-  return ids[:at] + [image_token_id] * num_image_tokens + ids[at + 1:], at
-
-
-def _encode_with_offsets(tokenizer: processing.Tokenizer,
-                         text: str) -> tuple[list[int], list[tuple[int, int]]]:
-  """Token ids of `text` as `tokenizer.encode` gives them, with each token's char span."""
-  encoding = tokenizer._tok.encode(text)  # pylint: disable=protected-access
-  ids, offsets = list(encoding.ids), list(encoding.offsets)
-  if tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
-    ids, offsets = [tokenizer.bos_id] + ids, [(0, 0)] + offsets
-  return ids, offsets
-
-
 def tokenize_conversation(tokenizer: processing.Tokenizer, pairs: Sequence[tuple[str, str]],
                           image_token_id: int,
                           num_image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,9 +118,9 @@ def tokenize_conversation(tokenizer: processing.Tokenizer, pairs: Sequence[tuple
   if not tokenizer.eos_ids:
     raise ValueError("the model has no EOS token; replies need one to end with.")
   eos_id = tokenizer.eos_ids[0]
-  eos = tokenizer._tok.id_to_token(eos_id)  # pylint: disable=protected-access
+  eos = tokenizer.token(eos_id)
   text, spans = conversation_text(pairs, eos)
-  ids, offsets = _encode_with_offsets(tokenizer, text)
+  ids, offsets = tokenizer.encode_with_offsets(text)
   starts = np.array([start for start, _ in offsets])
   target = np.zeros(len(ids), bool)
   for begin, end in spans:
@@ -158,7 +129,7 @@ def tokenize_conversation(tokenizer: processing.Tokenizer, pairs: Sequence[tuple
       raise ValueError(f"the tokenizer does not read {eos!r} as its EOS token (id "
                        f"{eos_id}); it must be a special token of tokenizer.json.")
     target |= inside
-  ids, at = expand_image_token(ids, image_token_id, num_image_tokens)
+  ids, at = processing.expand_image_token(ids, image_token_id, num_image_tokens)
   target = np.concatenate([target[:at], np.zeros(num_image_tokens, bool), target[at + 1:]])
   return np.asarray(ids, np.int32), target
 
