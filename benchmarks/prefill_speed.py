@@ -1,0 +1,297 @@
+r"""Measured prefill speed of each reduction method at 25% retention, next to its FLOPs.
+
+  python -m benchmarks.prefill_speed                      # batch 1, 5 timed rounds
+  python -m benchmarks.prefill_speed --batch=4 --rounds=3
+
+A mid-size LLaVA with random weights (a CLIP-style tower at 336 px: 576 visual tokens;
+a Llama LLM of about 125M parameters) runs one prefill per method: the prompt is
+`--text-tokens` text tokens plus the plan's visual slots. Every method's prefill is
+compiled once (tracing plus XLA compile, reported apart), run once to warm up, then timed in
+`--rounds` rounds that visit every method in turn, so that a burst of load from other
+processes falls on all methods alike rather than on one.
+
+Next to the times: the analytic matmul FLOPs of what the compiled program computes
+(bucketed capacities), of the method's exact token counts, and XLA's own count of the
+compiled program as a cross-check. The results replace this benchmark's block in
+BENCHMARKS.md (text outside the block is left alone) and are plotted to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # Headless: the plot only goes to a file.
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from tokred_jax import cost, llava, methods, reduction
+from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Methods in table order: (method, mode). AIM in reference mode shows that masking the
+# pruned tokens, as the official implementations do, saves nothing inside the LLM.
+CASES = (("none", "fast"), ("aim", "fast"), ("aim", "reference"), ("fastv", "fast"),
+         ("tome", "fast"), ("random", "fast"), ("pooling", "fast"))
+# Text tokens placed before the image slots (BOS and a chat-template prefix); the rest of
+# the prompt follows them, as in LLaVA's "USER: <image>\n<question> ASSISTANT:".
+TEXT_BEFORE_IMAGE = 5
+
+
+def mid_config() -> LlavaConfig:
+  """576 visual tokens as in LLaVA-1.5; an LLM of ~125M parameters; a tower small enough
+  that a CPU prefill takes about a second."""
+  return LlavaConfig(
+      vision=VisionConfig(hidden_size=384, intermediate_size=1536, num_layers=4, num_heads=6,
+                          image_size=336, patch_size=14),
+      text=TextConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                      num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
+                      max_position_embeddings=2048),
+      image_token_id=31999, pad_token_id=0, vision_feature_layer=-2)
+
+
+def param_counts(cfg: LlavaConfig) -> dict[str, int]:
+  """Parameters per top-level module and in all, from shapes only."""
+  shapes = jax.eval_shape(lambda: llava.init_params(cfg, jax.random.PRNGKey(0)))
+  out = {name: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
+         for name, tree in shapes.items()}
+  out["total"] = sum(out.values())
+  return out
+
+
+def make_inputs(cfg: LlavaConfig, plan: reduction.Plan, text_tokens: int, batch: int,
+                seed: int = 0) -> tuple[jax.Array, ...]:
+  """(input_ids, pixel_values, attention_mask, positions) for unpadded prompts."""
+  rng = np.random.default_rng(seed)
+  text = rng.integers(3, cfg.image_token_id, (batch, text_tokens))
+  image = np.full((batch, plan.num_visual), cfg.image_token_id)
+  ids = np.concatenate([text[:, :TEXT_BEFORE_IMAGE], image, text[:, TEXT_BEFORE_IMAGE:]], 1)
+  mask = np.ones(ids.shape, bool)
+  positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+  s = cfg.vision.image_size
+  pixels = rng.normal(size=(batch, s, s, cfg.vision.num_channels))
+  return tuple(jax.device_put(a) for a in (ids.astype(np.int32), pixels.astype(np.float32),
+                                           mask, positions.astype(np.int32)))
+
+
+@dataclasses.dataclass
+class Result:
+  """One method's plan, costs and measurements."""
+  label: str
+  plan: reduction.Plan
+  compiled: jax.stages.Compiled
+  inputs: tuple
+  compile_s: float
+  xla_flops: float
+  flops: cost.PrefillFlops
+  flops_exact: cost.PrefillFlops
+  kv_bytes: int
+  equivalent_tokens: float
+  times: list[float] = dataclasses.field(default_factory=list)
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.times)
+
+
+def compile_case(model, params, cfg, name, mode, args) -> Result:
+  """Builds the plan, compiles its prefill (timed) and computes its costs."""
+  retention = None if name == "none" else args.retention
+  plan = reduction.make_plan(methods.get(name, cfg, retention, mode), cfg)
+  inputs = make_inputs(cfg, plan, args.text_tokens, args.batch)
+  # Counts are a traced argument, as in serving: changing them would not recompile.
+  fn = jax.jit(lambda p, c, *a: model.apply({"params": p}, *a, max_new_tokens=1, plan=plan,
+                                            counts=c, method="prefill"))
+  start = time.perf_counter()
+  compiled = fn.lower(params, plan.counts(), *inputs).compile()
+  compile_s = time.perf_counter() - start
+  item = jnp.dtype(args.dtype).itemsize
+  ideal = cost.plan_cost(cfg, plan, args.text_tokens, args.batch, bytes_per_element=item,
+                         exact=True)
+  compiled_cost = cost.plan_cost(cfg, plan, args.text_tokens, args.batch,
+                                 bytes_per_element=item)
+  label = name if mode == "fast" else f"{name} ({mode})"
+  return Result(label, plan, compiled, (plan.counts(),) + inputs, compile_s,
+                float(compiled.cost_analysis()["flops"]), compiled_cost["flops"],
+                ideal["flops"], compiled_cost["kv_bytes"].total,
+                compiled_cost["equivalent_tokens"])
+
+
+def time_cases(results: list[Result], params, rounds: int):
+  """One warm-up call each, then `rounds` rounds visiting every method in turn."""
+  for r in results:
+    jax.block_until_ready(r.compiled(params, *r.inputs))
+  with tqdm(total=rounds * len(results), desc="timing", unit="run") as bar:
+    for _ in range(rounds):
+      for r in results:
+        start = time.perf_counter()
+        jax.block_until_ready(r.compiled(params, *r.inputs))
+        r.times.append(time.perf_counter() - start)
+        bar.update()
+
+
+def machine() -> str:
+  """CPU model, core count, OS and the device jax runs on, in one line."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+    cpu = found.group(1) if found else cpu
+  except OSError:
+    pass
+  dev = jax.devices()[0]
+  return (f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}; "
+          f"jax {jax.__version__} on {dev.platform} ({dev.device_kind})")
+
+
+def _g(flops: float, digits: int = 1) -> str:
+  return f"{flops / 1e9:.{digits}f}"
+
+
+def tables(results: list[Result]) -> str:
+  """The timing/FLOPs table and the per-stage FLOPs table, in Markdown."""
+  base = results[0]
+  rows = ["| method | visual slots into LLM | equiv. visual tokens | compile s | median ms "
+          "| min ms | **speedup, median** | **speedup, min** | GFLOPs compiled "
+          "| **FLOPs ratio** | GFLOPs exact | exact ratio | XLA GFLOPs (vs compiled) "
+          "| KV cache MiB |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in results:
+    xla_delta = 100 * (r.xla_flops / r.flops.total - 1)
+    rows.append(
+        f"| {r.label} | {r.plan.num_visual} | {r.equivalent_tokens:.1f} | {r.compile_s:.1f} "
+        f"| {r.median_s * 1e3:.0f} | {min(r.times) * 1e3:.0f} "
+        f"| **{base.median_s / r.median_s:.2f}×** | **{min(base.times) / min(r.times):.2f}×** "
+        f"| {_g(r.flops.total)} | **{base.flops.total / r.flops.total:.2f}×** "
+        f"| {_g(r.flops_exact.total)} "
+        f"| {base.flops_exact.total / r.flops_exact.total:.2f}× "
+        f"| {_g(r.xla_flops)} ({xla_delta:+.1f}%) | {r.kv_bytes / 2**20:.1f} |")
+  stages = ["| method | vision tower | projector | LLM layers | scorer | LM head |",
+            "|---|---:|---:|---:|---:|---:|"]
+  for r in results:
+    f = r.flops
+    stages.append(f"| {r.label} | {_g(f.vision.total, 2)} | {_g(f.projector.total, 2)} "
+                  f"| {_g(f.llm.batch * sum(f.llm.per_layer), 2)} "
+                  f"| {_g(f.llm.batch * f.llm.extra, 2)} | {_g(f.lm_head.total, 2)} |")
+  return "\n".join(rows) + "\n\nCompiled-program GFLOPs by stage:\n\n" + "\n".join(stages)
+
+
+def plot(results: list[Result], path: str, title: str):
+  """Measured speedup beside the FLOPs reduction (compiled and exact), per method."""
+  base, rest = results[0], results[1:]
+  series = {
+      "measured speedup (median)": [base.median_s / r.median_s for r in rest],
+      "FLOPs reduction, compiled": [base.flops.total / r.flops.total for r in rest],
+      "FLOPs reduction, exact counts": [base.flops_exact.total / r.flops_exact.total
+                                        for r in rest],
+  }
+  x = np.arange(len(rest))
+  width = 0.8 / len(series)
+  fig, ax = plt.subplots(figsize=(9, 4.5))
+  for i, (name, values) in enumerate(series.items()):
+    bars = ax.bar(x + (i - 1) * width, values, width, label=name)
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+  # On a loaded machine the fastest run is the least disturbed one: show it too.
+  ax.scatter(x - width, [min(base.times) / min(r.times) for r in rest], marker="_", s=200,
+             color="black", zorder=3, label="measured speedup (min times)")
+  ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+  ax.set_xticks(x, [r.label for r in rest])
+  ax.set_ylabel("× vs. all 576 tokens")
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_block(path: str, key: str, body: str):
+  """Replaces the text between this benchmark's markers in `path` (or appends a section
+  holding them), so hand-written text around the block survives a rerun."""
+  begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+  block = f"{begin}\n{body}\n{end}"
+  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+  if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    text = head + block + rest.split(end, 1)[1]
+  else:
+    text = text.rstrip("\n") + f"\n\n## {key}\n\n{block}\n"
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=1, help="prompts per prefill")
+  parser.add_argument("--rounds", type=int, default=5, help="timed runs per method")
+  parser.add_argument("--retention", type=float, default=0.25,
+                      help="fraction of visual tokens kept on average over LLM layers")
+  parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per prompt")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--methods", default=",".join(dict.fromkeys(n for n, _ in CASES)),
+                      help="comma-separated subset of the methods; 'none' always runs")
+  parser.add_argument("--markdown", default=os.path.join(_ROOT, "BENCHMARKS.md"),
+                      help="file whose prefill-speed block is replaced ('' to skip)")
+  parser.add_argument("--plot", default=None,
+                      help="PNG path (default benchmarks/prefill_speed[_bN].png; '' to "
+                      "skip)")
+  args = parser.parse_args()
+  wanted = set(args.methods.split(",")) | {"none"}
+  cases = [c for c in CASES if c[0] in wanted]
+
+  cfg = mid_config()
+  counts = param_counts(cfg)
+  print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+  model = llava.Llava(cfg, jnp.dtype(args.dtype))
+  params = jax.jit(lambda key: llava.init_params(cfg, key))(jax.random.PRNGKey(0))
+  start, load_before = time.perf_counter(), os.getloadavg()[0]
+  results = [compile_case(model, params, cfg, name, mode, args)
+             for name, mode in tqdm(cases, desc="compiling", unit="method")]
+  time_cases(results, params, args.rounds)
+  minutes = (time.perf_counter() - start) / 60
+
+  command = "python -m benchmarks.prefill_speed " + " ".join(sys.argv[1:])
+  v, t = cfg.vision, cfg.text
+  suffix = "" if args.batch == 1 else f"_b{args.batch}"
+  plot_path = args.plot if args.plot is not None else os.path.join(
+      _ROOT, "benchmarks", f"prefill_speed{suffix}.png")
+  body = "\n".join([
+      f"Command: `{command.strip()}`", "",
+      f"Machine: {machine()}. Run {datetime.date.today().isoformat()}, "
+      f"{minutes:.1f} min for compiles and timing; load average "
+      f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after.", "",
+      f"Model (random weights, {args.dtype}): CLIP-style tower {v.hidden_size} wide, "
+      f"{cfg.vision_layers_used} of {v.num_layers} layers run, {v.image_size} px / "
+      f"{v.patch_size} px patches = {cfg.num_image_tokens} visual tokens, "
+      f"{counts['vision'] / 1e6:.1f}M parameters; projector {counts['projector'] / 1e6:.1f}M; "
+      f"Llama LLM {t.hidden_size} wide, {t.num_layers} layers, {t.num_heads} heads "
+      f"({t.num_kv_heads} KV), MLP {t.intermediate_size}, vocabulary {t.vocab_size}: "
+      f"{counts['llm'] / 1e6:.1f}M parameters. Prompt: {args.text_tokens} text tokens + the "
+      f"visual slots, batch {args.batch}, retention {args.retention}. Times: median and "
+      f"minimum of {args.rounds} runs; ratios are baseline / method.", "",
+      tables(results)])
+  if plot_path:
+    plot(results, plot_path, f"Prefill at {args.retention:.0%} retention, batch "
+         f"{args.batch}, {jax.devices()[0].platform.upper()} ({args.dtype})")
+    body += ("\n\n![prefill speedup vs FLOPs reduction]"
+             f"({os.path.relpath(plot_path, _ROOT)})")
+  print("\n" + body)
+  if args.markdown:
+    write_block(args.markdown, f"prefill_speed batch={args.batch}", body)
+    print(f"\nwrote {args.markdown}")
+
+
+if __name__ == "__main__":
+  main()
