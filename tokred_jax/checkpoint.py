@@ -28,7 +28,7 @@ import pathlib
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -320,30 +320,36 @@ def _open(file: pathlib.Path, stack: contextlib.ExitStack):
 _Tensors = dict[str, tuple[Any, str, tuple[int, ...]]]  # name -> (file, stored name, shape)
 
 
-def _headers(path: pathlib.Path, stack: contextlib.ExitStack) -> _Tensors:
-  """Opens the weight files and reads every tensor's header, under its canonical name."""
+def _headers(path: pathlib.Path, stack: contextlib.ExitStack,
+             rename: Callable[[str], str | None] = canonical_name) -> _Tensors:
+  """Opens the weight files and reads every tensor's header, under the name `rename`
+  gives it (the canonical one by default; None leaves the tensor out)."""
   shard_of = _weight_files(path)
   files = [path / WEIGHTS_FILE] if shard_of is None else sorted(set(shard_of.values()))
   tensors: _Tensors = {}
+  stored: set[str] = set()
   for file in files:
     handle = _open(file, stack)
     for name in handle.keys():
       if shard_of is not None and shard_of.get(name) != file:
         continue  # The index is authoritative for which shard holds a tensor.
-      key = canonical_name(name)
+      stored.add(name)
+      key = rename(name)
+      if key is None:
+        continue
       if key in tensors:
         raise CheckpointError(f"tensors {tensors[key][1]!r} and {name!r} are the same "
                               f"weight ({key}) under two name layouts; keep one.")
       tensors[key] = (handle, name, tuple(handle.get_slice(name).get_shape()))
   if shard_of is not None:
-    absent = set(shard_of) - {stored for _, stored, _ in tensors.values()}
+    absent = set(shard_of) - stored
     if absent:
       raise CheckpointError(f"{path / INDEX_FILE} lists tensors its shards do not hold: "
                             f"{_short_list(absent)}; the shards and index do not match.")
   return tensors
 
 
-def _check_headers(path: pathlib.Path, cfg: LlavaConfig, rules: list[_Rule],
+def _check_headers(path: pathlib.Path | str, cfg: LlavaConfig, rules: list[_Rule],
                    tensors: _Tensors) -> None:
   """Names and shapes in the files against what config.json implies."""
   expected = {rule.hf for rule in rules}
@@ -390,21 +396,53 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = np.float32
   """
   path = pathlib.Path(path)
   cfg = read_config(path)
+  return cfg, load_params(cfg, [(path, canonical_name)], dtype)
+
+
+def load_params(cfg: LlavaConfig,
+                sources: Sequence[tuple[str | os.PathLike, Callable[[str], str | None]]],
+                dtype: Any = np.float32) -> Params:
+  """Reads our parameter tree for `cfg` from the weights in one or more directories.
+
+  This is `load_checkpoint` for layouts other than Hugging Face's (e.g. the original
+  LLaVA repository's, whose vision tower may live in a directory of its own): each
+  source's tensor names are mapped onto the canonical ones, then checked and read alike.
+
+  Args:
+    cfg: the model config the weights must match.
+    sources: (directory, rename) pairs; rename maps a stored tensor name to its
+      canonical (transformers 5) name, or to None to leave that tensor out.
+    dtype: as in `load_checkpoint`.
+
+  Returns:
+    params: a nested dict of numpy arrays in our tree layout.
+
+  Raises:
+    CheckpointError: weights are missing, damaged, duplicated or disagree with `cfg`.
+  """
   rules = _rules(cfg)
   dims = _dims(cfg)
+  where = " + ".join(str(directory) for directory, _ in sources)
   params: Params = {}
   with contextlib.ExitStack() as stack:
-    tensors = _headers(path, stack)
-    _check_headers(path, cfg, rules, tensors)
+    tensors: _Tensors = {}
+    for directory, rename in sources:
+      found = _headers(pathlib.Path(directory), stack, rename)
+      both = set(found) & set(tensors)
+      if both:
+        raise CheckpointError(f"{where}: tensor(s) {_short_list(both)} are stored in more "
+                              "than one directory; keep one copy.")
+      tensors.update(found)
+    _check_headers(where, cfg, rules, tensors)
     for rule in rules:
       handle, stored, _ = tensors[rule.hf]
       try:
         x = handle.get_tensor(stored)
       except Exception as e:  # Damage past the header only shows when reading.
-        raise CheckpointError(f"cannot read tensor {stored!r} in {path}: {e}. The file "
+        raise CheckpointError(f"cannot read tensor {stored!r} in {where}: {e}. The file "
                               "is corrupt; download it again.") from e
       _set(params, rule.ours, np.ascontiguousarray(_to_ours(rule, x, dims), dtype=dtype))
-  return cfg, params
+  return params
 
 
 def _set(tree: Params, path: str, value: Any) -> None:
