@@ -64,6 +64,9 @@ class VisionConfig:
   hidden_act: str = "quick_gelu"
   image_mean: tuple[float, ...] = CLIP_MEAN
   image_std: tuple[float, ...] = CLIP_STD
+  # The original LLaVA-1.5's image_aspect_ratio "pad": images are padded to a square with
+  # the mean colour before resizing, rather than centre-cropped.
+  pad_to_square: bool = False
 
   def __post_init__(self):
     if self.kind not in ("clip", "siglip"):

@@ -192,9 +192,24 @@ def expand_image_token(ids: Sequence[int], image_token_id: int,
 
 
 def load_image(image: ImageLike, vision_cfg: VisionConfig) -> np.ndarray:
-  """u8[S, S, 3]: an image (PIL, path or uint8 array) read, made RGB and resized as the
-  tower expects, before normalisation."""
-  return _resize(_to_rgb(image), vision_cfg)
+  """u8[S, S, 3]: an image (PIL, path or uint8 array) read, made RGB (padded to a square
+  if the config says so) and resized as the tower expects, before normalisation."""
+  image = _to_rgb(image)
+  if vision_cfg.pad_to_square:
+    image = pad_to_square(image, vision_cfg.image_mean)
+  return _resize(image, vision_cfg)
+
+
+def pad_to_square(image: PIL.Image.Image, mean: Sequence[float]) -> PIL.Image.Image:
+  """The original LLaVA's `expand2square`: the image centred on a square canvas of its
+  longer side, filled with the mean colour (int(m·255) per channel, as LLaVA rounds)."""
+  width, height = image.size
+  if width == height:
+    return image
+  side = max(width, height)
+  canvas = PIL.Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+  canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+  return canvas
 
 
 def _to_rgb(image: ImageLike) -> PIL.Image.Image:
