@@ -78,6 +78,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"projector/linear_2/bias", ("embed",)),
     (r"llm/embed/embedding", ("vocab", "embed")),
     (r"llm/lm_head/kernel", ("embed", "vocab")),
+    # p-MoD routers, Linear(D -> 1): tiny, split on embed like the stream.
+    (r"llm/layers_\d+/router/kernel", ("embed", None)),
+    (r"llm/layers_\d+/router/bias", (None,)),
     (r"vision/patch_embed/kernel", ("patch", "embed")),
     (r"vision/patch_embed/bias", ("embed",)),
     (r"vision/pos_embed", ("length", "embed")),
