@@ -1,0 +1,610 @@
+"""Training LLaVA models: token cross-entropy, AdamW, sharded jitted steps, Orbax resume.
+
+`train` reads top to bottom: mesh -> data -> model -> restore -> step -> loop -> export.
+
+  state, history = trainer.train(config, workdir)   # see configs/train_tiny.py
+  trainer.export(config, workdir)                   # latest checkpoint -> HF directory
+
+Batches are dicts of numpy arrays (`BATCH_NDIM`): input_ids i32[B, T],
+attention_mask bool[B, T], positions i32[B, T], pixel_values f32[B, S, S, 3],
+labels i32[B, T] (the next token at each position) and loss_mask bool[B, T] (True on
+the tokens the loss counts, the assistant's). One batch is one optimizer step; with
+`optim.accum_steps = k` the step splits it into k micro-batches.
+
+Choices, and why:
+  * Gradient accumulation is a `lax.scan` over micro-batches inside the one jitted
+    step, not `optax.MultiSteps`. The scan sums per-token losses and token counts over
+    the micro-batches and divides once, so the step equals the step on the whole batch
+    (a mean of per-micro-batch means would weight tokens unequally when micro-batches
+    hold different numbers of assistant tokens). It also keeps one data batch = one
+    optimizer step = one checkpointable step, and the accumulator lives only inside
+    the step instead of in the optimizer state and every checkpoint.
+  * Frozen parameters (`optim.freeze`, a regex on paths like "vision/layers_0/...") are
+    split off before differentiation: the optimizer sees only the trainable ones, so
+    frozen ones get no gradient, no update (they pass through bit for bit) and no
+    optimizer state, and XLA drops the backward pass through a frozen vision tower.
+  * Optimizer-state shardings come from `jax.eval_shape` of the optimizer's init: every
+    leaf whose key path ends in a parameter's path (Adam's mu and nu) takes that
+    parameter's sharding; the rest (step counts) are replicated.
+  * The data iterator's position (`get_state()`, JSON) is saved in the same Orbax step
+    as the train state, one file per host (hosts reading different shards can stand at
+    different positions, e.g. after skipping different bad samples), so a resumed run
+    draws exactly the batches it would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Protocol
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from flax import struct, traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokred_jax import (checkpoint, cost, data, llava, methods, pmod, processing,
+                        reduction, sharding)
+from tokred_jax.config import LlavaConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "tiny-llava")
+# The batch contract: key -> rank. Every batch is sharded on its leading axis.
+BATCH_NDIM = {"input_ids": 2, "attention_mask": 2, "positions": 2, "pixel_values": 4,
+              "labels": 2, "loss_mask": 2}
+Batch = dict[str, np.ndarray]
+Params = Any
+
+
+class CheckpointableIterator(Protocol):
+  """What the trainer needs from a data pipeline (grain's iterators are such)."""
+
+  def __next__(self) -> Batch: ...
+  def get_state(self) -> Any: ...  # JSON-serialisable
+  def set_state(self, state: Any) -> None: ...
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step changes, saved whole by Orbax.
+
+  step: i32[], optimizer steps done; params: the full parameter tree (f32 masters,
+  frozen ones included); opt_state: the optimizer state of the trainable parameters;
+  rng: u32[2], the run's key (step s draws from fold_in(rng, s), so resumed runs draw
+  the same numbers).
+  """
+  step: jax.Array
+  params: Params
+  opt_state: Any
+  rng: jax.Array
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def token_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy over the masked tokens and their number.
+
+  logits f32[B, T, V], labels i32[B, T], loss_mask bool[B, T] -> (f32[], i32[]). Sums,
+  not a mean, so that micro-batches add up to the whole batch exactly.
+  """
+  logits = logits.astype(jnp.float32)
+  target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  ce = jax.nn.logsumexp(logits, axis=-1) - target
+  return jnp.sum(jnp.where(loss_mask, ce, 0.0)), jnp.sum(loss_mask, dtype=jnp.int32)
+
+
+# ------------------------------------------------------------------------ optimizer
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int
+                           ) -> optax.Schedule:
+  """Linear warmup over `warmup_fraction` of the steps, then cosine decay to
+  `end_learning_rate`. Indexed by steps done, so the first update already uses
+  lr / warmup steps rather than being spent at lr 0."""
+  warmup = math.ceil(optim.warmup_fraction * num_steps)
+  base = optax.warmup_cosine_decay_schedule(
+      0.0, optim.learning_rate, warmup, num_steps + 1, optim.end_learning_rate)
+  return lambda count: base(count + 1)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Global-norm clipping, then AdamW (weight decay on matrices only: decaying norm
+  scales and biases would pull them towards 0 for no regularising benefit)."""
+  schedule = learning_rate_schedule(optim, num_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay,
+                  mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  return tx, schedule
+
+
+def split_params(params: Params, freeze: str) -> tuple[Params, Params]:
+  """(trainable, frozen): two nested dicts; a path ("vision/layers_0/attn/q/kernel")
+  matching the regex `freeze` (re.search; "" freezes nothing) goes to `frozen`."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  is_frozen = {k: bool(freeze) and re.search(freeze, k) is not None for k in flat}
+  pick = lambda want: traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if is_frozen[k] == want}, sep="/")
+  return pick(False), pick(True)
+
+
+def merge_params(trainable: Params, frozen: Params) -> Params:
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(trainable, sep="/"),
+                                       **traverse_util.flatten_dict(frozen, sep="/")},
+                                      sep="/")
+
+
+# ------------------------------------------------------------------------- sharding
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh: Mesh):
+  """A sharding for every optimizer-state leaf: a leaf whose key path ends in a
+  parameter's path (e.g. ".../mu/llm/layers_0/mlp/up/kernel") and has its shape takes
+  that parameter's sharding; the others (counts) are replicated."""
+  by_path = {_path(p): (x.shape, s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(param_shardings))}
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def one(path, leaf):
+    keys = _path(path).split("/")
+    for start in range(len(keys)):  # longest suffix first
+      shape, s = by_path.get("/".join(keys[start:]), (None, None))
+      if shape == leaf.shape:
+        return s
+    return replicated
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def state_shardings(abstract_state: TrainState, freeze: str, mesh: Mesh,
+                    rules: sharding.Rules) -> TrainState:
+  """Shardings of a TrainState (from `jax.eval_shape`): params by logical axis."""
+  params = sharding.param_shardings(abstract_state.params, mesh, rules)
+  trainable, _ = split_params(abstract_state.params, freeze)
+  trainable_shardings, _ = split_params(params, freeze)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return TrainState(
+      replicated, params,
+      opt_state_shardings(abstract_state.opt_state, trainable, trainable_shardings, mesh),
+      replicated)
+
+
+def state_builder(tx: optax.GradientTransformation, seed: int, freeze: str):
+  """fn(params) -> the step-0 TrainState; `jax.eval_shape` of it gives the layout."""
+  def build(params):
+    return TrainState(jnp.zeros((), jnp.int32), params,
+                      tx.init(split_params(params, freeze)[0]),
+                      jax.random.key_data(jax.random.key(seed)))
+  return build
+
+
+def init_state(params: Params, tx: optax.GradientTransformation, seed: int, freeze: str,
+               mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+               ) -> tuple[TrainState, TrainState]:
+  """A step-0 TrainState laid out on `mesh`, and its shardings.
+
+  The optimizer init is jitted with the derived out_shardings, so Adam's moments are
+  created already split like their parameters (never whole on one device).
+  """
+  build = state_builder(tx, seed, freeze)
+  shardings = state_shardings(jax.eval_shape(build, params), freeze, mesh, rules)
+  params = jax.device_put(params, shardings.params)
+  return jax.jit(build, out_shardings=shardings)(params), shardings
+
+
+# --------------------------------------------------------------------- the step
+
+
+def _micro_batches(x: jax.Array, k: int, mesh: Mesh, rules: sharding.Rules) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...]; micro-batch j holds samples j, j+k, j+2k, ...
+
+  Strided rather than contiguous: each device's contiguous block of the batch holds
+  equal shares of every micro-batch, so the split needs no communication.
+  """
+  x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+  return jax.lax.with_sharding_constraint(
+      x, sharding.logical_sharding((None, "batch") + (None,) * (x.ndim - 2), mesh, rules))
+
+
+def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, shardings: TrainState, mesh: Mesh,
+                    rules: sharding.Rules = sharding.DEFAULT_RULES, *, freeze: str = "",
+                    accum_steps: int = 1, plan: reduction.Plan | None = None):
+  """The jitted step: fn(state, batch) -> (state, metrics), the state donated.
+
+  `batch` follows `BATCH_NDIM` (numpy or arrays sharded on the batch axis), its size a
+  multiple of accum_steps x the batch mesh axes. metrics: f32[] loss (mean over the
+  masked tokens), grad_norm (before clipping), learning_rate (this step's); i32[]
+  loss_tokens. `plan` is a static reduction plan (None: no reduction).
+  """
+  counts = plan.counts() if plan is not None else None
+
+  def micro_loss(trainable, frozen, batch, rng):
+    logits = model.apply({"params": merge_params(trainable, frozen)}, batch["input_ids"],
+                         batch["pixel_values"], batch["attention_mask"], batch["positions"],
+                         plan=plan, counts=counts, rng=rng)
+    loss_sum, count = token_loss(logits, batch["labels"], batch["loss_mask"])
+    return loss_sum, (loss_sum, count)
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+  trainable_shardings, _ = split_params(shardings.params, freeze)
+
+  def step(state: TrainState, batch: Batch):
+    trainable, frozen = split_params(state.params, freeze)
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def accumulate(carry, xs):
+      grads, loss_sum, count = carry
+      micro, j = xs
+      g, (l, c) = grad_fn(trainable, frozen, micro, jax.random.fold_in(rng, j))
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + c), None
+
+    zeros = jax.lax.with_sharding_constraint(
+        jax.tree.map(jnp.zeros_like, trainable), trainable_shardings)
+    micro = {k: _micro_batches(batch[k], accum_steps, mesh, rules) for k in BATCH_NDIM}
+    (grads, loss_sum, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
+        (micro, jnp.arange(accum_steps)))
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = merge_params(optax.apply_updates(trainable, updates), frozen)
+    metrics = dict(loss=loss_sum / denom, loss_tokens=count,
+                   grad_norm=optax.tree.norm(grads),
+                   learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  batch_shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in BATCH_NDIM.items()}
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                   donate_argnums=0)
+
+  axes = batch_shardings["input_ids"].spec[0] or ()
+  split = accum_steps * math.prod(mesh.shape[a] for a in
+                                  ((axes,) if isinstance(axes, str) else axes))
+
+  def run(state: TrainState, batch: Batch):
+    if batch["input_ids"].shape[0] % split:
+      raise ValueError(f"a batch of {batch['input_ids'].shape[0]} does not split into "
+                       f"{accum_steps} micro-batches over the batch mesh axes; make it a "
+                       f"multiple of {split}.")
+    # Traced inside the context, so the model's `constrain` calls lay activations out.
+    with sharding.activation_sharding(mesh, rules):
+      return jitted(state, {k: batch[k] for k in BATCH_NDIM})
+  return run
+
+
+def put_batch(batch: Batch, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+              ) -> dict[str, jax.Array]:
+  """This process's share of a batch -> global arrays split on the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, n, rules), np.asarray(batch[k]))
+      for k, n in BATCH_NDIM.items()}
+
+
+def train_flops_per_step(cfg: LlavaConfig, plan: reduction.Plan, batch: int, length: int
+                         ) -> int:
+  """Matmul FLOPs of one step, padding included: 3x the forward (the usual estimate,
+  the backward costing twice the forward), with logits at every position.
+
+  It overcounts a frozen vision tower, whose backward XLA skips, by 2x its forward.
+  """
+  forward = cost.plan_cost(cfg, plan, length - plan.num_visual, batch)["flops"]
+  head = cost.lm_head_flops(cfg, length, batch).total
+  return 3 * (forward.total - forward.lm_head.total + head)
+
+
+# ------------------------------------------------------------------- checkpoints
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+  """Orbax handler for data-iterator positions: each host writes and reads its own
+  iterator's `get_state()` as JSON (process_I-of-N.json)."""
+
+  @staticmethod
+  def _file(directory):
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+  def save(self, directory, args: IteratorStateSave):
+    self._file(directory).write_text(json.dumps(args.state))
+
+  def restore(self, directory, args: IteratorStateRestore | None = None) -> Any:
+    del args
+    if not self._file(directory).exists():
+      raise ValueError(f"{directory} holds no data position for this host "
+                       f"({self._file(directory).name}); resume with as many hosts as "
+                       "the run that saved it.")
+    return json.loads(self._file(directory).read_text())
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStateSave(ocp.args.CheckpointArgs):
+  state: Any
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
+                       ) -> ocp.CheckpointManager:
+  """Async saves every `checkpoint_every` steps into WORKDIR/checkpoints, the last
+  `keep_checkpoints` kept. Orbax writes each step to a temporary directory and renames
+  it when complete, and lists only complete ones, so resume never sees a partial one."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+          save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
+          enable_async_checkpointing=True, cleanup_tmp_directories=True))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
+            shardings: TrainState) -> tuple[TrainState, Any]:
+  """(the TrainState of `step`, placed by `shardings`; the saved data-iterator state)."""
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, shardings)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=IteratorStateRestore()))
+  return restored.state, restored.data
+
+
+# ------------------------------------------------------------------------ model
+
+
+def _checkpoint_dir(config: ml_collections.ConfigDict) -> str:
+  return config.model.checkpoint or DEFAULT_CHECKPOINT
+
+
+def param_shapes(cfg: LlavaConfig) -> Params:
+  """The model's parameter tree as ShapeDtypeStructs (no memory, nothing compiled)."""
+  return jax.eval_shape(lambda r: llava.init_params(cfg, r), jax.random.key(0))
+
+
+def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
+  """The config of `model.checkpoint`; with `model.add_routers` (a p-MoD schedule name)
+  and a dense checkpoint, p-MoD routers on the layers that schedule routes."""
+  cfg = checkpoint.read_config(_checkpoint_dir(config))
+  if config.model.add_routers and not cfg.text.router_layers:
+    layers = pmod.router_layers(pmod.schedule(config.model.add_routers, cfg.text.num_layers))
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, router_layers=layers))
+  return cfg
+
+
+def load_params(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Params:
+  """Host params of `model.checkpoint` for the model `cfg` (from `model_config`):
+  routers the checkpoint lacks start at zero (pmod.add_routers: the dense model)."""
+  loaded_cfg, params = checkpoint.load_checkpoint(_checkpoint_dir(config))
+  if loaded_cfg.text.router_layers != cfg.text.router_layers:
+    _, params = pmod.add_routers(loaded_cfg, params, cfg.text.router_layers)
+  shapes = lambda tree: {k: v.shape for k, v in
+                         traverse_util.flatten_dict(tree, sep="/").items()}
+  want, have = shapes(param_shapes(cfg)), shapes(params)
+  if have != want:
+    wrong = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    raise ValueError(f"{_checkpoint_dir(config)} does not hold the model's parameters: "
+                     f"{wrong[:5]} are missing, extra or misshapen.")
+  return params
+
+
+def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> reduction.Plan:
+  red = methods.get(config.model.method, cfg, config.model.retention, config.model.mode)
+  return reduction.make_plan(red, cfg)
+
+
+def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: reduction.Plan
+                 ) -> CheckpointableIterator:
+  """This host's training iterator: `config.data` holds `data.DataConfig`'s fields;
+  `data.dataset = "synthetic"` gives `synthetic_dataset` instead of a TFDS data set."""
+  if config.data.dataset == "synthetic":
+    return synthetic_dataset(cfg, plan.num_visual, config.data.batch_size,
+                             config.data.max_length, config.seed + jax.process_index())
+  if not config.data.dataset:
+    raise ValueError("no training data: set config.data.dataset (a TFDS name from "
+                     "tokred_jax.data.build_dataset) and config.data.data_dir, or "
+                     "dataset='synthetic'.")
+  tokenizer = processing.Tokenizer.load(_checkpoint_dir(config), cfg)
+  return iter(data.make_dataset(
+      data.DataConfig(**config.data.to_dict()), "train", config.seed, tokenizer=tokenizer,
+      model_cfg=cfg, num_image_tokens=plan.num_visual, shard_index=jax.process_index(),
+      shard_count=jax.process_count()))
+
+
+def synthetic_dataset(cfg: LlavaConfig, num_visual: int, batch_size: int, seq_len: int,
+                      seed: int, num_examples: int = 64) -> CheckpointableIterator:
+  """A learnable toy set as a grain iterator, for smoke tests and throughput runs.
+
+  Each example is [bos, image slots x num_visual, text]: the text counts up through
+  the ordinary token ids from a random start (wrapping around), and the loss counts
+  its second half. Images are noise.
+  """
+  text = seq_len - 1 - num_visual
+  if text < 2:
+    raise ValueError(f"a sequence of {seq_len} leaves no text after the bos and "
+                     f"{num_visual} image slots; raise data.max_length.")
+  special = {cfg.image_token_id, cfg.pad_token_id, cfg.text.bos_token_id,
+             cfg.text.eos_token_id}
+  ordinary = np.array([i for i in range(cfg.text.vocab_size) if i not in special], np.int32)
+  bos = cfg.text.bos_token_id if cfg.text.bos_token_id is not None else ordinary[0]
+  s = cfg.vision.image_size
+
+  def example(index):
+    rng = np.random.default_rng([seed, index])
+    counting = ordinary[(rng.integers(len(ordinary)) + np.arange(text + 1)) % len(ordinary)]
+    ids = np.concatenate([[bos], np.full(num_visual, cfg.image_token_id), counting])
+    loss_mask = np.zeros(seq_len, bool)
+    loss_mask[seq_len - text // 2 - 1:seq_len - 1] = True
+    return dict(input_ids=ids[:-1].astype(np.int32), labels=ids[1:].astype(np.int32),
+                loss_mask=loss_mask, attention_mask=np.ones(seq_len, bool),
+                positions=np.arange(seq_len, dtype=np.int32),
+                pixel_values=rng.normal(size=(s, s, 3)).astype(np.float32))
+
+  ds = (grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None)
+        .map(example).batch(batch_size, drop_remainder=True))
+  return iter(ds.to_iter_dataset())
+
+
+# ------------------------------------------------------------------------ logging
+
+
+class _Meter:
+  """Averages step metrics between log points, and measures throughput on the wall
+  clock from the end of the first step on (so compilation is not counted)."""
+
+  def __init__(self, flops_per_step: int):
+    self.flops_per_step = flops_per_step
+    self.pending: list[dict[str, jax.Array]] = []
+    self.timed_steps = 0
+    self.tokens = 0
+    self.start: float | None = None
+
+  def add(self, metrics: dict[str, jax.Array], tokens: int):
+    self.pending.append(metrics)
+    if self.start is None:
+      jax.block_until_ready(metrics)
+      self.start = time.perf_counter()
+    else:
+      self.timed_steps += 1
+      self.tokens += tokens
+
+  def flush(self) -> dict[str, float]:
+    """Means over the steps since the last flush; the learning rate of the last."""
+    steps = jax.device_get(self.pending)
+    out = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
+    out["learning_rate"] = float(steps[-1]["learning_rate"])
+    if self.timed_steps:
+      elapsed = time.perf_counter() - self.start
+      out["tokens_per_s"] = self.tokens / elapsed
+      out["flops_per_s"] = self.flops_per_step * self.timed_steps / elapsed
+      self.start, self.timed_steps, self.tokens = time.perf_counter(), 0, 0
+    self.pending = []
+    return out
+
+
+# ------------------------------------------------------------------------ the run
+
+
+def _run_setup(config: ml_collections.ConfigDict, cfg: LlavaConfig):
+  """What `train` and `export` share: (mesh, optimizer, its schedule, the step-0 state
+  builder, the state's abstract shapes, its shardings)."""
+  mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh) or {"data": -1})
+  tx, schedule = make_optimizer(config.optim, config.num_steps)
+  build = state_builder(tx, config.seed, config.optim.freeze)
+  abstract = jax.eval_shape(build, param_shapes(cfg))
+  shardings = state_shardings(abstract, config.optim.freeze, mesh, sharding.DEFAULT_RULES)
+  return mesh, tx, schedule, build, abstract, shardings
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          dataset: CheckpointableIterator | None = None) -> tuple[TrainState, list[dict]]:
+  """Trains for `config.num_steps`, resuming from WORKDIR/checkpoints if it holds one.
+
+  Writes TensorBoard events to WORKDIR/tensorboard and, with `config.export`, the final
+  params as a Hugging Face directory (`config.export_dir`, default WORKDIR/export).
+  `dataset` replaces the iterator `config.data` names. Returns the final state and the
+  logged metrics (one dict per log point, with its "step").
+  """
+  # Mesh, optimizer and the state's layout.
+  cfg = model_config(config)
+  mesh, tx, schedule, build, abstract, shardings = _run_setup(config, cfg)
+  rules = sharding.DEFAULT_RULES
+  # Data: as many image slots per sequence as the reduction plan keeps visual tokens.
+  plan = make_plan(config, cfg)
+  dataset = dataset if dataset is not None else make_dataset(config, cfg, plan)
+  # Model.
+  model = llava.Llava(cfg, DTYPES[config.model.dtype])
+  # Restore the latest complete checkpoint, or start from the model checkpoint.
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is not None:
+    state, data_state = restore(manager, manager.latest_step(), abstract, shardings)
+    dataset.set_state(data_state)
+    tqdm.tqdm.write(f"resumed from step {int(state.step)}")
+  else:
+    params = load_params(config, cfg)
+    state = jax.jit(build, out_shardings=shardings)(jax.device_put(params, shardings.params))
+  # Step.
+  step_fn = make_train_step(model, tx, schedule, shardings, mesh, rules,
+                            freeze=config.optim.freeze, accum_steps=config.optim.accum_steps,
+                            plan=plan)
+  # Loop.
+  global_batch = config.data.batch_size * jax.process_count()
+  meter = _Meter(train_flops_per_step(cfg, plan, global_batch, config.data.max_length))
+  writer = None
+  if jax.process_index() == 0:
+    # Imported here: tensorboardX imports torch when it is installed (seconds).
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  history = []
+  done = int(state.step)
+  bar = tqdm.tqdm(range(done + 1, config.num_steps + 1), initial=done,
+                  total=config.num_steps, desc="train", disable=jax.process_index() != 0)
+  for step in bar:
+    batch = next(dataset)
+    data_state = dataset.get_state()  # the position after this step's batch
+    state, metrics = step_fn(state, put_batch(batch, mesh, rules))
+    meter.add(metrics, int(np.sum(batch["attention_mask"])) * jax.process_count())
+    # Async: returns once the state is copied off the devices, so donating it to the
+    # next step is safe; only steps the options select (and the last) are saved.
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=IteratorStateSave(data_state)),
+                 force=step == config.num_steps)
+    if step % config.log_every == 0 or step == config.num_steps:
+      logged = meter.flush()
+      history.append(dict(logged, step=step))
+      bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['learning_rate']:.2e}",
+                      tok_s=f"{logged.get('tokens_per_s', 0):.0f}")
+      if writer is not None:
+        for name, value in logged.items():
+          writer.add_scalar(f"train/{name}", value, step)
+  manager.wait_until_finished()
+  manager.close()
+  if writer is not None:
+    writer.close()
+  if config.export:
+    export_params(config, workdir, cfg, state.params)
+  return state, history
+
+
+def export_params(config: ml_collections.ConfigDict, workdir: str, cfg: LlavaConfig,
+                  params: Params) -> str:
+  """Writes `params` as a Hugging Face LLaVA directory (with the model checkpoint's
+  tokenizer.json, if it has one) to `config.export_dir` or WORKDIR/export; returns it."""
+  path = config.export_dir or os.path.join(workdir, "export")
+  host = multihost_utils.process_allgather(params, tiled=True)  # whole arrays, every host
+  if jax.process_index() == 0:
+    tokenizer = os.path.join(_checkpoint_dir(config), checkpoint.TOKENIZER_FILE)
+    checkpoint.save_checkpoint(path, cfg, host,
+                               tokenizer if os.path.isfile(tokenizer) else None)
+  return path
+
+
+def export(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Exports the params of WORKDIR's latest complete checkpoint (see `export_params`)."""
+  cfg = model_config(config)
+  _, _, _, _, abstract, shardings = _run_setup(config, cfg)
+  manager = checkpoint_manager(workdir, config)
+  if manager.latest_step() is None:
+    raise ValueError(f"no complete checkpoint in {workdir}/checkpoints to export.")
+  state, _ = restore(manager, manager.latest_step(), abstract, shardings)
+  manager.close()
+  return export_params(config, workdir, cfg, state.params)

@@ -1,0 +1,36 @@
+r"""Train a LLaVA model: the run is described by a config file (see configs/train_*.py).
+
+  python train.py --config=configs/train_tiny.py:synthetic --workdir=/tmp/run
+  python train.py --config=configs/train_tiny.py:synthetic --workdir=/tmp/run \
+      --config.num_steps=1000 --config.optim.accum_steps=4
+
+Rerunning with the same --workdir resumes from its latest complete checkpoint. With
+--export_only, writes that checkpoint's params as a Hugging Face directory and exits.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tokred_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the "
+                               "exported model go here.", required=True)
+_EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the latest checkpoint and "
+                                 "exit.")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO.
+    logging.set_verbosity(logging.WARNING)
+  if _EXPORT_ONLY.value:
+    print(f"exported to {trainer.export(_CONFIG.value, _WORKDIR.value)}")
+  else:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
