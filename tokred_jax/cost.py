@@ -324,3 +324,39 @@ def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
   kv = kv_cache_bytes(cfg, [n + new_tokens for n in llm_tokens], batch, bytes_per_element)
   return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
               equivalent_tokens=equivalent_visual_tokens(plan.visual_per_layer))
+
+
+def request_cost(cfg: LlavaConfig, plan, num_text_tokens: int, vision_tokens: int,
+                 visual_per_layer: Sequence[int], new_tokens: int = 0,
+                 bytes_per_element: int = 2) -> dict:
+  """Cost of ONE request under a data-dependent plan (MustDrop), from the counts it
+  really got (the forward's aux: `vision_tokens`, `visual_per_layer`), as `plan_cost`.
+
+  Vision: layer 0 on the whole sequence, the later layers on CLS + the `vision_tokens`
+  left after the window merge, plus the key set's CLS row of the last layer (its q for
+  one token, k for all, one row of logits). LLM: each layer on the text and its visual
+  count; each filter computes text rows × all keys of logits. KV cache: layers before
+  the first filter hold the post-merge tokens, later ones the last filter's survivors.
+  (`plan_cost` on such a plan gives the upper bound: every capacity full.)
+  """
+  red = plan.reduction
+  layers = cfg.text.num_layers
+  visual = _per_layer(tuple(int(v) for v in visual_per_layer), layers, "visual_per_layer")
+  n = 1 + int(vision_tokens)
+  run = cfg.vision_layers_used
+  vision = vision_flops(cfg, 1, (cfg.vision.seq_len,) + (n,) * (run - 1))
+  d = cfg.vision.hidden_size
+  key_set = 2 * d * d + 2 * n * d * d + 2 * n * d if red.window else 0
+  vision = dataclasses.replace(vision, extra=vision.extra + key_set)
+  projector = projector_flops(cfg, int(vision_tokens))
+  llm_tokens = tuple(num_text_tokens + v for v in visual)
+  t = cfg.text
+  extra = sum(2 * num_text_tokens * llm_tokens[l] * t.num_heads * t.head_dim
+              for l in red.filter_layers)
+  llm = dataclasses.replace(llm_flops(cfg, llm_tokens), extra=extra)
+  flops = PrefillFlops(vision, projector, llm, lm_head_flops(cfg, 1))
+  first = red.filter_layers[0] if red.filter_layers else layers
+  cached = [llm_tokens[0] if l < first else llm_tokens[-1] for l in range(layers)]
+  kv = kv_cache_bytes(cfg, [c + new_tokens for c in cached], 1, bytes_per_element)
+  return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
+              equivalent_tokens=equivalent_visual_tokens(visual))

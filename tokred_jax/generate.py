@@ -4,6 +4,8 @@ Prompts arrive padded to a bucket length (see `processing.encode_batch`), so pre
 compiles once per bucket; the decode loop is a single `lax.while_loop` that stops when
 every sample has emitted an end-of-sequence token or `max_new_tokens` are out.
 `Generator.trace_counts` counts how often each function was traced (= compiled).
+A data-dependent plan (MustDrop, fast mode) prefills in segments (segmented.py), each
+counted under its own name ("merge", "segment0", ...).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import reduction
+from tokred_jax import reduction, segmented
 from tokred_jax.llava import DecodeState, Llava
 
 
@@ -70,6 +72,9 @@ class Generator:
     self.pad_token_id = pad_token_id
     self.trace_counts = collections.Counter()
     self._prefill = jax.jit(self._prefill_impl)
+    self._segmented = None
+    if self.plan.reduction.data_dependent and self.plan.reduction.mode == "fast":
+      self._segmented = segmented.SegmentedPrefill(model, self.plan, self.trace_counts)
     self._decode = jax.jit(self._decode_impl)
 
   def _prefill_impl(self, params, input_ids, pixel_values, attention_mask, positions, counts):
@@ -116,6 +121,9 @@ class Generator:
     """batch: dict with input_ids, attention_mask, positions (i32/bool[B, T]) and
     pixel_values f32[B, S, S, C]; counts: the exact counts (default: the plan's) ->
     (logits f32[B, V] of the last position, DecodeState)."""
+    if self._segmented is not None:
+      out = self._segmented(params, batch, counts, self.sampling.max_new_tokens)
+      return out["logits"], out["state"]
     return self._prefill(params, batch["input_ids"], batch["pixel_values"],
                          batch["attention_mask"], batch["positions"],
                          counts if counts is not None else self.plan.counts())

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, pmod, reduction, sharding, tokens
+from tokred_jax import layers, mustdrop, pmod, reduction, sharding, tokens
 from tokred_jax.config import LlavaConfig
 from tokred_jax.llama import Decoder, LayerCache
 from tokred_jax.vit import VisionTower
@@ -128,35 +128,82 @@ class Llava(nn.Module):
     """
     is_image = input_ids == self.cfg.image_token_id
     x = self.llm.embed_tokens(input_ids)
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual.features.shape[1] - 1)
+    n = visual.features.shape[1]
+    rank = jnp.cumsum(is_image, axis=1) - 1
+    slot = jnp.clip(rank, 0, n - 1)
     spliced = jnp.take_along_axis(visual.features, slot[..., None], axis=1)
     x = jnp.where(is_image[..., None], spliced.astype(x.dtype), x)
-    slot_valid = ~is_image | jnp.take_along_axis(visual.valid, slot, axis=1)
+    # The prompt may hold more image slots than the set (MustDrop's cut): those are empty.
+    slot_valid = ~is_image | (jnp.take_along_axis(visual.valid, slot, axis=1) & (rank < n))
     return sharding.constrain(x, sharding.STREAM), jnp.where(is_image, slot, -1), slot_valid
 
-  def _prefill_stream(self, input_ids, pixel_values, attention_mask, positions, plan, counts,
-                      rng):
-    """Runs every stage. Returns (final Stream, per-layer (LayerCache, keys_valid),
-    the visual TokenSet, per-layer live visual slots bool[B, N_v])."""
-    plan = self._plan(plan)
-    counts = counts if counts is not None else plan.counts()
-    visual = self.encode_images(pixel_values, plan, counts, rng)
+  def _visual(self, pixel_values, plan, counts, rng):
+    """The visual TokenSet, and MustDrop's key tokens bool[B, N_v] (None for others)."""
+    if plan.reduction.data_dependent:
+      return self.mustdrop_visual(*self.mustdrop_merge(pixel_values, plan, counts), plan)
+    return self.encode_images(pixel_values, plan, counts, rng), None
+
+  def mustdrop_merge(self, pixel_values, plan, counts):
+    """MustDrop's first vision segment: (CLS f32[B, 1, Dv], merged patches TokenSet of
+    length P, valid tokens a prefix). A window of 0 merges nothing."""
+    window = plan.reduction.window
+    if not window:
+      x = self.vision.layers[0](self.vision.embed(pixel_values))
+      return x[:, :1], tokens.from_features(x[:, 1:])
+    return self.vision.window_merge_stage(pixel_values, window, counts.thresholds[0])
+
+  def mustdrop_visual(self, cls, ts, plan):
+    """The rest of the tower on CLS + the (cut) merged patches, the key set, the
+    projector: (TokenSet f32[B, N, D], key tokens bool[B, N])."""
+    ts, key = self.vision.after_window_merge(cls, ts, plan.reduction.key_ratio)
+    ts = ts._replace(features=sharding.constrain(self.projector(ts.features), sharding.STREAM))
+    return ts, key
+
+  def splice(self, input_ids, visual, attention_mask, positions):
+    """The prompt with the visual tokens spliced in, as the LLM's first Stream."""
     x, vslot, slot_valid = self.embed_inputs(input_ids, visual)
     # Empty visual slots leave no gap in the positions of the tokens after them.
     positions = positions - jnp.cumsum(attention_mask & ~slot_valid, axis=1)
     valid = attention_mask & slot_valid
     t = input_ids.shape[1]
-    stream = reduction.Stream(x, positions, valid, jnp.ones_like(valid), vslot >= 0, vslot,
-                              jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), valid.shape))
+    return reduction.Stream(x, positions, valid, jnp.ones_like(valid), vslot >= 0, vslot,
+                            jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), valid.shape))
+
+  def _prefill_stream(self, input_ids, pixel_values, attention_mask, positions, plan, counts,
+                      rng):
+    """Runs every stage in one program. Returns (final Stream, per-layer (LayerCache,
+    keys_valid), the visual TokenSet, per-layer live visual slots bool[B, N_v]).
+
+    MustDrop runs here with masks only (no savings; fast mode keeps original positions,
+    reference mode renumbers); segmented.py runs it with real compaction."""
+    plan = self._plan(plan)
+    counts = counts if counts is not None else plan.counts()
+    visual, key = self._visual(pixel_values, plan, counts, rng)
+    stream = self.splice(input_ids, visual, attention_mask, positions)
+    stream, caches, live = self.run_layers(stream, key, 0, self.cfg.text.num_layers, plan,
+                                           counts, plan.num_visual, visual.valid.shape[1])
+    filters = plan.reduction.filter_layers
+    if filters:
+      keep = mustdrop.output_aware_keep([v for _, v in caches], None, filters[0])
+      caches = [(c, v) for (c, _), v in zip(caches, keep)]
+    return stream, caches, visual, live
+
+  def run_layers(self, stream, key, start: int, stop: int, plan, counts, visual_slots: int,
+                 num_visual: int):
+    """LLM layers start..stop−1 with every in-LLM stage. key: MustDrop's key tokens
+    bool[B, N_v] (or None); visual_slots: visual slots per sample in the stream (static);
+    num_visual: slots of the visual TokenSet. Returns (Stream, per-layer (LayerCache,
+    keys_valid), per-layer live visual slots bool[B, N_v])."""
     caches, live = [], []
-    for layer_index, layer in enumerate(self.llm.layers):
-      live.append(self._live_slots(stream, visual.valid.shape[1]))
+    for layer_index in range(start, stop):
+      layer = self.llm.layers[layer_index]
+      live.append(self._live_slots(stream, num_visual))
       if plan.mod_visual[layer_index] is not None:
         routed = stream
         stream, cache, cache_valid, kept = self._routed_layer(layer, layer_index, stream, plan,
                                                               counts)
         live[-1] = self._live_slots(routed._replace(alive=routed.alive & (~routed.visual | kept)),
-                                    visual.valid.shape[1])
+                                    num_visual)
         caches.append((cache, cache_valid))
         continue
       x, cache, q = layer(stream.x, stream.positions, layers.causal_mask(stream.keys_valid))
@@ -165,7 +212,9 @@ class Llava(nn.Module):
       if layer_index in plan.score_layers:
         scores = reduction.score_visual(plan, stream, q, cache.k)
         stream = reduction.prune(plan, layer_index, stream, scores, counts)
-    return stream, caches, visual, live
+      if layer_index in plan.reduction.filter_layers:
+        stream = reduction.mustdrop_filter(plan, stream, key, q, cache.k, counts, visual_slots)
+    return stream, caches, live
 
   def _routed_layer(self, layer, layer_index, stream, plan, counts):
     """A p-MoD layer: the router picks the visual tokens the layer processes (see
@@ -211,7 +260,8 @@ class Llava(nn.Module):
     """input_ids, positions: i32[B, T]; attention_mask: bool[B, T] -> logits f32[B, T, V]
     (zeros at positions a fast-mode method pruned). With return_aux also a dict:
     `sources` i32[B, P] patch -> visual slot, `live` bool[L, B, N_v] visual slots each
-    LLM layer processed."""
+    LLM layer processed, and `visual_per_layer` i32[L, B] and `equivalent_tokens` f32[B]
+    (their mean over layers) from it: the counts each sample really got."""
     stream, _, visual, live = self._prefill_stream(input_ids, pixel_values, attention_mask,
                                                    positions, plan, counts, rng)
     logits = self.llm.logits(stream.x)
@@ -220,7 +270,7 @@ class Llava(nn.Module):
       logits = jnp.zeros(input_ids.shape + logits.shape[-1:], logits.dtype).at[
           jnp.arange(b)[:, None], stream.index].set(logits)
     if return_aux:
-      return logits, {"sources": visual.sources, "live": jnp.stack(live)}
+      return logits, visual_aux(visual.sources, live)
     return logits
 
   def prefill(self, input_ids, pixel_values, attention_mask, positions, max_new_tokens: int,
@@ -250,6 +300,14 @@ class Llava(nn.Module):
     logits = self.llm.logits(x)[:, 0]
     lengths = tuple(n + 1 for n in state.lengths)
     return logits, DecodeState(caches, valid, lengths, state.positions + 1)
+
+
+def visual_aux(sources, live) -> dict:
+  """The aux dict of a forward: sources i32[B, P]; live: L masks bool[B, N_v]."""
+  live = jnp.stack(live)
+  per_layer = jnp.sum(live, axis=-1, dtype=jnp.int32)
+  return {"sources": sources, "live": live, "visual_per_layer": per_layer,
+          "equivalent_tokens": jnp.mean(per_layer.astype(jnp.float32), axis=0)}
 
 
 def init_params(cfg: LlavaConfig, rng: jax.Array, dtype=jnp.float32) -> Any:

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import math
 
-from tokred_jax import aim, fastv, pmod
+from tokred_jax import aim, fastv, mustdrop, pmod
 from tokred_jax.config import ConfigError, LlavaConfig
 from tokred_jax.reduction import Reduction
 
-METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "pmod")
+METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "pmod", "mustdrop")
 # Presets by name: (method, keyword arguments of the method's builder).
 PRESETS = {
     "aim-252": ("aim", dict(merge_r=aim.LLAVA15_MERGE_252)),
     "aim-72": ("aim", dict(merge_r=aim.LLAVA15_MERGE_72)),
     "fastv-k2-r50": ("fastv", dict(k=fastv.FASTV_K, r=fastv.FASTV_R)),
     "pooling-2x2": ("pooling", dict(stride=2)),
+    **{f"mustdrop-{label}": ("mustdrop", dict(gamma=g, alpha=a))
+       for label, (g, a) in mustdrop.PRESETS.items()},
 }
 
 
@@ -148,6 +150,39 @@ def build_pmod(cfg: LlavaConfig, retention: float | None = None, schedule: str =
   return Reduction(name="pmod", mode=mode, mod_ratios=ratios)
 
 
+def mustdrop_filter_layers(num_layers: int) -> tuple[int, ...]:
+  """MustDrop's filter layers: the official (2, 6, 10, 14) for 32 layers, scaled to
+  other depths (distinct, each with a later layer)."""
+  if num_layers == 32:
+    return mustdrop.FILTER_LAYERS
+  scaled = {min(num_layers - 2, max(1, round(f * num_layers / 32)))
+            for f in mustdrop.FILTER_LAYERS}
+  return tuple(sorted(l for l in scaled if l >= 0))
+
+
+def build_mustdrop(cfg: LlavaConfig, retention: float | None = None,
+                   gamma: float = mustdrop.PRESETS["192"][0],
+                   alpha: float = mustdrop.PRESETS["192"][1], window: int = mustdrop.WINDOW,
+                   threshold: float = mustdrop.MERGE_THRESHOLD,
+                   key_ratio: float = mustdrop.KEY_RATIO,
+                   filter_layers: tuple[int, ...] | None = None, token_bucket: int = 16,
+                   mode: str = "fast") -> Reduction:
+  """MustDrop (mustdrop.py): window merge in the tower (window 0: none), the key set,
+  the dual-attention filter with (gamma, alpha) after `filter_layers` (default: the
+  official ones, scaled to the depth) and the output-aware KV cache. Its counts are
+  data-dependent, so it takes thresholds, not a retention level; each request's real
+  equivalent-token count is in the forward's aux (`equivalent_tokens`)."""
+  if retention is not None:
+    raise ConfigError("MustDrop's token counts depend on the image and the question; ask "
+                      "for a preset (mustdrop-192, -128, -64) or gamma and alpha instead "
+                      "of a retention level.")
+  if filter_layers is None:
+    filter_layers = mustdrop_filter_layers(cfg.text.num_layers)
+  return Reduction(name="mustdrop", mode=mode, window=window, merge_threshold=threshold,
+                   key_ratio=key_ratio, filter_layers=tuple(filter_layers), gamma=gamma,
+                   alpha=alpha, token_bucket=token_bucket)
+
+
 def _spread(movable: int, wanted: list[int], greedy: bool = False) -> list[int] | None:
   """Per-layer merge counts: `wanted` if each fits (at most half the tokens left), else
   None; with greedy, each layer merges as much of what is left as it can."""
@@ -182,7 +217,8 @@ def build_pooling(cfg: LlavaConfig, retention: float | None = None, stride: int 
 
 
 _BUILDERS = {"aim": build_aim, "fastv": build_fastv, "tome": build_tome,
-             "random": build_random, "pooling": build_pooling, "pmod": build_pmod}
+             "random": build_random, "pooling": build_pooling, "pmod": build_pmod,
+             "mustdrop": build_mustdrop}
 
 
 def get(name: str, cfg: LlavaConfig, retention: float | None = None, mode: str = "fast",

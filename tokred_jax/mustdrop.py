@@ -38,6 +38,30 @@ What the official code does beyond METHODS.md (files under llava/model/):
   cut to the tokens that survived layer 14. In decoding the new token's position id in
   each layer is that layer's cache length (so layers 0–1 and the others disagree).
 
+In the model (llava.py, vit.py, reduction.py, segmented.py; `methods.get("mustdrop-64",
+cfg)` or `methods.get("mustdrop", cfg, gamma=..., alpha=...)`):
+- fast mode (default) runs the prefill in segments cut at the data-dependent points
+  (segmented.py): after the window merge and after every filter the stream is compacted
+  to the largest count over the batch rounded up to `token_bucket`, so later ViT and
+  LLM layers really run on fewer tokens, and each layer >= the first filter keeps a KV
+  cache of the text and the last filter's survivors only. Every sample keeps its own
+  counts. Positions: the visual tokens leaving the tower are numbered consecutively (as
+  the official code does), and the in-LLM drops keep every token's position.
+- reference mode runs in one program and masks: dropped tokens stay in the arrays,
+  positions are renumbered contiguously after each filter (`renumber_positions`), and
+  layers >= the first filter mask their caches to the survivors. It matches the
+  official code at batch size 1 (the official window merge takes the minimum count
+  over a batch); at larger batches every sample is treated as it would be alone.
+  Deviation kept: while decoding, every layer gives the new token the same position
+  (the last renumbered one + 1), where the official code uses each layer's own cache
+  length, so its layers 0-1 disagree with the rest.
+- The same one-program path with fast mode (what `Llava.__call__` computes under one
+  jit) masks with original positions: it equals the segmented fast mode wherever both
+  hold a token, and saves nothing.
+- "Equivalent tokens" (aux `equivalent_tokens`) count each layer with the visual tokens
+  it processed, so a filter layer counts its pre-filter count; the official script
+  counts it with its post-filter count.
+
 Axis letters as in layers.py: B batch, T tokens, H query heads, K key/value heads,
 h head dim; N tokens of the vision tower, W windows, M patches per window.
 """

@@ -13,6 +13,9 @@ Stages (see the data-flow figure in DESIGN.md):
            subset (`keep_visual`)
   prune    after LLM layer ℓ a scorer ranks the visual tokens and layer ℓ+1 keeps
            `layer_ratios[ℓ+1]` of them (text tokens are never pruned)
+MustDrop (`window`, `filter_layers`; mustdrop.py) is the one method whose counts are
+data-dependent: its plan keeps the full capacities, one program masks, and the
+segmented prefill (segmented.py) compacts to bucketed capacities between programs.
 Modes: "fast" gathers kept tokens into shorter arrays (real savings); "reference"
 reproduces the official implementations, which only mask pruned tokens.
 """
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import tokens
+from tokred_jax import mustdrop, tokens
 from tokred_jax.config import ConfigError, LlavaConfig
 
 SCORERS = ("pagerank", "fastv")
@@ -52,6 +56,12 @@ class Reduction:
   pagerank_iterations: int = 5
   pagerank_damping: float = 0.0
   mod_ratios: tuple[float | None, ...] | None = None
+  window: int = 0
+  merge_threshold: float = 0.8
+  key_ratio: float = 0.08
+  filter_layers: tuple[int, ...] = ()
+  gamma: float = 0.0
+  alpha: float = 0.0
   token_bucket: int = 16
 
   def __post_init__(self):
@@ -83,9 +93,27 @@ class Reduction:
         raise ConfigError(f"mod_ratios must lie in (0, 1] (None: a dense layer); got {bad[:3]}.")
     if self.token_bucket < 1:
       raise ConfigError(f"token_bucket must be >= 1, got {self.token_bucket}.")
+    if self.window < 0 or self.window == 1:
+      raise ConfigError(f"window must be 0 (no window merge) or >= 2, got {self.window}.")
+    if not 0 < self.key_ratio <= 1:
+      raise ConfigError(f"key_ratio must lie in (0, 1], got {self.key_ratio}.")
+    if list(self.filter_layers) != sorted(set(self.filter_layers)):
+      raise ConfigError(f"filter_layers must increase strictly, got {self.filter_layers}.")
+    if self.gamma < 0 or self.alpha < 0:
+      raise ConfigError(f"gamma and alpha must be >= 0, got {self.gamma}, {self.alpha}.")
+    if self.data_dependent and (self.tome_r or self.merge_r or self.pool_stride > 1 or
+                                self.keep_visual is not None or self.scorer or
+                                self.mod_ratios is not None):
+      raise ConfigError("MustDrop's stages (window, filter_layers) do not combine with "
+                        "other reductions.")
     stages = sum([bool(self.merge_r), self.pool_stride > 1, self.keep_visual is not None])
     if stages > 1:
       raise ConfigError("choose one pre-LLM reduction: merge_r, pool_stride or keep_visual.")
+
+  @property
+  def data_dependent(self) -> bool:
+    """Whether counts depend on the data (MustDrop): then only masks are traced."""
+    return self.window > 0 or bool(self.filter_layers)
 
   @property
   def is_noop(self) -> bool:
@@ -98,13 +126,15 @@ class Counts(NamedTuple):
 
   tome_r: i32[layers run]; merge_r: i32[steps]; keep_visual: i32[];
   llm_visual: i32[L], visual tokens each LLM layer processes; mod_visual: i32[L], of
-  those, how many a p-MoD layer routes through itself.
+  those, how many a p-MoD layer routes through itself; thresholds: f32[3], MustDrop's
+  (merge threshold, gamma, alpha).
   """
   tome_r: jax.Array
   merge_r: jax.Array
   keep_visual: jax.Array
   llm_visual: jax.Array
   mod_visual: jax.Array
+  thresholds: jax.Array
 
 
 class Exact(NamedTuple):
@@ -157,8 +187,10 @@ class Plan:
   def counts(self) -> Counts:
     tome_r, merge_r, keep, llm, mod = self.exact
     i32 = lambda x: jnp.asarray(x, jnp.int32)
+    red = self.reduction
+    thresholds = jnp.asarray([red.merge_threshold, red.gamma, red.alpha], jnp.float32)
     return Counts(i32(tome_r).reshape(-1), i32(merge_r).reshape(-1), i32(keep), i32(llm),
-                  i32([-1 if m is None else m for m in mod]))
+                  i32([-1 if m is None else m for m in mod]), thresholds)
 
 
 def _bucket(n: int, bucket: int, limit: int) -> int:
@@ -252,12 +284,33 @@ def make_plan(reduction: Reduction, cfg: LlavaConfig) -> Plan:
         exact_visual * r + 1e-9))) for l, r in enumerate(red.mod_ratios))
     mod_cap = tuple(None if k is None else min(llm_cap[l], _bucket(k, bucket, visual_cap))
                     for l, k in enumerate(mod_exact))
-  structure = (red.name, red.mode, len(red.tome_r), len(red.merge_r), red.merge_metric,
-               red.pool_stride, red.keep_visual is not None, red.seed, red.scorer,
+  if red.data_dependent:
+    _check_mustdrop(red, cfg)
+  structure = (red.name, red.mode, red.window, red.key_ratio, red.filter_layers,
+               len(red.tome_r), len(red.merge_r), red.merge_metric, red.pool_stride, red.keep_visual is not None, red.seed, red.scorer,
                red.pagerank_tau, red.pagerank_iterations, red.pagerank_damping,
                None if red.mod_ratios is None else tuple(r is not None for r in red.mod_ratios))
   return Plan(red, structure, tuple(vision_cap), merge_cap, visual_cap, llm_cap, mod_cap,
               exact=Exact(tuple(tome_r), tuple(red.merge_r), exact_visual, llm_exact, mod_exact))
+
+
+def _check_mustdrop(red: Reduction, cfg: LlavaConfig):
+  """MustDrop's stages against the model (its counts are checked while running)."""
+  if red.window:
+    v = cfg.vision
+    if not (v.has_cls and cfg.vision_feature_select == "default"):
+      raise ConfigError("MustDrop's key set is the CLS token's attention: it needs a tower "
+                        "with a CLS token (CLIP) and vision_feature_select 'default'.")
+    if cfg.vision_layers_used != v.num_layers - 1:
+      raise ConfigError("MustDrop reads the CLS attention of the tower's last layer on the "
+                        "feature layer's output; it needs vision_feature_layer -2.")
+    grid = math.isqrt(v.num_patches)
+    if grid % red.window:
+      raise ConfigError(f"window {red.window} does not divide the {grid}x{grid} patch grid.")
+  bad = [l for l in red.filter_layers if not 0 <= l < cfg.text.num_layers - 1]
+  if bad:
+    raise ConfigError(f"filter layers {bad} are outside [0, {cfg.text.num_layers - 1}) for a "
+                      f"{cfg.text.num_layers}-layer LLM (a filter needs a later layer).")
 
 
 class Stream(NamedTuple):
@@ -325,3 +378,50 @@ def prune(plan: Plan, layer: int, stream: Stream, scores: jax.Array,
   take = lambda a: jnp.take_along_axis(a, order[(...,) + (None,) * (a.ndim - 2)], axis=1)
   out = Stream(*(take(a) for a in stream))
   return out._replace(valid=out.valid & (~out.visual | take(kept)))
+
+
+def mustdrop_filter(plan: Plan, stream: Stream, key: jax.Array, q: jax.Array, k: jax.Array,
+                    counts: Counts, visual_slots: int) -> Stream:
+  """MustDrop's dual-attention filter after a filter layer (mustdrop.dual_attention_drop).
+
+  key: bool[B, N_v] key tokens by visual slot; q, k: the layer's rotated queries
+  f32[B, T, H, h] and keys f32[B, T, K, h]; visual_slots: how many of the T slots are
+  visual in every sample (static), so the text rows fit T − visual_slots. Dropped
+  tokens are marked dead in both modes (fast mode removes them between segments, see
+  `front_load`); reference mode then renumbers the live tokens' positions
+  contiguously, as the official code does.
+  """
+  key_token = stream.visual & jnp.take_along_axis(key, jnp.maximum(stream.vslot, 0), axis=1)
+  # The text after the image (question and assistant prefix), by prompt index: fast
+  # mode moves dead visual slots to the front of the stream.
+  last_visual = jnp.max(jnp.where(stream.visual, stream.index, -1), axis=1, keepdims=True)
+  text_query = stream.keys_valid & ~stream.visual & (stream.index > last_visual)
+  text_capacity = stream.visual.shape[1] - visual_slots
+  _, gamma, alpha = counts.thresholds[0], counts.thresholds[1], counts.thresholds[2]
+  survive = mustdrop.dual_attention_drop(q, k, text_query, stream.visual & stream.alive,
+                                         stream.keys_valid, key_token, gamma, alpha,
+                                         max(text_capacity, 1))
+  stream = stream._replace(alive=stream.alive & (~stream.visual | survive))
+  if plan.reduction.mode == "reference":
+    stream = stream._replace(positions=mustdrop.renumber_positions(stream.keys_valid))
+  return stream
+
+
+def front_load(stream: Stream, caches: Sequence[Any] = ()) -> tuple[Stream, tuple]:
+  """Moves every visual slot holding no live token to the front, the rest keeping their
+  order, so that cutting the stream to a smaller capacity is a static slice `[:, c:]`.
+
+  caches: arrays [B, T, ...] aligned with the stream's slots (carried KV caches), which
+  get the same permutation. Causality is by index among live tokens, whose order is
+  unchanged, so no output depends on where dead slots sit.
+  """
+  removable = stream.visual & ~stream.keys_valid
+  order = jnp.argsort(~removable, axis=1, stable=True)
+  take = lambda a: jnp.take_along_axis(a, order[(...,) + (None,) * (a.ndim - 2)], axis=1)
+  return Stream(*(take(a) for a in stream)), jax.tree_util.tree_map(take, tuple(caches))
+
+
+def cut(stream: Stream, caches: Sequence[Any], drop: int) -> tuple[Stream, tuple]:
+  """The stream and aligned caches without their first `drop` slots (static)."""
+  return (Stream(*(a[:, drop:] for a in stream)),
+          jax.tree_util.tree_map(lambda a: a[:, drop:], tuple(caches)))

@@ -9,17 +9,21 @@ layers needed for the selected feature layer.
 Token reduction hooks in here at two places: ToMe merges tokens between the attention
 and the MLP of every layer (with proportional attention: log token size added to the
 attention logits), and AIM reads the keys the LAST layer would compute, as its
-similarity metric.
+similarity metric. MustDrop splits the tower in two (`window_merge_stage`,
+`after_window_merge`): its window merge after layer 0 sets a data-dependent length,
+which the caller may cut to a bucketed capacity in between.
 """
 
 from __future__ import annotations
+
+import math
 
 import einops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, sharding, tokens
+from tokred_jax import layers, mustdrop, sharding, tokens
 from tokred_jax.config import VisionConfig
 
 
@@ -144,6 +148,41 @@ class VisionTower(nn.Module):
       ts = ts._replace(features=sharding.constrain(layer.mlp_block(ts.features),
                                                    sharding.STREAM))
     return ts
+
+  def window_merge_stage(self, pixels, window: int, threshold):
+    """Embedding, layer 0 and MustDrop's window merge of the patch tokens.
+
+    Returns (CLS hidden state f32[B, 1, D], the merged patches: a TokenSet of length P
+    with the valid tokens a prefix, see `mustdrop.window_merge`). threshold may be traced.
+    """
+    x = sharding.constrain(self.layers[0](self.embed(pixels)), sharding.STREAM)
+    grid = math.isqrt(self.cfg.num_patches)
+    ts = mustdrop.window_merge(tokens.from_features(x[:, 1:]), grid, window, threshold)
+    return x[:, :1], ts
+
+  def after_window_merge(self, cls, ts: tokens.TokenSet, key_ratio: float):
+    """Layers 1.. on CLS + the merged patches (any capacity N), then MustDrop's key set.
+
+    Empty slots are masked as keys. The key set ranks the patches by the CLS row of
+    the tower's LAST layer, run on the feature layer's output (LLaVA's -2); only that
+    row's logits are computed.
+
+    Returns (the patch tokens at the feature layer, a TokenSet of length N; key tokens
+    bool[B, N]).
+    """
+    valid = jnp.concatenate([jnp.ones_like(ts.valid[:, :1]), ts.valid], axis=1)
+    x = jnp.concatenate([cls, ts.features.astype(cls.dtype)], axis=1)
+    # Finite, as tokens.py's masks: exp() of it is exactly 0.
+    bias = jnp.where(valid, 0.0, -1e30)
+    for layer in self.layers[1:self.num_layers_run]:
+      x = sharding.constrain(layer.mlp_block(layer.attention_block(x, bias)[0]),
+                             sharding.STREAM)
+    last = self.layers[-1]
+    h = last.ln1(x)
+    attention = mustdrop.cls_attention(last.attn.q(h[:, 0]), last.attn.k(h), valid)
+    key = mustdrop.key_tokens(attention[..., 1:], ts.valid, key_ratio)
+    features = jnp.where(ts.valid[..., None], x[:, 1:], jnp.zeros((), x.dtype))
+    return ts._replace(features=features), key
 
   def last_layer_keys(self, hidden):
     """AIM's merge metric: the keys the tower's last layer computes from `hidden`

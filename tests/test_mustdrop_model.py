@@ -1,0 +1,227 @@
+"""MustDrop inside the model: window merge in the tower, the filter in prefill, the
+output-aware KV cache, the segmented prefill's compile counts, cost, and the mesh."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from tokred_jax import cost, generate, llava, methods, reduction, segmented, sharding
+from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+
+# A 9x9 patch grid (3x3 windows tile it); filter layers (1, 3) of a 6-layer LLM.
+CFG = LlavaConfig(
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        image_size=126, patch_size=14),
+    text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=6,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
+                    bos_token_id=1, eos_token_id=2),
+    image_token_id=127, pad_token_id=0)
+MODEL = llava.Llava(CFG)
+N_V = CFG.num_image_tokens  # 81
+FILTERS = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = llava.init_params(CFG, jax.random.PRNGKey(0))
+  p = jax.tree_util.tree_map(lambda a: a * 3 if a.ndim > 1 else a, p)
+  # No position embedding: identical patches then have identical tower states.
+  p["vision"]["pos_embed"] = np.zeros_like(p["vision"]["pos_embed"])
+  return p
+
+
+def plan_for(mode="fast", bucket=16, **kw):
+  kw = {"filter_layers": FILTERS, **kw}
+  return reduction.make_plan(methods.get("mustdrop", CFG, mode=mode, token_bucket=bucket,
+                                         **kw), CFG)
+
+
+def images(uniform_windows, seed=0):
+  """One image per entry: its first k 3x3-patch windows are one flat colour each, the
+  rest noise."""
+  rng = np.random.default_rng(seed)
+  out = rng.normal(size=(len(uniform_windows), 126, 126, 3)).astype(np.float32)
+  for i, k in enumerate(uniform_windows):
+    for w in range(k):
+      r, c = divmod(w, 3)
+      out[i, 42 * r:42 * r + 42, 42 * c:42 * c + 42] = rng.normal(size=3)
+  return out
+
+
+def make_batch(pixels, text_lengths=None, bucket=104, seed=0):
+  rng = np.random.default_rng(seed)
+  b = len(pixels)
+  text_lengths = text_lengths or [5 + 3 * (i % 3) for i in range(b)]
+  ids, mask = np.zeros((b, bucket), np.int32), np.zeros((b, bucket), bool)
+  for i, n in enumerate(text_lengths):
+    row = np.concatenate([rng.integers(3, 120, n), np.full(N_V, 127),
+                          rng.integers(3, 120, 4)])
+    ids[i, bucket - len(row):], mask[i, bucket - len(row):] = row, True
+  pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int32)
+  return dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels)
+
+
+def forward(params, batch, plan=None):
+  return MODEL.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
+                     batch["attention_mask"], batch["positions"], plan=plan, return_aux=True)
+
+
+def test_uniform_window_merges_into_its_mean_with_its_size(params):
+  plan = plan_for()
+  pixels = images([2, 0])
+  cls, ts = MODEL.apply({"params": params}, pixels, plan, plan.counts(),
+                        method="mustdrop_merge")
+  np.testing.assert_array_equal(np.asarray(ts.valid).sum(1), [N_V - 2 * 8, N_V])
+  sizes = np.asarray(ts.sizes)
+  np.testing.assert_array_equal(sizes[0, :2], [9, 9])  # merged windows come first
+  # The merged token is the mean of its members' layer-0 states.
+  hidden = MODEL.apply({"params": params}, pixels[:1],
+                       method=lambda m, x: m.vision.layers[0](m.vision.embed(x)))[0, 1:]
+  members = np.asarray(ts.sources)[0]
+  for slot in (0, 1):
+    np.testing.assert_allclose(np.asarray(ts.features)[0, slot],
+                               np.asarray(hidden)[members == slot].mean(0), atol=1e-4)
+
+
+def test_keeping_everything_is_the_plain_model_bit_for_bit(params):
+  noop = plan_for(threshold=math.inf, gamma=0.0, alpha=0.0)
+  batch = make_batch(images([3, 0]))
+  plain, _ = forward(params, batch)
+  kept, aux = forward(params, batch, noop)
+  real = batch["attention_mask"]
+  np.testing.assert_array_equal(np.asarray(kept)[real], np.asarray(plain)[real])
+  assert (np.asarray(aux["equivalent_tokens"]) == N_V).all()
+  out = segmented.SegmentedPrefill(MODEL, noop)(params, batch)
+  assert out["capacities"] == (N_V,) * (len(FILTERS) + 1)
+  # Split into programs, XLA fuses differently: equal to float32 rounding.
+  np.testing.assert_allclose(np.asarray(out["logits"])[real], np.asarray(plain)[real],
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_unattended_visual_tokens_go_unless_key(params):
+  """gamma = alpha = 1: no visual token passes either test, so exactly the key set
+  (ceil(0.08 n') tokens) survives the first filter."""
+  plan = plan_for(gamma=1.0, alpha=1.0)
+  batch = make_batch(images([4, 0]))
+  _, aux = forward(params, batch, plan)
+  counts = np.asarray(aux["visual_per_layer"])
+  merged = np.array([N_V - 4 * 8, N_V])
+  np.testing.assert_array_equal(counts[0], merged)
+  keys = [math.ceil(0.08 * n) for n in merged]
+  np.testing.assert_array_equal(counts[FILTERS[0] + 1], keys)
+  out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
+  np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]), counts)
+
+
+def test_fast_segments_equal_one_masked_program(params):
+  """Fast mode compacts between segments; the one-program run only masks. Same
+  positions, so the same logits wherever both have a token."""
+  plan = plan_for(threshold=0.9, gamma=0.02, alpha=0.02)
+  batch = make_batch(images([5, 1, 0]))
+  masked, aux = forward(params, batch, plan)
+  out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
+  np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]),
+                                np.asarray(aux["visual_per_layer"]))
+  np.testing.assert_allclose(np.asarray(out["aux"]["equivalent_tokens"]),
+                             np.asarray(aux["equivalent_tokens"]))
+  text = batch["attention_mask"] & (batch["input_ids"] != 127)
+  np.testing.assert_allclose(np.asarray(out["logits"])[text], np.asarray(masked)[text],
+                             atol=1e-4, rtol=1e-4)
+  # Reference mode renumbers positions after each filter: the first filter still sees
+  # the same stream, so it keeps the same tokens.
+  _, ref = forward(params, batch, plan_for("reference", threshold=0.9, gamma=0.02,
+                                           alpha=0.02))
+  after = FILTERS[0] + 1
+  np.testing.assert_array_equal(np.asarray(ref["live"])[after], np.asarray(aux["live"])[after])
+
+
+def test_varied_images_compile_once_per_bucket(params):
+  """30 images of varied redundancy, 3 per batch: each segment compiles at most once per
+  capacity bucket it meets, and samples in one batch keep their own counts."""
+  plan = plan_for(bucket=32, threshold=0.9, gamma=0.02, alpha=0.02)
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=2), plan=plan)
+  seen, buckets = [], 3  # capacities 32, 64, 81
+  for start in range(0, 30, 3):
+    ks = [(start + j) % 10 for j in range(3)]
+    batch = make_batch(images(ks, seed=start))
+    out = gen._segmented(params, batch, max_new_tokens=2)
+    merged = np.asarray(out["aux"]["vision_tokens"])
+    np.testing.assert_array_equal(merged, [N_V - 8 * k for k in ks])
+    seen.append(out["capacities"])
+  assert len({c[0] for c in seen}) > 1
+  for name in ("merge", "segment0", "segment1", "segment2"):
+    assert 1 <= gen.trace_counts[name] <= (1 if name == "merge" else buckets), (
+        name, gen.trace_counts)
+  assert sum(gen.trace_counts.values()) < 30
+  tokens = gen(params, make_batch(images([9, 0, 2])))
+  assert tokens.shape == (3, 2)
+
+
+def test_kv_cache_holds_only_the_kept_tokens(params):
+  """Bucket 1, one sample: each layer's cache is exactly text + its kept visual tokens
+  (layers before the first filter: the post-merge count; later: the last survivors)."""
+  plan = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02)
+  batch = make_batch(images([6]), text_lengths=[9])
+  new = 3
+  out = segmented.SegmentedPrefill(MODEL, plan)(params, batch, max_new_tokens=new)
+  per_layer = np.asarray(out["aux"]["visual_per_layer"])[:, 0]
+  text = batch["input_ids"].shape[1] - N_V
+  t = CFG.text
+  kept = [per_layer[0] if l < FILTERS[0] else per_layer[-1] for l in range(t.num_layers)]
+  expected = tuple((text + int(k) + new) * 2 * t.num_kv_heads * t.head_dim * 4 for k in kept)
+  got = segmented.kv_cache_bytes(out["state"])
+  assert got == expected
+  plain = (text + N_V + new) * 2 * t.num_kv_heads * t.head_dim * 4 * t.num_layers
+  assert sum(got) / plain <= sum(text + k + new for k in kept) / (
+      (text + N_V + new) * t.num_layers) + 1e-9
+  assert sum(got) < 0.8 * plain
+  # The cost helper predicts the same bytes from the counts the request got.
+  c = cost.request_cost(CFG, plan, text, int(out["aux"]["vision_tokens"][0]), per_layer,
+                        new_tokens=new, bytes_per_element=4)
+  assert c["kv_bytes"].per_layer == got
+  full = cost.plan_cost(CFG, reduction.make_plan(reduction.Reduction(), CFG), text)
+  assert c["flops"].llm.total < full["flops"].llm.total
+  assert c["flops"].total < full["flops"].total
+  assert c["equivalent_tokens"] == pytest.approx(float(out["aux"]["equivalent_tokens"][0]))
+  # Decoding runs on the per-layer caches.
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=new), plan=plan)
+  assert gen(params, batch).shape == (1, new)
+
+
+def test_on_a_mesh_equal_one_device(params):
+  # The tiny model's attention is near uniform (weights ~ 1/T), so thresholds near 1/T
+  # would flip on float32 rounding; gamma = alpha = 1 keeps exactly the key set.
+  # Flat windows all score 1 up to rounding, and merged windows are ordered by score
+  # (the official order), so several per image could swap places on another layout.
+  plan = plan_for(threshold=0.9, gamma=1.0, alpha=1.0)
+  batch = make_batch(images([0, 1, 1, 0, 1, 0, 1, 1]))
+  logits, aux = forward(params, batch, plan)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  sharded = sharding.shard_params(params, mesh)
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
+  fn = jax.jit(lambda p, b: MODEL.apply({"params": p}, b["input_ids"], b["pixel_values"],
+                                        b["attention_mask"], b["positions"], plan=plan,
+                                        return_aux=True))
+  with sharding.activation_sharding(mesh):
+    got, got_aux = fn(sharded, {k: put(v) for k, v in batch.items()})
+  np.testing.assert_array_equal(np.asarray(got_aux["visual_per_layer"]),
+                                np.asarray(aux["visual_per_layer"]))
+  text = batch["attention_mask"] & (batch["input_ids"] != 127)
+  # As for the plain model on this mesh: float32 rounding of the scaled weights.
+  np.testing.assert_allclose(np.asarray(got)[text], np.asarray(logits)[text], atol=1e-3,
+                             rtol=1e-3)
+
+
+def test_presets_and_config_errors():
+  red = methods.get("mustdrop-64", CFG)
+  assert (red.gamma, red.alpha) == (0.011, 0.01)
+  assert methods.get("mustdrop", CFG, gamma=0.3, alpha=0.2).gamma == 0.3
+  assert methods.mustdrop_filter_layers(32) == (2, 6, 10, 14)
+  with pytest.raises(ConfigError, match="retention"):
+    methods.get("mustdrop", CFG, retention=0.5)
+  with pytest.raises(ConfigError, match="divide"):
+    reduction.make_plan(methods.get("mustdrop", CFG, window=2), CFG)
+  with pytest.raises(ConfigError, match="outside"):
+    reduction.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG)
