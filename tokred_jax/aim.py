@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from tokred_jax import layers
+
 # Presets (METHODS.md §1, the official scripts).
 # Bipartite merge steps: the r tokens removed by each step, chained.
 LLAVA15_MERGE_252 = (288, 36)  # 576 -> 288 -> 252 tokens per image (43.75%).
@@ -71,12 +73,7 @@ def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
     the result never picks a masked slot. Scores are not normalised across the batch.
   """
   b, t, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
-  if k.shape != (b, t, num_kv, head_dim):
-    raise ValueError(f"keys {k.shape} do not match queries {q.shape}: expected "
-                     f"[{b}, {t}, K, {head_dim}].")
-  if num_heads % num_kv:
-    raise ValueError(f"{num_heads} query heads do not group evenly over {num_kv} kv heads.")
+  num_kv = layers.check_grouped_heads(q, k)
   if not tau > 0:
     raise ValueError(f"tau must be > 0, got {tau}.")
   if iterations < 0:

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import tokens
+from tokred_jax import layers, tokens
 
 # Presets (official scripts/v1_5/eval/textvqa_*.sh): (gamma, alpha) = the global and
 # individual thresholds. The labels are the AVERAGE visual-token count over the 32
@@ -285,12 +285,7 @@ def dual_attention_stats(q: jax.Array, k: jax.Array, text_query: jax.Array,
     (g, m), each f32[B, T]: the statistics at live visual slots, 0 elsewhere.
   """
   b, t, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
-  if k.shape != (b, t, num_kv, head_dim):
-    raise ValueError(f"keys {k.shape} do not match queries {q.shape}: expected "
-                     f"[{b}, {t}, K, {head_dim}].")
-  if num_heads % num_kv:
-    raise ValueError(f"{num_heads} query heads do not group evenly over {num_kv} kv heads.")
+  num_kv = layers.check_grouped_heads(q, k)
   capacity = t if text_capacity is None else text_capacity
   rows, row_ok = tokens.compact_indices(text_query, capacity)  # [B, Q]
   groups = num_heads // num_kv
