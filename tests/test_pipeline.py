@@ -129,3 +129,18 @@ def test_infer_script_draws_surviving_patches(tmp_path):
        f"--config.plot={png}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "equivalent visual tokens" in out.stdout and png.stat().st_size > 1000
+
+
+def test_mustdrop_forward_uses_the_segments_and_matches_the_masked_program(pipe):
+  """Fast-mode MustDrop runs as compacted segments; its text logits equal the
+  one-program run that only masks (window 2 tiles the embedded model's 8x8 grid)."""
+  plan = pipe.plan("mustdrop-64", window=2, threshold=0.9)
+  batch = pipe.prepare([SAMPLE, SAMPLE], ["What colour is the circle?", "How many?"],
+                       plan=plan)
+  logits, aux = pipe.forward(batch, plan, return_aux=True)
+  assert plan in pipe._segmented
+  masked = np.asarray(pipe._forward(pipe.params, batch, plan, plan.counts(), False))
+  text = batch["attention_mask"] & (batch["input_ids"] != pipe.cfg.image_token_id)
+  np.testing.assert_allclose(np.asarray(logits)[text], masked[text], atol=1e-4, rtol=1e-4)
+  assert np.all(np.asarray(aux["equivalent_tokens"]) <= pipe.cfg.num_image_tokens)
+  assert np.all(np.asarray(aux["vision_tokens"]) < pipe.cfg.num_image_tokens)  # flat windows

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import checkpoint, cost, methods, processing, reduction, sharding
+from tokred_jax import checkpoint, cost, methods, processing, reduction, segmented, sharding
 from tokred_jax.config import LlavaConfig
 from tokred_jax.generate import Generator, SamplingConfig
 from tokred_jax.llava import Llava
@@ -67,6 +67,7 @@ class Pipeline:
             b["positions"], plan=plan, counts=counts, return_aux=aux),
         static_argnames=("plan", "aux"))
     self._generators: dict[tuple[SamplingConfig, reduction.Plan], Generator] = {}
+    self._segmented: dict[reduction.Plan, segmented.SegmentedPrefill] = {}
 
   @classmethod
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
@@ -153,6 +154,12 @@ class Pipeline:
     plan = self.plan(plan)
     batch = self._validate(batch, plan)
     with self._sharded():
+      if plan.reduction.data_dependent and plan.reduction.mode == "fast":
+        # MustDrop: segments compacted to bucketed counts, so the savings are real.
+        if plan not in self._segmented:
+          self._segmented[plan] = segmented.SegmentedPrefill(self.model, plan)
+        out = self._segmented[plan](self.params, batch, plan.counts())
+        return (out["logits"], out["aux"]) if return_aux else out["logits"]
       return self._forward(self.params, batch, plan, plan.counts(), return_aux)
 
   def generator(self, sampling: SamplingConfig, plan: reduction.Plan | None = None
