@@ -1,4 +1,5 @@
-r"""Measured prefill speed of each reduction method at 25% retention, next to its FLOPs.
+r"""Measured prefill speed of each reduction method at 25% retention (MustDrop: its "64"
+preset), next to its FLOPs.
 
   python -m benchmarks.prefill_speed                      # batch 1, 5 timed rounds
   python -m benchmarks.prefill_speed --batch=4 --rounds=3
@@ -8,12 +9,18 @@ a Llama LLM of about 125M parameters) runs one prefill per method: the prompt is
 `--text-tokens` text tokens plus the plan's visual slots. Every method's prefill is
 compiled once (tracing plus XLA compile, reported apart), run once to warm up, then timed in
 `--rounds` rounds that visit every method in turn, so that a burst of load from other
-processes falls on all methods alike rather than on one.
+processes falls on all methods alike rather than on one. MustDrop, whose counts depend on
+the image, runs as `segmented.SegmentedPrefill` (a program per segment, a host read of
+the surviving count between them): its warm-up call compiles every segment for the
+capacities these inputs meet and is reported as its compile time; its timed runs include
+the host reads. Its images have flat regions (see `FLAT_WINDOWS`) so that it merges.
 
 Next to the times: the analytic matmul FLOPs of what the compiled program computes
 (bucketed capacities), of the method's exact token counts, and XLA's own count of the
-compiled program as a cross-check. The results replace this benchmark's block in
-BENCHMARKS.md (text outside the block is left alone) and are plotted to a PNG.
+compiled program as a cross-check (for MustDrop: `cost.request_cost` at the capacities
+the segments ran at and at each sample's counts; XLA's count summed over its programs).
+The results replace this benchmark's block in BENCHMARKS.md (text outside the block is
+left alone) and are plotted to a PNG.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import re
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +45,19 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # Headless: the plot only goes to a file.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from tokred_jax import cost, llava, methods, reduction
+from tokred_jax import cost, llava, methods, mustdrop, reduction, segmented
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Methods in table order: (method, mode). AIM in reference mode shows that masking the
 # pruned tokens, as the official implementations do, saves nothing inside the LLM.
+# MustDrop takes a preset, not the retention level, and runs as segments.
 CASES = (("none", "fast"), ("aim", "fast"), ("aim", "reference"), ("fastv", "fast"),
-         ("tome", "fast"), ("random", "fast"), ("pooling", "fast"))
+         ("tome", "fast"), ("random", "fast"), ("pooling", "fast"), ("mustdrop-64", "fast"))
+# MustDrop's merge needs redundant patches: random weights see only pixels, and noise has
+# none. The first FLAT_WINDOWS of the 3x3-patch windows (row-major) of every image are
+# one flat colour each; the rest is noise. Every method gets the same images.
+FLAT_WINDOWS = 32
 # Text tokens placed before the image slots (BOS and a chat-template prefix); the rest of
 # the prompt follows them, as in LLaVA's "USER: <image>\n<question> ASSISTANT:".
 TEXT_BEFORE_IMAGE = 5
@@ -80,25 +93,30 @@ def make_inputs(cfg: LlavaConfig, plan: reduction.Plan, text_tokens: int, batch:
   ids = np.concatenate([text[:, :TEXT_BEFORE_IMAGE], image, text[:, TEXT_BEFORE_IMAGE:]], 1)
   mask = np.ones(ids.shape, bool)
   positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-  s = cfg.vision.image_size
+  s, side = cfg.vision.image_size, cfg.vision.patch_size * mustdrop.WINDOW
   pixels = rng.normal(size=(batch, s, s, cfg.vision.num_channels))
+  for w in range(FLAT_WINDOWS):
+    r, c = divmod(w, s // side)
+    pixels[:, side * r:side * (r + 1), side * c:side * (c + 1)] = rng.normal(
+        size=(batch, 1, 1, cfg.vision.num_channels))
   return tuple(jax.device_put(a) for a in (ids.astype(np.int32), pixels.astype(np.float32),
                                            mask, positions.astype(np.int32)))
 
 
 @dataclasses.dataclass
 class Result:
-  """One method's plan, costs and measurements."""
+  """One method's plan, costs and measurements. `run(params, *inputs)` is one prefill."""
   label: str
-  plan: reduction.Plan
-  compiled: jax.stages.Compiled
+  visual_slots: int
+  run: Callable[..., Any]
   inputs: tuple
   compile_s: float
   xla_flops: float
   flops: cost.PrefillFlops
-  flops_exact: cost.PrefillFlops
+  exact_flops: float
   kv_bytes: int
   equivalent_tokens: float
+  note: str = ""
   times: list[float] = dataclasses.field(default_factory=list)
 
   @property
@@ -123,21 +141,80 @@ def compile_case(model, params, cfg, name, mode, args) -> Result:
   compiled_cost = cost.plan_cost(cfg, plan, args.text_tokens, args.batch,
                                  bytes_per_element=item)
   label = name if mode == "fast" else f"{name} ({mode})"
-  return Result(label, plan, compiled, (plan.counts(),) + inputs, compile_s,
+  return Result(label, plan.num_visual, compiled, (plan.counts(),) + inputs, compile_s,
                 float(compiled.cost_analysis()["flops"]), compiled_cost["flops"],
-                ideal["flops"], compiled_cost["kv_bytes"].total,
+                ideal["flops"].total, compiled_cost["kv_bytes"].total,
                 compiled_cost["equivalent_tokens"])
 
 
+def _batched(flops: cost.PrefillFlops, batch: int) -> cost.PrefillFlops:
+  """One sample's FLOPs, repeated over `batch` samples."""
+  return cost.PrefillFlops(**{
+      f.name: dataclasses.replace(getattr(flops, f.name),
+                                  batch=getattr(flops, f.name).batch * batch)
+      for f in dataclasses.fields(flops)})
+
+
+def segmented_case(model, params, cfg, name, args) -> Result:
+  """MustDrop in fast mode: the segmented prefill, warmed up (compiling every segment for
+  the capacities these inputs meet; timed as the compile) and costed from its counts."""
+  plan = reduction.make_plan(methods.get(name, cfg), cfg)
+  keys = ("input_ids", "pixel_values", "attention_mask", "positions")
+  batch = dict(zip(keys, make_inputs(cfg, plan, args.text_tokens, args.batch)))
+  prefill = segmented.SegmentedPrefill(model, plan)
+  # Record the jitted programs' arguments in the warm-up to ask XLA for their FLOPs.
+  calls, programs = [], (prefill._merge, prefill._segment)  # pylint: disable=protected-access
+
+  def recording(fn):
+    def call(*a):
+      calls.append((fn, a))
+      return fn(*a)
+    return call
+
+  prefill._merge, prefill._segment = map(recording, programs)  # pylint: disable=protected-access
+  start = time.perf_counter()
+  out = jax.block_until_ready(prefill(params, batch, max_new_tokens=1))
+  compile_s = time.perf_counter() - start
+  prefill._merge, prefill._segment = programs  # pylint: disable=protected-access
+  xla_flops = sum(float(fn.lower(*a).compile().cost_analysis()["flops"]) for fn, a in calls)
+
+  aux, caps = out["aux"], out["capacities"]
+  merged = np.asarray(aux["vision_tokens"])
+  per_layer = np.asarray(aux["visual_per_layer"])  # [layers, batch]
+  item = jnp.dtype(args.dtype).itemsize
+  exact = [cost.request_cost(cfg, plan, args.text_tokens, merged[i], per_layer[:, i],
+                             bytes_per_element=item)
+           for i in range(args.batch)]
+  # What the segments compute and cache (the prompt, as for the other methods): every
+  # sample at its segment's capacity.
+  layer_caps = [c for c, (lo, hi) in zip(caps, prefill.bounds) for _ in range(lo, hi)]
+  compiled_cost = cost.request_cost(cfg, plan, args.text_tokens, caps[0], layer_caps,
+                                    bytes_per_element=item)
+  first = plan.reduction.filter_layers[0]
+  note = (f"{name}: per sample, {cfg.num_image_tokens} patches → {merged.tolist()} tokens "
+          f"after the window merge; visual tokens entering LLM layers 0-{first} "
+          f"{per_layer[0].tolist()}, then after each filter (layers "
+          f"{', '.join(map(str, plan.reduction.filter_layers))}) "
+          f"{', '.join(str(per_layer[f + 1].tolist()) for f in plan.reduction.filter_layers)}"
+          f"; segment capacities {caps}; "
+          f"{np.asarray(aux['equivalent_tokens']).round(1).tolist()} equivalent tokens.")
+  return Result(name, caps[0], lambda p, b: prefill(p, b, max_new_tokens=1), (batch,),
+                compile_s, xla_flops, _batched(compiled_cost["flops"], args.batch),
+                sum(c["flops"].total for c in exact),
+                compiled_cost["kv_bytes"].total * args.batch,
+                float(np.mean(aux["equivalent_tokens"])), note)
+
+
 def time_cases(results: list[Result], params, rounds: int):
-  """One warm-up call each, then `rounds` rounds visiting every method in turn."""
+  """One warm-up call each, then `rounds` rounds visiting every method in turn. A
+  segmented prefill is timed whole, host reads between its segments included."""
   for r in results:
-    jax.block_until_ready(r.compiled(params, *r.inputs))
+    jax.block_until_ready(r.run(params, *r.inputs))
   with tqdm(total=rounds * len(results), desc="timing", unit="run") as bar:
     for _ in range(rounds):
       for r in results:
         start = time.perf_counter()
-        jax.block_until_ready(r.compiled(params, *r.inputs))
+        jax.block_until_ready(r.run(params, *r.inputs))
         r.times.append(time.perf_counter() - start)
         bar.update()
 
@@ -171,12 +248,11 @@ def tables(results: list[Result]) -> str:
   for r in results:
     xla_delta = 100 * (r.xla_flops / r.flops.total - 1)
     rows.append(
-        f"| {r.label} | {r.plan.num_visual} | {r.equivalent_tokens:.1f} | {r.compile_s:.1f} "
+        f"| {r.label} | {r.visual_slots} | {r.equivalent_tokens:.1f} | {r.compile_s:.1f} "
         f"| {r.median_s * 1e3:.0f} | {min(r.times) * 1e3:.0f} "
         f"| **{base.median_s / r.median_s:.2f}×** | **{min(base.times) / min(r.times):.2f}×** "
         f"| {_g(r.flops.total)} | **{base.flops.total / r.flops.total:.2f}×** "
-        f"| {_g(r.flops_exact.total)} "
-        f"| {base.flops_exact.total / r.flops_exact.total:.2f}× "
+        f"| {_g(r.exact_flops)} | {base.exact_flops / r.exact_flops:.2f}× "
         f"| {_g(r.xla_flops)} ({xla_delta:+.1f}%) | {r.kv_bytes / 2**20:.1f} |")
   stages = ["| method | vision tower | projector | LLM layers | scorer | LM head |",
             "|---|---:|---:|---:|---:|---:|"]
@@ -194,8 +270,7 @@ def plot(results: list[Result], path: str, title: str):
   series = {
       "measured speedup (median)": [base.median_s / r.median_s for r in rest],
       "FLOPs reduction, compiled": [base.flops.total / r.flops.total for r in rest],
-      "FLOPs reduction, exact counts": [base.flops_exact.total / r.flops_exact.total
-                                        for r in rest],
+      "FLOPs reduction, exact counts": [base.exact_flops / r.exact_flops for r in rest],
   }
   x = np.arange(len(rest))
   width = 0.8 / len(series)
@@ -257,13 +332,15 @@ def main():
   model = llava.Llava(cfg, jnp.dtype(args.dtype))
   params = jax.jit(lambda key: llava.init_params(cfg, key))(jax.random.PRNGKey(0))
   start, load_before = time.perf_counter(), os.getloadavg()[0]
-  results = [compile_case(model, params, cfg, name, mode, args)
+  results = [segmented_case(model, params, cfg, name, args) if name.startswith("mustdrop")
+             else compile_case(model, params, cfg, name, mode, args)
              for name, mode in tqdm(cases, desc="compiling", unit="method")]
   time_cases(results, params, args.rounds)
   minutes = (time.perf_counter() - start) / 60
 
   command = "python -m benchmarks.prefill_speed " + " ".join(sys.argv[1:])
   v, t = cfg.vision, cfg.text
+  windows = (v.image_size // v.patch_size // mustdrop.WINDOW) ** 2
   suffix = "" if args.batch == 1 else f"_b{args.batch}"
   plot_path = args.plot if args.plot is not None else os.path.join(
       _ROOT, "benchmarks", f"prefill_speed{suffix}.png")
@@ -279,9 +356,11 @@ def main():
       f"Llama LLM {t.hidden_size} wide, {t.num_layers} layers, {t.num_heads} heads "
       f"({t.num_kv_heads} KV), MLP {t.intermediate_size}, vocabulary {t.vocab_size}: "
       f"{counts['llm'] / 1e6:.1f}M parameters. Prompt: {args.text_tokens} text tokens + the "
-      f"visual slots, batch {args.batch}, retention {args.retention}. Times: median and "
+      f"visual slots, batch {args.batch}, retention {args.retention}; images of noise "
+      f"with the first {FLAT_WINDOWS} of the {windows} {mustdrop.WINDOW}x{mustdrop.WINDOW}-"
+      f"patch windows flat. Times: median and "
       f"minimum of {args.rounds} runs; ratios are baseline / method.", "",
-      tables(results)])
+      tables(results)] + [f"\n{r.note}" for r in results if r.note])
   if plot_path:
     plot(results, plot_path, f"Prefill at {args.retention:.0%} retention, batch "
          f"{args.batch}, {jax.devices()[0].platform.upper()} ({args.dtype})")
