@@ -214,6 +214,27 @@ def test_on_a_mesh_equal_one_device(params):
                              rtol=1e-3)
 
 
+def test_segmented_prefill_on_a_mesh_equal_one_device(params):
+  """The fast path on the 8-device mesh: the host reads and cuts between segments act on
+  sharded arrays and give the one-device counts, capacities and logits. Inputs as in
+  the one-program mesh test above (no ties that another layout could reorder)."""
+  plan = plan_for(threshold=0.9, gamma=1.0, alpha=1.0)
+  batch = make_batch(images([0, 1, 1, 0, 1, 0, 1, 1]))
+  want = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  sharded = sharding.shard_params(params, mesh)
+  put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
+  with sharding.activation_sharding(mesh):
+    got = segmented.SegmentedPrefill(MODEL, plan)(sharded, {k: put(v) for k, v in
+                                                            batch.items()})
+  assert got["capacities"] == want["capacities"]
+  for key in ("vision_tokens", "visual_per_layer", "equivalent_tokens"):
+    np.testing.assert_array_equal(np.asarray(got["aux"][key]), np.asarray(want["aux"][key]))
+  text = batch["attention_mask"] & (batch["input_ids"] != 127)
+  np.testing.assert_allclose(np.asarray(got["logits"])[text], np.asarray(want["logits"])[text],
+                             atol=1e-3, rtol=1e-3)
+
+
 def test_presets_and_config_errors():
   red = methods.get("mustdrop-64", CFG)
   assert (red.gamma, red.alpha) == (0.011, 0.01)
