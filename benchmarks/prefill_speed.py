@@ -249,7 +249,7 @@ def tables(results: list[Result]) -> str:
     xla_delta = 100 * (r.xla_flops / r.flops.total - 1)
     rows.append(
         f"| {r.label} | {r.visual_slots} | {r.equivalent_tokens:.1f} | {r.compile_s:.1f} "
-        f"| {r.median_s * 1e3:.0f} | {min(r.times) * 1e3:.0f} "
+        f"| {_ms(r.median_s)} | {_ms(min(r.times))} "
         f"| **{base.median_s / r.median_s:.2f}×** | **{min(base.times) / min(r.times):.2f}×** "
         f"| {_g(r.flops.total)} | **{base.flops.total / r.flops.total:.2f}×** "
         f"| {_g(r.exact_flops)} | {base.exact_flops / r.exact_flops:.2f}× "
@@ -291,6 +291,11 @@ def plot(results: list[Result], path: str, title: str):
   plt.close(fig)
 
 
+def _ms(seconds: float) -> str:
+  """Milliseconds with a decimal below 10 ms (accelerator prefills take a few ms)."""
+  return f"{seconds * 1e3:.1f}" if seconds < 0.01 else f"{seconds * 1e3:.0f}"
+
+
 def write_block(path: str, key: str, body: str):
   """Replaces the text between this benchmark's markers in `path` (or appends a section
   holding them), so hand-written text around the block survives a rerun."""
@@ -320,8 +325,8 @@ def main():
   parser.add_argument("--markdown", default=os.path.join(_ROOT, "BENCHMARKS.md"),
                       help="file whose prefill-speed block is replaced ('' to skip)")
   parser.add_argument("--plot", default=None,
-                      help="PNG path (default benchmarks/prefill_speed[_bN].png; '' to "
-                      "skip)")
+                      help="PNG path (default benchmarks/prefill_speed[_bN][_gpu_DTYPE].png; "
+                      "'' to skip)")
   args = parser.parse_args()
   wanted = set(args.methods.split(",")) | {"none"}
   cases = [c for c in CASES if c[0] in wanted]
@@ -341,7 +346,10 @@ def main():
   command = "python -m benchmarks.prefill_speed " + " ".join(sys.argv[1:])
   v, t = cfg.vision, cfg.text
   windows = (v.image_size // v.patch_size // mustdrop.WINDOW) ** 2
-  suffix = "" if args.batch == 1 else f"_b{args.batch}"
+  # CPU runs keep the plain names; an accelerator's run gets its own block and PNG.
+  backend = jax.default_backend()
+  suffix = ("" if args.batch == 1 else f"_b{args.batch}") + (
+      "" if backend == "cpu" else f"_{backend}_{args.dtype}")
   plot_path = args.plot if args.plot is not None else os.path.join(
       _ROOT, "benchmarks", f"prefill_speed{suffix}.png")
   body = "\n".join([
@@ -368,7 +376,9 @@ def main():
              f"({os.path.relpath(plot_path, _ROOT)})")
   print("\n" + body)
   if args.markdown:
-    write_block(args.markdown, f"prefill_speed batch={args.batch}", body)
+    key = f"prefill_speed batch={args.batch}" + (
+        "" if backend == "cpu" else f" {backend} {args.dtype}")
+    write_block(args.markdown, key, body)
     print(f"\nwrote {args.markdown}")
 
 
