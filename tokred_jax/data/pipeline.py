@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from tokred_jax import processing
 from tokred_jax.config import LlavaConfig, VisionConfig
+from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.data.conversation import encode_example
 from tokred_jax.data.skips import BadSample, SkipLog, check_mode
 
@@ -35,8 +36,10 @@ class DataConfig:
   """What to read and how to batch it.
 
   Attributes:
-    dataset: the TFDS name, "llava_conversations/NAME" as `build_dataset` returns it.
-    data_dir: the TFDS data directory it was built in.
+    dataset: the TFDS name, "llava_conversations/NAME" as `build_dataset` returns it,
+      or "glyph_vqa/CONFIG" (tokred_jax.data.glyph_vqa).
+    data_dir: the TFDS data directory it was built in; None for glyph_vqa generates
+      its examples on the fly (the same examples).
     batch_size: B, examples per batch (per host when sharded over hosts).
     max_length: T, the fixed sequence length; longer samples are bad ("too long").
     num_epochs: passes over the data; None repeats forever.
@@ -47,7 +50,7 @@ class DataConfig:
       ids), "error" raises `BadSample` naming the first.
   """
   dataset: str
-  data_dir: str
+  data_dir: str | None
   batch_size: int
   max_length: int
   num_epochs: int | None = None
@@ -105,6 +108,13 @@ def _check_images(info: tfds.core.DatasetInfo, vision_cfg: VisionConfig, name: s
         "with this model's vision config (build_dataset(..., vision_cfg=...)).")
 
 
+def _check_size(size: int, vision_cfg: VisionConfig, name: str):
+  if (size, vision_cfg.kind) != (vision_cfg.image_size, "clip"):
+    raise ValueError(f"{name} holds {size} px images for a CLIP-style tower, but the model's "
+                     f"{vision_cfg.kind} tower takes {vision_cfg.image_size} px; train on it "
+                     "a model made for it (configs/glyph_llava.py).")
+
+
 def make_dataset(config: DataConfig, split: str, seed: int, *,
                  tokenizer: processing.Tokenizer, model_cfg: LlavaConfig,
                  num_image_tokens: int | None = None, shard_index: int = 0,
@@ -136,8 +146,12 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   check_mode(config.on_bad_sample)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
-  source = tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)
-  _check_images(source.dataset_info, model_cfg.vision, config.dataset)
+  if config.dataset.split("/")[0] == glyph_vqa.NAME:
+    source = glyph_vqa.source(config.dataset, split, config.data_dir)
+    _check_size(glyphs.IMAGE_SIZE, model_cfg.vision, config.dataset)
+  else:
+    source = tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)
+    _check_images(source.dataset_info, model_cfg.vision, config.dataset)
   ds = grain.MapDataset.source(source)[shard_index::shard_count]
   if config.shuffle:
     ds = ds.shuffle(seed)
