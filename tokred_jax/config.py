@@ -120,6 +120,9 @@ class TextConfig:
   # p-MoD: the layers with a router, and TanhNorm's scale (w = alpha·tanh(r) + 1).
   router_layers: tuple[int, ...] = ()
   router_alpha: float = 0.2
+  # The per-layer kept ratios the routers were trained at (None: a dense layer); a
+  # p-MoD plan with no schedule given uses them. (): not recorded.
+  router_ratios: tuple[float | None, ...] = ()
 
   def __post_init__(self):
     if self.kind not in ("llama", "qwen2"):
@@ -127,6 +130,9 @@ class TextConfig:
     bad = [l for l in self.router_layers if not 0 <= l < self.num_layers]
     if bad:
       raise ConfigError(f"router_layers {bad} are outside the {self.num_layers}-layer LLM.")
+    if self.router_ratios and len(self.router_ratios) != self.num_layers:
+      raise ConfigError(f"router_ratios has {len(self.router_ratios)} entries for a "
+                        f"{self.num_layers}-layer LLM; give one per layer (None: dense).")
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                         f"{self.num_kv_heads}.")
@@ -246,7 +252,8 @@ def text_from_hf(d: dict[str, Any]) -> TextConfig:
       bos_token_id=_get(d, "bos_token_id", dflt),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
       router_layers=tuple(d.get("mod_router_layers", ())),
-      router_alpha=float(d.get("mod_router_alpha", 0.2)))
+      router_alpha=float(d.get("mod_router_alpha", 0.2)),
+      router_ratios=tuple(d.get("mod_router_ratios", ())))
 
 
 def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
@@ -300,6 +307,8 @@ def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
   if t.router_layers:  # p-MoD; transformers keeps unknown fields and ignores them
     text["mod_router_layers"] = list(t.router_layers)
     text["mod_router_alpha"] = t.router_alpha
+    if t.router_ratios:
+      text["mod_router_ratios"] = list(t.router_ratios)
   return dict(
       architectures=["LlavaForConditionalGeneration"], model_type="llava",
       vision_config=vision, text_config=text,

@@ -127,16 +127,20 @@ def build_tome(cfg: LlavaConfig, retention: float | None = None, r: int | None =
   return Reduction(name="tome", mode=mode, tome_r=tome_r)
 
 
-def build_pmod(cfg: LlavaConfig, retention: float | None = None, schedule: str = "cosine",
+def build_pmod(cfg: LlavaConfig, retention: float | None = None, schedule: str | None = None,
                mode: str = "fast", **schedule_args) -> Reduction:
   """p-MoD routing on the model's router layers with a schedule from pmod.SCHEDULES
   (default: PRD's shifted cosine). With `retention`, the schedule is shifted so that the
   mean kept ratio over all layers matches it (the paper's ablations compare schedules
-  at the same mean)."""
+  at the same mean). With neither, the ratios the checkpoint was trained at, if it
+  records them (`TextConfig.router_ratios`)."""
   layers = cfg.text.router_layers
   if not layers:
     raise ConfigError("this model has no p-MoD routers; add them with pmod.add_routers and "
                       "fine-tune (train.py), or load a p-MoD checkpoint.")
+  if schedule is None and retention is None and not schedule_args and cfg.text.router_ratios:
+    return Reduction(name="pmod", mode=mode, mod_ratios=cfg.text.router_ratios)
+  schedule = schedule or "cosine"
   n_layers = cfg.text.num_layers
   try:
     if retention is not None:

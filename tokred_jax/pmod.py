@@ -56,11 +56,12 @@ def stepped_decay(num_layers: int, ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.
                for l in range(num_layers))
 
 
-def constant(num_layers: int, ratio: float = 0.5, first_dense: int = 2) -> Ratios:
-  """The same ratio in every layer after the first `first_dense` (the official
-  'deep_all' routes layers 2..L−2; the last stays dense)."""
+def constant(num_layers: int, ratio: float = 0.5, first_dense: int = 2,
+             last_dense: int = 1) -> Ratios:
+  """The same ratio in every layer but the first `first_dense` and the last `last_dense`
+  (the official 'deep_all' routes layers 2..L−2)."""
   _check_layers(num_layers)
-  return tuple(ratio if first_dense <= l < num_layers - 1 else None
+  return tuple(ratio if first_dense <= l < num_layers - last_dense else None
                for l in range(num_layers))
 
 
@@ -115,7 +116,8 @@ def fit_mean(name: str, num_layers: int, layers: Sequence[int], num_visual: int,
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if mean_kept_ratio(num_visual, make(mid)) < target else (lo, mid)
   best = make(hi)
-  if abs(mean_kept_ratio(num_visual, best) - target) > 0.02:
+  if (abs(mean_kept_ratio(num_visual, best) - target) > 0.02
+      or any(r is not None and not 0 < r <= 1 for r in best)):
     raise ValueError(f"a {name} schedule on layers {list(layers)} cannot keep {target} of the "
                      f"visual tokens on average (closest: {mean_kept_ratio(num_visual, best):.3f}).")
   return best

@@ -57,9 +57,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokred_jax import (checkpoint, cost, data, llava, methods, pmod, processing,
                         reduction, sharding)
 from tokred_jax.config import LlavaConfig
+from tokred_jax.pipeline import TINY_CHECKPOINT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "tiny-llava")
 # The batch contract: key -> rank. Every batch is sharded on its leading axis.
 BATCH_NDIM = {"input_ids": 2, "attention_mask": 2, "positions": 2, "pixel_values": 4,
               "labels": 2, "loss_mask": 2}
@@ -373,7 +373,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
 
 
 def _checkpoint_dir(config: ml_collections.ConfigDict) -> str:
-  return config.model.checkpoint or DEFAULT_CHECKPOINT
+  return config.model.checkpoint or TINY_CHECKPOINT
 
 
 def param_shapes(cfg: LlavaConfig) -> Params:
@@ -383,10 +383,12 @@ def param_shapes(cfg: LlavaConfig) -> Params:
 
 def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
   """The config of `model.checkpoint`; with `model.add_routers` (a p-MoD schedule name)
-  and a dense checkpoint, p-MoD routers on the layers that schedule routes."""
+  and a dense checkpoint, p-MoD routers on `model.router_layers` if set, else on the
+  layers that schedule routes."""
   cfg = checkpoint.read_config(_checkpoint_dir(config))
   if config.model.add_routers and not cfg.text.router_layers:
-    layers = pmod.router_layers(pmod.schedule(config.model.add_routers, cfg.text.num_layers))
+    layers = config.model.get("router_layers") or pmod.router_layers(
+        pmod.schedule(config.model.add_routers, cfg.text.num_layers))
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, router_layers=layers))
   return cfg
 
@@ -408,7 +410,10 @@ def load_params(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Params:
 
 
 def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> reduction.Plan:
-  red = methods.get(config.model.method, cfg, config.model.retention, config.model.mode)
+  # p-MoD trains at the schedule its routers were added for.
+  kw = ({"schedule": config.model.add_routers, **config.model.get("schedule_args", {})}
+        if config.model.method == "pmod" and config.model.add_routers else {})
+  red = methods.get(config.model.method, cfg, config.model.retention, config.model.mode, **kw)
   return reduction.make_plan(red, cfg)
 
 
@@ -424,8 +429,10 @@ def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: redu
                      "tokred_jax.data.build_dataset) and config.data.data_dir, or "
                      "dataset='synthetic'.")
   tokenizer = processing.Tokenizer.load(_checkpoint_dir(config), cfg)
+  fields = config.data.to_dict()
+  split = fields.pop("split", "train")
   return iter(data.make_dataset(
-      data.DataConfig(**config.data.to_dict()), "train", config.seed, tokenizer=tokenizer,
+      data.DataConfig(**fields), split, config.seed, tokenizer=tokenizer,
       model_cfg=cfg, num_image_tokens=plan.num_visual, shard_index=jax.process_index(),
       shard_count=jax.process_count()))
 
@@ -581,8 +588,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if writer is not None:
     writer.close()
   if config.export:
-    export_params(config, workdir, cfg, state.params)
+    export_params(config, workdir, trained_config(cfg, plan), state.params)
   return state, history
+
+
+def trained_config(cfg: LlavaConfig, plan: reduction.Plan) -> LlavaConfig:
+  """`cfg` recording the p-MoD ratios it was trained at, so that inference uses them."""
+  if not (plan.reduction.name == "pmod" and cfg.text.router_layers):
+    return cfg
+  return dataclasses.replace(cfg, text=dataclasses.replace(
+      cfg.text, router_ratios=tuple(plan.reduction.mod_ratios)))
 
 
 def export_params(config: ml_collections.ConfigDict, workdir: str, cfg: LlavaConfig,
@@ -607,4 +622,5 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise ValueError(f"no complete checkpoint in {workdir}/checkpoints to export.")
   state, _ = restore(manager, manager.latest_step(), abstract, shardings)
   manager.close()
-  return export_params(config, workdir, cfg, state.params)
+  return export_params(config, workdir, trained_config(cfg, make_plan(config, cfg)),
+                       state.params)
