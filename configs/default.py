@@ -16,7 +16,7 @@ from ml_collections import config_dict
 def get_config(arg=None):
   """arg: optional checkpoint directory (a Hugging Face LLaVA checkpoint)."""
   config = ml_collections.ConfigDict()
-  # None means the checkpoint embedded in the package (tokred_jax/assets/tiny-llava).
+  # None means the model embedded in the package (tokred_jax/assets/glyph-llava).
   config.checkpoint = config_dict.placeholder(str)
   if arg:
     config.checkpoint = arg

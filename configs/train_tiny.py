@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.num_steps = 300
 
   config.model = ml_collections.ConfigDict()
-  # A Hugging Face LLaVA directory; None: the embedded tiny model.
+  # A Hugging Face LLaVA directory; None: the embedded random-weight tiny model.
   config.model.checkpoint = config_dict.placeholder(str)
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
   # Token reduction during training: a name from tokred_jax.methods ("none": off).

@@ -11,12 +11,12 @@ import tokred_jax
 from tokred_jax import processing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(tokred_jax.DEFAULT_CHECKPOINT, "sample.png")
+SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")
 
 
 @pytest.fixture(scope="module")
 def pipe():
-  return tokred_jax.Pipeline.load()
+  return tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT)
 
 
 def test_generate_answers_each_prompt(pipe):

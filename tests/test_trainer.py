@@ -199,7 +199,7 @@ def test_add_routers_to_a_dense_checkpoint():
   cfg = trainer.model_config(config)
   assert cfg.text.router_layers == (1, 2, 3)  # PRD keeps layer 0 dense
   params = flat(trainer.load_params(config, cfg))
-  _, dense = checkpoint.load_checkpoint(trainer.DEFAULT_CHECKPOINT)
+  _, dense = checkpoint.load_checkpoint(trainer.TINY_CHECKPOINT)
   for k, v in flat(dense).items():
     np.testing.assert_array_equal(params[k], v, err_msg=k)
   routers = sorted(k for k in params if "/router/" in k)

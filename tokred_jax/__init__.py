@@ -2,7 +2,7 @@
 
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.generate import SamplingConfig
-from tokred_jax.pipeline import DEFAULT_CHECKPOINT, Pipeline
+from tokred_jax.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, TINY_CHECKPOINT, Pipeline
 
-__all__ = ["DEFAULT_CHECKPOINT", "LlavaConfig", "Pipeline", "SamplingConfig", "TextConfig",
-           "VisionConfig"]
+__all__ = ["DEFAULT_CHECKPOINT", "LlavaConfig", "PMOD_CHECKPOINT", "Pipeline", "SamplingConfig",
+           "TextConfig", "TINY_CHECKPOINT", "VisionConfig"]

@@ -25,7 +25,12 @@ from tokred_jax.generate import Generator, SamplingConfig
 from tokred_jax.llava import Llava
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(__file__), "assets", "tiny-llava")
+_ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+# The default model, trained on glyph_vqa (configs/glyph_llava.py), and its p-MoD variant.
+DEFAULT_CHECKPOINT = os.path.join(_ASSETS, "glyph-llava")
+PMOD_CHECKPOINT = os.path.join(_ASSETS, "glyph-llava-pmod")
+# Random weights: the smallest model with every part, for tests and smoke runs.
+TINY_CHECKPOINT = os.path.join(_ASSETS, "tiny-llava")
 
 
 def default_prompt(checkpoint: str) -> str:

@@ -1,0 +1,59 @@
+"""The embedded default model and its p-MoD variant load and answer glyph_vqa questions."""
+
+import pytest
+
+import tokred_jax
+from tokred_jax import checkpoint, evaluate, methods, pmod
+from tokred_jax.config import ConfigError, from_hf_dict, to_hf_dict
+from configs import glyph_llava
+
+NUM_QUESTIONS = 32  # 8 of each type; the full test split is in BENCHMARKS.md
+
+
+@pytest.fixture(scope="module")
+def examples():
+  return evaluate.load_examples("glyph_vqa/default", None, "test", NUM_QUESTIONS)
+
+
+@pytest.mark.parametrize("path,setting,least", [
+    (tokred_jax.DEFAULT_CHECKPOINT, "none", 0.9),
+    (tokred_jax.PMOD_CHECKPOINT, "pmod", 0.8)])
+def test_embedded_models_answer_test_questions(examples, path, setting, least):
+  pipe = tokred_jax.Pipeline.load(path)
+  assert pipe.cfg.num_image_tokens == 144 and pipe.cfg.vision.has_cls
+  run = evaluate.evaluate(pipe, examples, [evaluate.Setting(setting)], batch_size=16)
+  result, = run.results
+  assert result.skipped is None
+  assert result.accuracy >= least, result.predictions
+  assert set(result.total_by_type.values()) == {NUM_QUESTIONS // 4}
+
+
+def test_pmod_variant_records_the_ratios_it_was_trained_at():
+  cfg, _ = checkpoint.load_checkpoint(tokred_jax.PMOD_CHECKPOINT)
+  assert cfg.text.router_layers == glyph_llava.PMOD_LAYERS
+  ratios = cfg.text.router_ratios
+  assert pmod.mean_kept_ratio(cfg.num_image_tokens, ratios) == pytest.approx(
+      glyph_llava.PMOD_RETENTION, abs=0.01)
+  assert methods.get("pmod", cfg).mod_ratios == ratios  # the default p-MoD plan
+  assert methods.get("pmod", cfg, 0.6).mod_ratios != ratios  # a retention refits
+  assert from_hf_dict(to_hf_dict(cfg)).text.router_ratios == ratios
+  with pytest.raises(ConfigError, match="one per layer"):
+    from_hf_dict(dict(to_hf_dict(cfg), text_config=dict(
+        to_hf_dict(cfg)["text_config"], mod_router_ratios=[0.5])))
+
+
+def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
+  from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
+  plans = {}
+  for schedule in ("cosine", "linear", "constant"):
+    config = glyph_llava.get_config(f"pmod-{schedule}")
+    config.model.checkpoint = tokred_jax.DEFAULT_CHECKPOINT
+    cfg = trainer.model_config(config)
+    assert cfg.text.router_layers == glyph_llava.PMOD_LAYERS
+    plans[schedule] = trainer.make_plan(config, cfg).reduction.mod_ratios
+    assert pmod.mean_kept_ratio(144, plans[schedule]) == pytest.approx(0.5, abs=0.01)
+  assert len(set(plans.values())) == 3
+  assert len({r for r in plans["constant"] if r is not None}) == 1
+  # A schedule that cannot reach the mean with valid ratios says so.
+  with pytest.raises(ValueError, match="cannot keep"):
+    pmod.fit_mean("constant", 6, (2, 3, 4), 144, 0.5)
