@@ -1,0 +1,233 @@
+r"""Accuracy against prefill cost of every token-reduction setting on glyph_vqa's test split.
+
+  python -m benchmarks.evaluate --checkpoint=DIR --data_dir=DIR
+  python -m benchmarks.evaluate --checkpoint=DIR --data_dir=DIR --limit=400 \
+      --settings=aim@0.25,fastv-k2-r50,mustdrop-64
+
+Runs each setting (`tokred_jax.evaluate`: a method at a retention level, METHOD@FRACTION,
+or a preset; default: dense, aim/fastv/tome/random/pooling at 0.5, 0.25 and 0.125, the
+published presets, and p-MoD's trained schedule if the model has routers) over the
+same questions with greedy decoding, scores exact-match accuracy overall and per question
+type, and reports per example the analytic prefill FLOPs and KV-cache bytes at the
+method's exact counts, the equivalent visual tokens and the measured latency. Dense,
+random and pooling rows are always added: they are the references. Settings the model
+cannot run are listed as skipped with the reason.
+
+Writes the results as JSON (--json), a block in BENCHMARKS.md between this run's markers
+(--markdown; text outside the block is kept) and an accuracy-vs-FLOPs plot (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+import matplotlib
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # Headless: the plot only goes to a file.
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from benchmarks.prefill_speed import machine, write_block
+from tokred_jax import evaluate
+from tokred_jax.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The swept methods' colours in the plot (presets share their method's colour).
+_COLOURS = {"aim": "C0", "fastv": "C1", "tome": "C2", "random": "C3", "pooling": "C4",
+            "mustdrop": "C5", "pmod": "C6"}
+
+
+def header(types) -> str:
+  """The table's header row for these question types."""
+  return ("| method | retention / preset | accuracy % | "
+          + " | ".join(f"{t} %" for t in types)
+          + " | GFLOPs / example | FLOPs ratio | KV cache KiB | equiv. visual tokens "
+          "| latency ms / example |")
+
+
+def _setting(r: evaluate.SettingResult) -> str:
+  if r.preset:
+    return r.preset
+  if r.retention is not None:
+    return f"{r.retention:g}"
+  return "1.0" if r.method == "none" else "trained schedule"
+
+
+def table(run: evaluate.Evaluation) -> str:
+  """One row per setting; skipped ones say so, with their reasons below the table."""
+  types = list(dict.fromkeys(run.question_types))
+  dense = next(r for r in run.results if r.method == "none")
+  rows = [header(types), "|---|---|" + "---:|" * (len(types) + 6)]
+  skipped = []
+  for r in run.results:
+    if r.skipped:
+      skipped.append(f"- {r.label}: {r.skipped}")
+      rows.append(f"| {r.method} | {_setting(r)} | skipped |" + " — |" * (len(types) + 5))
+      continue
+    by_type = r.accuracy_by_type
+    rows.append(
+        f"| {r.method} | {_setting(r)} | {100 * r.accuracy:.1f} | "
+        + " | ".join(f"{100 * by_type[t]:.1f}" for t in types)
+        + f" | {r.flops / 1e9:.3f} | {dense.flops / r.flops:.2f}× | {r.kv_bytes / 1024:.1f} "
+        f"| {r.equivalent_visual_tokens:.1f} | {1e3 * r.latency_s:.2f} |")
+  notes = ["", "Skipped (the model cannot run them):", *skipped] if skipped else []
+  return "\n".join(rows + notes)
+
+
+def model_line(model: dict, checkpoint: str) -> str:
+  p = model["params"]
+  routers = (f"; p-MoD routers in layers {model['router_layers']}"
+             if model["router_layers"] else "")
+  return (f"Model `{checkpoint}` ({model['dtype']}): {model['vision_kind'].upper()}-style "
+          f"tower {model['vision_width']} wide, {model['vision_layers_run']} of "
+          f"{model['vision_layers']} layers run, {model['image_size']} px / "
+          f"{model['patch_size']} px patches = {model['visual_tokens']} visual tokens, "
+          f"{p.get('vision', 0) / 1e6:.2f}M parameters; projector "
+          f"{p.get('projector', 0) / 1e6:.2f}M; {model['text_kind'].title()} LLM "
+          f"{model['text_width']} wide, {model['text_layers']} layers, {model['heads']} heads "
+          f"({model['kv_heads']} KV), MLP {model['mlp']}, vocabulary {model['vocab']}: "
+          f"{p.get('llm', 0) / 1e6:.2f}M parameters{routers}.")
+
+
+def report(run: evaluate.Evaluation, command: str, data: str, checkpoint: str,
+           plot_link: str | None, minutes: float) -> str:
+  """The Markdown block: command, machine, model, data, the table, the plot (its path
+  relative to the Markdown file)."""
+  body = "\n".join([
+      f"Command: `{command}`", "",
+      f"Machine: {machine()}. Run {datetime.date.today().isoformat()}, {minutes:.1f} min.",
+      "", model_line(run.model, checkpoint), "",
+      f"Data: {data}: {len(run.ids)} questions, batch {run.batch_size}, greedy decoding of "
+      f"up to {run.max_new_tokens} tokens, exact match after normalising (stripped, "
+      "lower case, no final full stop). Per example: prefill GFLOPs and the KV cache "
+      "after prefill at the method's exact counts and each prompt's length; FLOPs ratio "
+      "= dense ÷ setting; latency = median over batches of prefill + decode time ÷ "
+      "batch, after a warm-up call per input shape.", "",
+      table(run)])
+  if plot_link:
+    body += f"\n\n![accuracy vs prefill FLOPs]({plot_link})"
+  return body
+
+
+def plot(run: evaluate.Evaluation, path: str, title: str):
+  """Accuracy against prefill GFLOPs: a line per method over its retention levels,
+  presets (and p-MoD's trained schedule) as labelled hollow markers in the method's
+  colour, dense as a star and a dotted level."""
+  done = [r for r in run.results if not r.skipped]
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for method in dict.fromkeys(r.method for r in done):
+    if method == "none":
+      continue
+    colour = _COLOURS.get(method, "C7")
+    swept = sorted((r for r in done if r.method == method and r.retention is not None),
+                   key=lambda r: r.flops)
+    if swept:
+      ax.plot([r.flops / 1e9 for r in swept], [100 * r.accuracy for r in swept], "o-",
+              color=colour, label=method)
+    for i, r in enumerate(r for r in done if r.method == method and r.retention is None):
+      ax.scatter(r.flops / 1e9, 100 * r.accuracy, s=50, facecolors="none",
+                 edgecolors=colour, label=None if swept or i else method)
+      ax.annotate(r.preset or f"{method}, {_setting(r)}", (r.flops / 1e9, 100 * r.accuracy),
+                  fontsize=7, xytext=(4, 4), textcoords="offset points", color=colour)
+  for r in (r for r in done if r.method == "none"):
+    ax.scatter(r.flops / 1e9, 100 * r.accuracy, marker="*", s=160, color="black",
+               zorder=3, label="dense (all tokens)")
+    ax.axhline(100 * r.accuracy, color="black", lw=0.8, ls=":")
+  accuracies = [100 * r.accuracy for r in done]
+  ax.set_ylim(max(-2, min(accuracies) - 5), min(102, max(accuracies) + 5))
+  ax.set_xlabel("prefill GFLOPs per example")
+  ax.set_ylabel("accuracy %")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                      help="Hugging Face LLaVA directory (default: the embedded model)")
+  parser.add_argument("--variants", default=f"pmod-cosine={PMOD_CHECKPOINT}",
+                      help="comma-separated LABEL=DIR: p-MoD checkpoints of the same model, "
+                      "each run at the ratios it was trained at ('' for none)")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data directory (default: generate glyph_vqa's examples)")
+  parser.add_argument("--dataset", default="glyph_vqa/default")
+  parser.add_argument("--split", default="test")
+  parser.add_argument("--limit", type=int, default=None, help="first N examples only")
+  parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
+  parser.add_argument("--max_new_tokens", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--settings", default="",
+                      help="comma-separated METHOD@RETENTION or preset names (default: "
+                      "the full sweep)")
+  parser.add_argument("--json", default=os.path.join(_ROOT, "benchmarks", "evaluate.json"))
+  parser.add_argument("--markdown", default=os.path.join(_ROOT, "BENCHMARKS.md"),
+                      help="file whose evaluate block is replaced ('' to skip)")
+  parser.add_argument("--plot", default=os.path.join(_ROOT, "benchmarks", "evaluate.png"),
+                      help="PNG path ('' to skip)")
+  args = parser.parse_args(argv)
+  try:  # Everything the user can get wrong fails here, before the model loads.
+    settings = evaluate.parse_settings(args.settings) if args.settings else None
+    if args.batch < 1 or (args.limit is not None and args.limit < 1):
+      raise ValueError("--batch and --limit must be positive.")
+    variants = [item.split("=", 1) for item in filter(None, args.variants.split(","))]
+    if any(len(v) != 2 or not os.path.isdir(v[1]) for v in variants):
+      raise ValueError(f"--variants={args.variants}: write LABEL=DIR,... with existing "
+                       "checkpoint directories.")
+    examples = evaluate.load_examples(args.dataset, args.data_dir, args.split, args.limit)
+    pipe = Pipeline.load(args.checkpoint, dtype=args.dtype)
+    variant_pipes = [(label, Pipeline.load(path, dtype=args.dtype)) for label, path in variants]
+  except ValueError as e:
+    raise SystemExit(f"evaluate: {e}") from None
+  settings = evaluate.with_baselines(settings or evaluate.default_settings(pipe.cfg))
+
+  start = time.perf_counter()
+  per = evaluate.batches_per_setting(len(examples), args.batch)
+  with tqdm(total=per * (len(settings) + len(variant_pipes)), unit="batch") as bar:
+    def progress(label: str, n: int):
+      bar.set_postfix_str(label)
+      bar.update(n)
+    run = evaluate.evaluate(pipe, examples, settings, args.batch, args.max_new_tokens,
+                            progress)
+    for label, variant in variant_pipes:  # a row each, at its trained ratios
+      result, = evaluate.evaluate(variant, examples, [evaluate.Setting("pmod")], args.batch,
+                                  args.max_new_tokens, progress).results
+      result.label = result.preset = label
+      run.results.append(result)
+  minutes = (time.perf_counter() - start) / 60
+
+  command = " ".join(["python -m benchmarks.evaluate", *(argv or sys.argv[1:])])
+  data = f"{args.dataset}, {args.split} split" + (
+      f" (its first {args.limit})" if args.limit else "")
+  record = dict(command=command, machine=machine(), date=datetime.date.today().isoformat(),
+                minutes=minutes, checkpoint=args.checkpoint, dataset=args.dataset,
+                split=args.split, limit=args.limit, dtype=args.dtype, **run.to_dict())
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(record, f, indent=1)
+    print(f"wrote {args.json}")
+  if args.plot:
+    plot(run, args.plot, f"{data}: accuracy vs prefill FLOPs "
+         f"({jax.devices()[0].platform.upper()}, {args.dtype})")
+  link = args.plot and os.path.relpath(
+      args.plot, os.path.dirname(os.path.abspath(args.markdown or args.plot)))
+  body = report(run, command, data, args.checkpoint, link, minutes)
+  print("\n" + body)
+  if args.markdown:
+    key = f"evaluate {args.dataset}" + (f" limit={args.limit}" if args.limit else "")
+    write_block(args.markdown, key, body)
+    print(f"\nwrote {args.markdown}")
+
+
+if __name__ == "__main__":
+  main()

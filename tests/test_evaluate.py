@@ -1,0 +1,174 @@
+r"""The accuracy-vs-cost evaluation on glyph_vqa's small test split, with a random 96 px
+LLaVA (144 visual tokens, the default model's tower shape).
+
+`make_glyph_checkpoint` also builds a development checkpoint:
+
+  python -c "from tests.test_evaluate import make_glyph_checkpoint as m; \
+      m('/tmp/glyph-random', vision_layers=4, text_layers=6, width=96)"
+"""
+
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from benchmarks import evaluate as bench
+from tokred_jax import checkpoint, evaluate, llava
+from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.pipeline import Pipeline
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+LIMIT = 16
+WEIGHT_STD = 0.1  # O(1) activations, so answers differ between prompts
+
+
+def make_glyph_checkpoint(out_dir: str, vision_layers: int = 3, text_layers: int = 4,
+                          width: int = 64, seed: int = 0) -> str:
+  """A random-weight LLaVA with the glyph tokenizer: a CLIP-style tower at 96 px with
+  8 px patches (12 x 12 = 144 visual tokens), a Llama LLM `width` wide. Norm scales 1,
+  biases 0, other weights ~N(0, WEIGHT_STD)."""
+  tmp_tok = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(glyphs.corpus(), trainer=trainer)
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                     special_tokens=[("<s>", 1)])
+  tok.save(tmp_tok)
+  ids = {name: tok.token_to_id(name) for name in SPECIALS}
+  cfg = LlavaConfig(
+      vision=VisionConfig(kind="clip", hidden_size=width // 2, intermediate_size=width,
+                          num_layers=vision_layers, num_heads=2, image_size=96,
+                          patch_size=8),
+      text=TextConfig(kind="llama", vocab_size=tok.get_vocab_size(), hidden_size=width,
+                      intermediate_size=2 * width, num_layers=text_layers, num_heads=4,
+                      num_kv_heads=2, head_dim=width // 4, max_position_embeddings=512,
+                      bos_token_id=ids["<s>"], eos_token_id=ids["</s>"]),
+      image_token_id=ids["<image>"], pad_token_id=ids["<pad>"])
+  # Drawn with numpy on the init's shapes: the model's own init traces a whole forward,
+  # whose compile would take most of this file's time budget.
+  shapes = jax.eval_shape(lambda: llava.init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    fill = {"scale": np.ones, "bias": np.zeros}.get(path[-1].key)
+    if fill:
+      return fill(leaf.shape, np.float32)
+    return (WEIGHT_STD * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(draw, shapes)
+  checkpoint.save_checkpoint(out_dir, cfg, params, tokenizer_json_path=tmp_tok)
+  os.remove(tmp_tok)
+  return out_dir
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  glyph_vqa.build(path, "small")
+  return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+  path = make_glyph_checkpoint(str(tmp_path_factory.mktemp("glyph_ckpt")))
+  return Pipeline.load(path)
+
+
+@pytest.fixture(scope="module")
+def examples(data_dir):
+  return evaluate.load_examples("glyph_vqa/small", data_dir, limit=LIMIT)
+
+
+@pytest.fixture(scope="module")
+def runs(pipe, examples):
+  settings = evaluate.parse_settings("none,random@0.25,pooling@0.25,fastv@0.25")
+  # Batches of 6: the last one holds 4 examples and 2 repeats, which must not count.
+  return [evaluate.evaluate(pipe, examples, settings, batch_size=6, max_new_tokens=3)
+          for _ in range(2)]
+
+
+def test_normalize_and_score():
+  assert evaluate.normalize("  Red.\n") == "red"
+  assert evaluate.normalize("YES") == "yes"
+  assert evaluate.normalize("3 .") == "3"
+  assert evaluate.is_correct(" Blue. ", "blue")
+  assert not evaluate.is_correct("blue green", "blue")
+  assert not evaluate.is_correct("7", "1")
+  assert not evaluate.is_correct("", "no")
+
+
+def test_examples_in_index_order(examples):
+  assert [e.id for e in examples] == [f"test-{i}" for i in range(LIMIT)]
+  assert [e.question_type for e in examples] == list(glyphs.QUESTION_TYPES) * (LIMIT // 4)
+  assert all(e.image.shape == (96, 96, 3) and e.prompt.startswith("<image>\n")
+             for e in examples)
+
+
+def test_scores_costs_and_determinism(pipe, examples, runs):
+  assert pipe.cfg.num_image_tokens == 144
+  first, second = runs
+  dense, random, pooling, fastv = first.results
+  assert fastv.skipped and "FastV" in fastv.skipped and fastv.accuracy is None
+  for r in (dense, random, pooling):
+    assert r.skipped is None
+    assert sum(r.total_by_type.values()) == LIMIT == len(r.predictions)
+    assert r.total_by_type == dict.fromkeys(glyphs.QUESTION_TYPES, LIMIT // 4)
+    assert 0 <= r.accuracy <= 1 and all(0 <= a <= 1 for a in r.accuracy_by_type.values())
+    correct = [evaluate.is_correct(p, e.answer) for p, e in zip(r.predictions, examples)]
+    assert r.accuracy == sum(correct) / LIMIT
+    assert r.latency_s > 0 and r.flops_compiled >= r.flops
+  assert dense.equivalent_visual_tokens == 144
+  assert random.equivalent_visual_tokens == pooling.equivalent_visual_tokens == 36
+  for r in (random, pooling):
+    assert r.flops < 0.6 * dense.flops and r.kv_bytes < 0.6 * dense.kv_bytes
+  for a, b in zip(first.results, second.results):
+    assert (a.accuracy, a.predictions, a.correct_by_type) == (
+        b.accuracy, b.predictions, b.correct_by_type)
+  json.dumps(first.to_dict())  # serialisable as is
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("aim@0", "retention must be in"), ("random@1.5", "retention must be in"),
+    ("foo", "unknown method"), ("aim@half", "not a retention level"),
+    ("aim-252@0.5", "preset"), ("none@0.5", "keeps every token"), (" , ", "no settings"),
+])
+def test_bad_setting_is_rejected_before_model_work(tmp_path, spec, match):
+  with pytest.raises(ConfigError, match=match):
+    evaluate.parse_settings(spec)
+  # The command checks settings before it reads the (here missing) checkpoint or data.
+  with pytest.raises(SystemExit, match=match):
+    bench.main([f"--checkpoint={tmp_path}/none", f"--data_dir={tmp_path}/none",
+                f"--settings={spec}"])
+
+
+def test_baselines_are_always_in_the_table():
+  got = evaluate.with_baselines(evaluate.parse_settings("aim@0.5,aim@0.125,aim-72,none@1"))
+  assert [s.label for s in got] == ["none", "aim@0.5", "aim@0.125", "aim-72", "random@0.5",
+                                    "random@0.125", "pooling-2x2"]
+
+
+def test_report_table_and_plot(tmp_path, runs):
+  md, png = tmp_path / "BENCH.md", tmp_path / "eval.png"
+  md.write_text("# Benchmarks\n\nHand-written text.\n")
+  run = runs[0]
+  body = bench.report(run, "python -m benchmarks.evaluate --limit=16",
+                      "glyph_vqa/small, test split", "/tmp/ckpt", png.name, 0.5)
+  bench.write_block(str(md), "evaluate glyph_vqa/small", body)
+  bench.plot(run, str(png), "title")
+  text = md.read_text()
+  assert "Hand-written text." in text and "<!-- END evaluate glyph_vqa/small -->" in text
+  assert bench.header(glyphs.QUESTION_TYPES) in text
+  rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+  assert [row.split(" | ")[0][2:] for row in rows] == ["none", "random", "pooling", "fastv"]
+  assert "skipped" in rows[-1] and "| 1.00× |" in rows[0]
+  assert f"]({png.name})" in text
+  assert png.stat().st_size > 1000
