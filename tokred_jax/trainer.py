@@ -26,16 +26,14 @@ Choices, and why:
   * Optimizer-state shardings come from `jax.eval_shape` of the optimizer's init: every
     leaf whose key path ends in a parameter's path (Adam's mu and nu) takes that
     parameter's sharding; the rest (step counts) are replicated.
-  * The data iterator's position (`get_state()`, JSON) is saved in the same Orbax step
-    as the train state, one file per host (hosts reading different shards can stand at
-    different positions, e.g. after skipping different bad samples), so a resumed run
-    draws exactly the batches it would have drawn.
+  * The data iterator's position is saved in the same Orbax step as the train state
+    (see `train_checkpoint`), so a resumed run draws exactly the batches it would have
+    drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -58,6 +56,7 @@ from tokred_jax import (checkpoint, cost, data, llava, methods, pmod, processing
                         reduction, sharding)
 from tokred_jax.config import LlavaConfig
 from tokred_jax.pipeline import TINY_CHECKPOINT
+from tokred_jax.train_checkpoint import IteratorStateSave, checkpoint_manager, restore
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The batch contract: key -> rank. Every batch is sharded on its leading axis.
@@ -310,63 +309,6 @@ def train_flops_per_step(cfg: LlavaConfig, plan: reduction.Plan, batch: int, len
   forward = cost.plan_cost(cfg, plan, length - plan.num_visual, batch)["flops"]
   head = cost.lm_head_flops(cfg, length, batch).total
   return 3 * (forward.total - forward.lm_head.total + head)
-
-
-# ------------------------------------------------------------------- checkpoints
-
-
-class IteratorStateHandler(ocp.CheckpointHandler):
-  """Orbax handler for data-iterator positions: each host writes and reads its own
-  iterator's `get_state()` as JSON (process_I-of-N.json)."""
-
-  @staticmethod
-  def _file(directory):
-    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-  def save(self, directory, args: IteratorStateSave):
-    self._file(directory).write_text(json.dumps(args.state))
-
-  def restore(self, directory, args: IteratorStateRestore | None = None) -> Any:
-    del args
-    if not self._file(directory).exists():
-      raise ValueError(f"{directory} holds no data position for this host "
-                       f"({self._file(directory).name}); resume with as many hosts as "
-                       "the run that saved it.")
-    return json.loads(self._file(directory).read_text())
-
-
-@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
-@dataclasses.dataclass
-class IteratorStateSave(ocp.args.CheckpointArgs):
-  state: Any
-
-
-@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
-@dataclasses.dataclass
-class IteratorStateRestore(ocp.args.CheckpointArgs):
-  pass
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
-                       ) -> ocp.CheckpointManager:
-  """Async saves every `checkpoint_every` steps into WORKDIR/checkpoints, the last
-  `keep_checkpoints` kept. Orbax writes each step to a temporary directory and renames
-  it when complete, and lists only complete ones, so resume never sees a partial one."""
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-          save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
-          enable_async_checkpointing=True, cleanup_tmp_directories=True))
-
-
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
-            shardings: TrainState) -> tuple[TrainState, Any]:
-  """(the TrainState of `step`, placed by `shardings`; the saved data-iterator state)."""
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_state, shardings)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), data=IteratorStateRestore()))
-  return restored.state, restored.data
 
 
 # ------------------------------------------------------------------------ model
