@@ -14,15 +14,13 @@ import tempfile
 import jax
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from benchmarks import evaluate as bench
-from tokred_jax import checkpoint, evaluate, llava
+from tokred_jax import checkpoint, evaluate, llava, processing
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.pipeline import Pipeline
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 LIMIT = 16
 WEIGHT_STD = 0.1  # O(1) activations, so answers differ between prompts
 
@@ -33,22 +31,12 @@ def make_glyph_checkpoint(out_dir: str, vision_layers: int = 3, text_layers: int
   8 px patches (12 x 12 = 144 visual tokens), a Llama LLM `width` wide. Norm scales 1,
   biases 0, other weights ~N(0, WEIGHT_STD)."""
   tmp_tok = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(glyphs.corpus(), trainer=trainer)
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                     special_tokens=[("<s>", 1)])
-  tok.save(tmp_tok)
-  ids = {name: tok.token_to_id(name) for name in SPECIALS}
+  ids = processing.train_tokenizer(glyphs.corpus(), 512, tmp_tok)
   cfg = LlavaConfig(
       vision=VisionConfig(kind="clip", hidden_size=width // 2, intermediate_size=width,
                           num_layers=vision_layers, num_heads=2, image_size=96,
                           patch_size=8),
-      text=TextConfig(kind="llama", vocab_size=tok.get_vocab_size(), hidden_size=width,
+      text=TextConfig(kind="llama", vocab_size=512, hidden_size=width,
                       intermediate_size=2 * width, num_layers=text_layers, num_heads=4,
                       num_kv_heads=2, head_dim=width // 4, max_position_embeddings=512,
                       bos_token_id=ids["<s>"], eos_token_id=ids["</s>"]),

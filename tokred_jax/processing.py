@@ -89,6 +89,27 @@ class Tokenizer:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", IMAGE_TOKEN, "<pad>")
+
+
+def train_tokenizer(lines: Sequence[str], vocab_size: int, path: str | os.PathLike
+                    ) -> dict[str, int]:
+  """Trains a byte-level BPE tokenizer (BOS prepended, LLaVA's special tokens) on
+  `lines` for the small models made here, writes it as a tokenizer.json at `path` and
+  returns the ids of SPECIAL_TOKENS."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(lines, trainer=trainer)
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+  tok.save(os.fspath(path))
+  return {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
+
+
 def build_prompt(question: str) -> str:
   """The LLaVA-1.5 chat prompt for one question about one image.
 

@@ -33,31 +33,13 @@ import tqdm
 from absl import app, flags
 from flax import linen as nn
 from ml_collections import config_flags
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from tokred_jax import checkpoint, llava, processing
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.vit import VisionTower
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 NUM_DIGITS, NUM_COLOURS = 11, 7  # classes per cell, "empty" last
-
-
-def make_tokenizer(path: str, vocab_size: int) -> dict[str, int]:
-  """A byte-level BPE tokenizer trained on glyph_vqa's sentences (every word one token);
-  writes `path`, returns the special tokens' ids."""
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(glyphs.corpus(), trainer=trainer)
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                     special_tokens=[("<s>", 1)])
-  tok.save(path)
-  return {name: tok.token_to_id(name) for name in SPECIALS}
 
 
 def model_config(arch: ml_collections.ConfigDict, ids: dict[str, int]) -> LlavaConfig:
@@ -131,7 +113,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Pretrains the tower; writes and returns WORKDIR/export (a new LLaVA checkpoint)."""
   os.makedirs(workdir, exist_ok=True)
   tok_path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
-  cfg = model_config(config.arch, make_tokenizer(tok_path, config.arch.vocab_size))
+  # Byte-level BPE on glyph_vqa's sentences: every word becomes one token.
+  ids = processing.train_tokenizer(glyphs.corpus(), config.arch.vocab_size, tok_path)
+  cfg = model_config(config.arch, ids)
   rng = jax.random.PRNGKey(config.seed)
   params = llava.init_params(cfg, rng)
   tower = VisionTower(cfg.vision, cfg.vision_layers_used)

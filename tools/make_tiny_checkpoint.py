@@ -15,9 +15,8 @@ import tempfile
 import jax
 import numpy as np
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from tokred_jax import checkpoint, llava
+from tokred_jax import checkpoint, llava, processing
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 CORPUS = """USER: What is in the image? ASSISTANT: A red circle above a blue square.
@@ -25,21 +24,6 @@ USER: How many shapes are there? ASSISTANT: There are three shapes on a grey bac
 USER: What colour is the triangle? ASSISTANT: The triangle is green and sits on the left.
 USER: Is there a yellow star? ASSISTANT: No, there is no yellow star in the picture.
 """
-SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
-
-
-def make_tokenizer(path: str, vocab_size: int) -> dict[str, int]:
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(CORPUS.splitlines() * 8, trainer=trainer)
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                     special_tokens=[("<s>", 1)])
-  tok.save(path)
-  return {name: tok.token_to_id(name) for name in SPECIALS}
 
 
 def make_sample_image(path: str, size: int = 112):
@@ -54,7 +38,7 @@ def make_sample_image(path: str, size: int = 112):
 def main(out_dir: str):
   vocab = 384
   tmp_tok = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
-  ids = make_tokenizer(tmp_tok, vocab)
+  ids = processing.train_tokenizer(CORPUS.splitlines() * 8, vocab, tmp_tok)
   cfg = LlavaConfig(
       vision=VisionConfig(kind="clip", hidden_size=64, intermediate_size=128, num_layers=3,
                           num_heads=4, image_size=112, patch_size=14),

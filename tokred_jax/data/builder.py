@@ -65,6 +65,14 @@ class ConversationsConfig(tfds.core.BuilderConfig):
   num_threads: int = 8
 
 
+def conversation_features(image_size: int) -> dict[str, tfds.features.FeatureConnector]:
+  """What every data set `make_dataset` reads stores: id, u8[S, S, 3] image, turns."""
+  return {"id": tfds.features.Text(),
+          "image": tfds.features.Tensor(shape=(image_size, image_size, 3), dtype=np.uint8),
+          "conversations": tfds.features.Sequence({
+              "from": tfds.features.Text(), "value": tfds.features.Text()})}
+
+
 class LlavaConversations(tfds.core.GeneratorBasedBuilder):
   """LLaVA conversations with images stored as uint8 pixels (see the module docstring)."""
 
@@ -77,12 +85,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split("\n\n")[0],
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
-            "conversations": tfds.features.Sequence({
-                "from": tfds.features.Text(), "value": tfds.features.Text()}),
-        }),
+        features=tfds.features.FeaturesDict(conversation_features(size)),
         # Reading checks these against the model; "skipped" is filled in as splits build.
         metadata=tfds.core.MetadataDict(
             vision_kind=cfg.vision.kind, image_size=size, image_root=cfg.image_root,

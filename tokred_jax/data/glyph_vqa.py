@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tokred_jax.data import glyphs
+from tokred_jax.data.builder import conversation_features
 
 NAME = "glyph_vqa"
 # One seed stream per split keeps splits disjoint and each independent of the others' size.
@@ -87,10 +88,7 @@ class GlyphVqa(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__.split("\n\n")[0],
         features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8),
-            "conversations": tfds.features.Sequence({
-                "from": tfds.features.Text(), "value": tfds.features.Text()}),
+            **conversation_features(size),
             "question_types": tfds.features.Sequence(tfds.features.Text()),
             "cell_digits": tfds.features.Tensor(shape=(glyphs.GRID,) * 2, dtype=np.int32),
             "cell_colours": tfds.features.Tensor(shape=(glyphs.GRID,) * 2, dtype=np.int32),

@@ -26,7 +26,6 @@ import tensorflow_datasets as tfds
 
 from tokred_jax import processing
 from tokred_jax.config import LlavaConfig, VisionConfig
-from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.data.conversation import encode_example
 from tokred_jax.data.skips import BadSample, SkipLog, check_mode
 
@@ -146,6 +145,9 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   check_mode(config.on_bad_sample)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
+  # Imported here so that `python -m tokred_jax.data.glyph_vqa`, which imports this
+  # package first, does not register its builder twice.
+  from tokred_jax.data import glyph_vqa, glyphs  # pylint: disable=g-import-not-at-top
   if config.dataset.split("/")[0] == glyph_vqa.NAME:
     source = glyph_vqa.source(config.dataset, split, config.data_dir)
     _check_size(glyphs.IMAGE_SIZE, model_cfg.vision, config.dataset)
