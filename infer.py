@@ -52,7 +52,7 @@ def main(argv):
 
   print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
         f"method: {plan.reduction.name} ({plan.reduction.mode} mode)")
-  print(f"answer: {pipe.tokenizer.decode(tokens[0])}\n")
+  print(f"answer: {pipe.tokenizer.decode(tokens[0]).strip()}\n")
   if config.plot:
     _, aux = pipe.forward(batch, plan, return_aux=True)
     pixels = np.asarray(processing.preprocess_images([image], pipe.cfg.vision))[0]
