@@ -8,7 +8,7 @@ from nbclient import NotebookClient
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NOTEBOOK = os.path.join(_ROOT, "colab", "quickstart.ipynb")
-_METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "mustdrop-64")
+_METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "mustdrop-64", "pmod")
 
 
 def _kernel_env() -> dict[str, str]:
