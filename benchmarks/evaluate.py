@@ -52,10 +52,11 @@ def header(types) -> str:
 
 
 def _setting(r: evaluate.SettingResult) -> str:
+  options = "".join(f" ({name}={value:g})" for name, value in r.options.items())
   if r.preset:
-    return r.preset
+    return r.preset + options
   if r.retention is not None:
-    return f"{r.retention:g}"
+    return f"{r.retention:g}{options}"
   return "1.0" if r.method == "none" else "trained schedule"
 
 

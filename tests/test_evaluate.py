@@ -126,7 +126,8 @@ def test_scores_costs_and_determinism(pipe, examples, runs):
 
 @pytest.mark.parametrize("spec, match", [
     ("aim@0", "retention must be in"), ("random@1.5", "retention must be in"),
-    ("foo", "unknown method"), ("aim@half", "not a retention level"),
+    ("foo", "unknown method"), ("aim@half", "METHOD@FRACTION"),
+    ("fastv@0.25:k", "METHOD@FRACTION"),
     ("aim-252@0.5", "preset"), ("none@0.5", "keeps every token"), (" , ", "no settings"),
 ])
 def test_bad_setting_is_rejected_before_model_work(tmp_path, spec, match):
@@ -136,6 +137,14 @@ def test_bad_setting_is_rejected_before_model_work(tmp_path, spec, match):
   with pytest.raises(SystemExit, match=match):
     bench.main([f"--checkpoint={tmp_path}/none", f"--data_dir={tmp_path}/none",
                 f"--settings={spec}"])
+
+
+def test_options_reach_the_method_and_the_label(pipe):
+  setting, = evaluate.parse_settings("fastv@0.5:k=1")
+  assert setting.options == (("k", 1),) and setting.label == "fastv@0.5:k=1"
+  # The default sweep gives FastV k = 1 where its k = 2 cannot reach the level.
+  sweep = {s.label for s in evaluate.default_settings(pipe.cfg)}
+  assert {"fastv@0.5", "fastv@0.25:k=1", "fastv@0.125:k=1"} <= sweep
 
 
 def test_baselines_are_always_in_the_table():

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import cost, methods, reduction
+from tokred_jax import cost, fastv, methods, reduction
 from tokred_jax.config import ConfigError, LlavaConfig
 from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.generate import SamplingConfig
@@ -62,6 +62,8 @@ class Setting:
   retention level in (0, 1] for methods. Checked when made."""
   method: str
   retention: float | None = None
+  # Keyword arguments of the method's builder, e.g. (("k", 1),) for FastV.
+  options: tuple[tuple[str, int | float], ...] = ()
 
   def __post_init__(self):
     known = set(methods.METHODS) | set(methods.PRESETS)
@@ -84,7 +86,8 @@ class Setting:
 
   @property
   def label(self) -> str:
-    return self.method if self.retention is None else f"{self.method}@{self.retention:g}"
+    label = self.method if self.retention is None else f"{self.method}@{self.retention:g}"
+    return label + "".join(f":{name}={value:g}" for name, value in self.options)
 
   @property
   def base_method(self) -> str:
@@ -93,27 +96,36 @@ class Setting:
 
 
 def parse_settings(spec: str) -> list[Setting]:
-  """Settings from e.g. "none,aim@0.25,aim-252" (each checked; ConfigError names a bad
-  one)."""
+  """Settings from e.g. "none,aim@0.25,aim-252,fastv@0.25:k=1" (each checked;
+  ConfigError names a bad one). ":NAME=NUMBER" passes an option to the method."""
   out = []
   for item in filter(None, (s.strip() for s in spec.split(","))):
-    method, _, level = item.partition("@")
+    head, *options = item.split(":")
+    method, _, level = head.partition("@")
     try:
       retention = float(level) if level else None
+      parsed = tuple((name, float(value) if "." in value else int(value))
+                     for name, value in (o.split("=") for o in options))
     except ValueError:
-      raise ConfigError(f"setting {item!r}: {level!r} is not a retention level; write "
-                        "METHOD@FRACTION, e.g. aim@0.25.") from None
-    out.append(Setting(method, retention))
+      raise ConfigError(f"setting {item!r}: write METHOD@FRACTION[:NAME=NUMBER], e.g. "
+                        "aim@0.25 or fastv@0.25:k=1.") from None
+    out.append(Setting(method, retention, parsed))
   if not out:
     raise ConfigError(f"no settings in {spec!r}; e.g. 'none,aim@0.25,pooling-2x2'.")
   return out
 
 
 def default_settings(cfg: LlavaConfig) -> list[Setting]:
-  """Dense; every swept method at each of RETENTIONS; the published presets; and p-MoD at
-  its trained schedule when the model has routers."""
+  """Dense; every swept method at each of RETENTIONS (FastV with k = 1 where k = 2 cannot
+  reach it); the published presets; and p-MoD at its trained ratios when the model has
+  routers."""
   out = [Setting("none")]
-  out += [Setting(m, r) for m in SWEPT_METHODS for r in RETENTIONS]
+  for m in SWEPT_METHODS:
+    for r in RETENTIONS:
+      # FastV's published k = 2 (of 32 layers) keeps every token in two layers; where
+      # that is more than r of a shallow model, it drops tokens after one layer.
+      small_k = m == "fastv" and r * cfg.text.num_layers < fastv.FASTV_K
+      out.append(Setting(m, r, (("k", 1),) if small_k else ()))
   out += [Setting(p) for p in methods.PRESETS]
   if cfg.text.router_layers:
     out.append(Setting("pmod"))
@@ -205,6 +217,7 @@ class SettingResult:
   method: str
   retention: float | None
   preset: str | None
+  options: dict[str, int | float] = dataclasses.field(default_factory=dict)
   skipped: str | None = None  # why, if the model cannot run the setting
   accuracy: float | None = None
   correct_by_type: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -338,9 +351,9 @@ def evaluate(pipe: Pipeline, examples: Sequence[Example], settings: Sequence[Set
   runs = []
   for s in settings:
     preset = s.method if s.method in methods.PRESETS else None
-    result = SettingResult(s.label, s.base_method, s.retention, preset)
+    result = SettingResult(s.label, s.base_method, s.retention, preset, dict(s.options))
     try:
-      plan = pipe.plan(s.method, s.retention)
+      plan = pipe.plan(s.method, s.retention, **dict(s.options))
     except ValueError as e:  # ConfigError included: the method cannot do it here
       result.skipped, plan = str(e), None
     runs.append((plan, result))
