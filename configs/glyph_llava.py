@@ -1,6 +1,6 @@
 r"""The default model (tokred_jax/assets/glyph-llava): a small LLaVA trained on glyph_vqa.
 
-Four stages, as LLaVA and p-MoD train theirs; each reads the previous stage's export.
+Five stages, as LLaVA and p-MoD train theirs; each reads the previous stage's export.
 `tools/train_default_model.sh` runs them all; one by one (DATA: a TFDS data dir, RUN:
 a work dir; every run resumes from its latest checkpoint when rerun):
 
@@ -14,11 +14,15 @@ a work dir; every run resumes from its latest checkpoint when rerun):
   # 3. instruct: projector + LLM on the four question types.
   python train.py --config=configs/glyph_llava.py:instruct --workdir=$RUN/instruct \
       --config.data.data_dir=$DATA --config.model.checkpoint=$RUN/align/export
-  # 4. pmod: the p-MoD variant, fine-tuned from the dense model with routers added.
+  # 4. finetune: the dense model, fine-tuned as stage 5 is but without routers (the
+  #    shipped default; the dense control for the p-MoD variants).
+  python train.py --config=configs/glyph_llava.py:finetune --workdir=$RUN/finetune \
+      --config.data.data_dir=$DATA --config.model.checkpoint=$RUN/instruct/export
+  # 5. pmod: the p-MoD variant, fine-tuned from the same dense model with routers added.
   python train.py --config=configs/glyph_llava.py:pmod --workdir=$RUN/pmod \
       --config.data.data_dir=$DATA --config.model.checkpoint=$RUN/instruct/export
 
-The tower stays frozen after stage 1 (LLaVA freezes CLIP). Stage 4 takes a schedule:
+The tower stays frozen after stage 1 (LLaVA freezes CLIP). Stage 5 takes a schedule:
 `configs/glyph_llava.py:pmod-linear` (or -constant, -cosine), all at the same mean kept
 ratio, for the schedule ablation.
 """
@@ -28,10 +32,11 @@ from ml_collections import config_dict
 
 from configs import train_tiny
 
-STAGES = ("tower", "align", "instruct", "pmod")
+STAGES = ("tower", "align", "instruct", "finetune", "pmod")
 # A stage's steps at batch 64; see the README for the time each took.
-STEPS = {"tower": 1500, "align": 2000, "instruct": 6000, "pmod": 500}
-LEARNING_RATES = {"tower": 2e-3, "align": 1e-3, "instruct": 5e-4, "pmod": 2e-4}
+STEPS = {"tower": 1500, "align": 2000, "instruct": 6000, "finetune": 500, "pmod": 500}
+LEARNING_RATES = {"tower": 2e-3, "align": 1e-3, "instruct": 5e-4, "finetune": 2e-4,
+                  "pmod": 2e-4}
 PMOD_RETENTION = 0.5  # mean kept ratio of visual tokens over all LLM layers
 PMOD_LAYERS = (2, 3, 4, 5)
 

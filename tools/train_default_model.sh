@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Trains the default model (tokred_jax/assets/glyph-llava) from nothing: the four stages
+# Trains the default model (tokred_jax/assets/glyph-llava) from nothing: the five stages
 # of configs/glyph_llava.py, each resuming from its checkpoints when rerun.
 #
 #   bash tools/train_default_model.sh RUN_DIR [extra flags for every stage]
 #
 # glyph_vqa is generated on the fly (no build step); set DATA_DIR to read a TFDS copy
 # built by `python -m tokred_jax.data.glyph_vqa --data_dir=DIR` instead. WORKERS sets
-# grain's data worker processes (default 8). The dense model ends in RUN_DIR/instruct/export,
+# grain's data worker processes (default 8). The dense model ends in RUN_DIR/finetune/export,
 # the p-MoD variant in RUN_DIR/pmod/export.
 set -euo pipefail
 run=${1:?usage: train_default_model.sh RUN_DIR [flags]}
@@ -24,5 +24,7 @@ stage align python train.py --config=configs/glyph_llava.py:align \
   --config.model.checkpoint="$run/tower/export" "$@"
 stage instruct python train.py --config=configs/glyph_llava.py:instruct \
   --config.model.checkpoint="$run/align/export" "$@"
+stage finetune python train.py --config=configs/glyph_llava.py:finetune \
+  --config.model.checkpoint="$run/instruct/export" "$@"
 stage pmod python train.py --config=configs/glyph_llava.py:pmod \
   --config.model.checkpoint="$run/instruct/export" "$@"
