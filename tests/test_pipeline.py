@@ -97,7 +97,7 @@ def test_infer_script_reports_missing_checkpoint(tmp_path):
 def test_sharded_pipeline_generates_the_same(pipe, mesh_shape):
   sampling = tokred_jax.SamplingConfig(max_new_tokens=6)
   images, prompts = [SAMPLE] * 8, [f"Question {i}?" for i in range(8)]
-  sharded = tokred_jax.Pipeline.load(mesh_shape=mesh_shape)
+  sharded = tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT, mesh_shape=mesh_shape)
   assert sharded.generate(images, prompts, sampling) == pipe.generate(images, prompts, sampling)
   batch = pipe.prepare(images, prompts)
   np.testing.assert_allclose(np.asarray(sharded.forward(batch)), np.asarray(pipe.forward(batch)),
@@ -105,7 +105,8 @@ def test_sharded_pipeline_generates_the_same(pipe, mesh_shape):
 
 
 def test_batch_that_does_not_split_over_the_mesh():
-  sharded = tokred_jax.Pipeline.load(mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
+  sharded = tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT,
+                                     mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
   with pytest.raises(ValueError, match="multiple of 2"):
     sharded.forward(sharded.prepare([SAMPLE] * 3, ["a?", "b?", "c?"]))
 
@@ -116,7 +117,8 @@ def test_methods_on_a_mesh_equal_one_device(pipe, method, retention):
   images, prompts = [SAMPLE] * 4, [f"Question {i}?" for i in range(4)]
   plan = pipe.plan(method, retention)
   batch = pipe.prepare(images, prompts, plan=plan)
-  sharded = tokred_jax.Pipeline.load(mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
+  sharded = tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT,
+                                     mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
   np.testing.assert_allclose(np.asarray(sharded.forward(batch, plan)),
                              np.asarray(pipe.forward(batch, plan)), atol=1e-5, rtol=1e-5)
 
