@@ -28,7 +28,6 @@ ratio, for the schedule ablation.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs import train_tiny
 
