@@ -168,12 +168,13 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
   the first `limit` of them if given. `data_dir` None generates glyph_vqa's examples
   (the same ones a built copy holds)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if limit is not None and limit < 1:
+    raise ValueError(f"limit must be a positive number of examples, got {limit}.")
   if data_dir is None:
     if dataset.split("/")[0] != glyph_vqa.NAME:
       raise ValueError(f"{dataset} needs --data_dir (only glyph_vqa can be generated).")
     source = glyph_vqa.source(dataset, split, None)
-    records = [source[i] for i in range(len(source) if limit is None else
-                                        min(max(limit, 0), len(source)))]
+    records = [source[i] for i in range(min(limit or len(source), len(source)))]
   # TFDS would try to build a missing data set (and fail without TensorFlow): say how.
   elif not os.path.isdir(os.path.join(data_dir, *dataset.split(":")[0].split("/"))):
     raise ValueError(f"{dataset} is not built in {data_dir}; build it with `python -m "
@@ -183,10 +184,7 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
     source = tfds.data_source(dataset, split=split, data_dir=data_dir)
     records = source.__getitems__(list(range(len(source))))
   records.sort(key=lambda r: _index(r["id"].decode()))
-  if limit is not None:
-    if limit < 1:
-      raise ValueError(f"limit must be a positive number of examples, got {limit}.")
-    records = records[:limit]
+  records = records[:limit]
   out = []
   for r in records:
     turns = r["conversations"]
