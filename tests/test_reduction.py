@@ -181,6 +181,7 @@ def test_flops_match_xla_and_fall_as_planned(name, retention):
 
 @pytest.mark.parametrize("make", [
     lambda: methods.get("aim", CFG, retention=0.0),
+    lambda: methods.get("aim", CFG, retention=0.25, l1=2),
     lambda: methods.get("fastv", CFG, retention=1.5),
     lambda: methods.get("pooling", CFG, retention=0.3),
     lambda: methods.get("nonsense", CFG),

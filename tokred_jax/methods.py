@@ -59,14 +59,20 @@ def _merge_steps(num_visual: int, target: int) -> tuple[int, ...]:
 
 def build_aim(cfg: LlavaConfig, retention: float | None = None,
         merge_r: tuple[int, ...] = aim.LLAVA15_MERGE_252, schedule=None,
-        mode: str = "fast") -> Reduction:
-  """AIM: merge before the LLM, then PageRank pruning on the (l1, l2) schedule.
+        mode: str = "fast", l1: int | None = None, l2: int | None = None) -> Reduction:
+  """AIM: merge before the LLM, then PageRank pruning on the (l1, l2) schedule
+  (`schedule`, or `l1` and `l2` given one by one, e.g. as evaluation options; default
+  `aim_schedule`).
 
   With `retention`, the merge target M is chosen so that M times the schedule's mean
   ratio gives retention·N_v; if that needs no merging at all (retention above the
   schedule's mean), the schedule is relaxed instead: v ← 1 − (1 − v)(1 − ρ)/(1 − mean).
   """
   n_layers = cfg.text.num_layers
+  if (l1 is None) != (l2 is None):
+    raise ConfigError(f"AIM's schedule needs both l1 and l2; got l1={l1}, l2={l2}.")
+  if l1 is not None:
+    schedule = (l1, l2)
   l1, l2 = schedule or aim_schedule(n_layers)
   ratios = aim.layer_ratios(n_layers, l1, l2)
   n_v = cfg.num_image_tokens
