@@ -3,6 +3,7 @@ r"""Accuracy against prefill cost of every token-reduction setting on glyph_vqa'
   python -m benchmarks.evaluate --checkpoint=DIR --data_dir=DIR
   python -m benchmarks.evaluate --checkpoint=DIR --data_dir=DIR --limit=400 \
       --settings=aim@0.25,fastv-k2-r50,mustdrop-64
+  python -m benchmarks.evaluate --add --variants=pmod-new=DIR   # one more row
 
 Runs each setting (`tokred_jax.evaluate`: a method at a retention level, METHOD@FRACTION,
 or a preset; default: dense, aim/fastv/tome/random/pooling at 0.5, 0.25 and 0.125, the
@@ -15,6 +16,10 @@ cannot run are listed as skipped with the reason.
 
 Writes the results as JSON (--json), a block in BENCHMARKS.md between this run's markers
 (--markdown; text outside the block is kept) and an accuracy-vs-FLOPs plot (--plot).
+With --add, the settings and variants given are run on the same questions and added to
+the results already in --json (replacing rows of the same label), so that a new
+checkpoint or setting does not need the whole sweep again; the block lists every
+command that contributed.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from benchmarks.prefill_speed import machine, write_block
 from tokred_jax import evaluate
-from tokred_jax.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
+from tokred_jax.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
+                                 PMOD_QUARTER_CHECKPOINT, Pipeline)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_VARIANTS = (f"pmod-cosine={PMOD_CHECKPOINT},"
+                    f"pmod-constant@0.25={PMOD_QUARTER_CHECKPOINT}")
 # The swept methods' colours in the plot (presets share their method's colour).
 _COLOURS = {"aim": "C0", "fastv": "C1", "tome": "C2", "random": "C3", "pooling": "C4",
             "mustdrop": "C5", "pmod": "C6"}
@@ -96,14 +104,23 @@ def model_line(model: dict, checkpoint: str) -> str:
           f"{p.get('llm', 0) / 1e6:.2f}M parameters{routers}.")
 
 
-def report(run: evaluate.Evaluation, command: str, data: str, checkpoint: str,
-           plot_link: str | None, minutes: float) -> str:
-  """The Markdown block: command, machine, model, data, the table, the plot (its path
+def commands_lines(history: list[dict]) -> list[str]:
+  """Each contributing command with its machine, date and duration."""
+  if len(history) == 1:
+    h, = history
+    return [f"Command: `{h['command']}`", "",
+            f"Machine: {h['machine']}. Run {h['date']}, {h['minutes']:.1f} min."]
+  return ["Commands (each later one added rows to the results of those before it):", "",
+          *(f"- `{h['command']}`: {h['machine']}; run {h['date']}, {h['minutes']:.1f} min."
+            for h in history)]
+
+
+def report(run: evaluate.Evaluation, history: list[dict], data: str, checkpoint: str,
+           plot_link: str | None) -> str:
+  """The Markdown block: commands, machines, model, data, the table, the plot (its path
   relative to the Markdown file)."""
   body = "\n".join([
-      f"Command: `{command}`", "",
-      f"Machine: {machine()}. Run {datetime.date.today().isoformat()}, {minutes:.1f} min.",
-      "", model_line(run.model, checkpoint), "",
+      *commands_lines(history), "", model_line(run.model, checkpoint), "",
       f"Data: {data}: {len(run.ids)} questions, batch {run.batch_size}, greedy decoding of "
       f"up to {run.max_new_tokens} tokens, exact match after normalising (stripped, "
       "lower case, no final full stop). Per example: prefill GFLOPs and the KV cache "
@@ -122,6 +139,17 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
   colour, dense as a star and a dotted level."""
   done = [r for r in run.results if not r.skipped]
   fig, ax = plt.subplots(figsize=(8, 5))
+  xs, ys = [r.flops / 1e9 for r in done], [100 * r.accuracy for r in done]
+  near_x, near_y = 0.04 * (max(xs) - min(xs)), 0.03 * (max(ys) - min(ys))
+  labelled = []
+
+  def annotate(text: str, x: float, y: float, colour: str):
+    # Labels of points that (nearly) coincide go one under another, not on top.
+    stacked = sum(abs(x - px) < near_x and abs(y - py) < near_y for px, py in labelled)
+    labelled.append((x, y))
+    ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 - 9 * stacked),
+                textcoords="offset points", color=colour)
+
   for method in dict.fromkeys(r.method for r in done):
     if method == "none":
       continue
@@ -134,14 +162,13 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
     for i, r in enumerate(r for r in done if r.method == method and r.retention is None):
       ax.scatter(r.flops / 1e9, 100 * r.accuracy, s=50, facecolors="none",
                  edgecolors=colour, label=None if swept or i else method)
-      ax.annotate(r.preset or f"{method}, {_setting(r)}", (r.flops / 1e9, 100 * r.accuracy),
-                  fontsize=7, xytext=(4, 4), textcoords="offset points", color=colour)
+      annotate(r.preset or f"{method}, {_setting(r)}", r.flops / 1e9, 100 * r.accuracy,
+               colour)
   for r in (r for r in done if r.method == "none"):
     ax.scatter(r.flops / 1e9, 100 * r.accuracy, marker="*", s=160, color="black",
                zorder=3, label="dense (all tokens)")
     ax.axhline(100 * r.accuracy, color="black", lw=0.8, ls=":")
-  accuracies = [100 * r.accuracy for r in done]
-  ax.set_ylim(max(-2, min(accuracies) - 5), min(102, max(accuracies) + 5))
+  ax.set_ylim(max(-2, min(ys) - 5), min(102, max(ys) + 5))
   ax.set_xlabel("prefill GFLOPs per example")
   ax.set_ylabel("accuracy %")
   ax.set_title(title, fontsize=10)
@@ -152,14 +179,54 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
   plt.close(fig)
 
 
+def _shown(path: str) -> str:
+  """A checkpoint path as recorded: relative to the repository when inside it."""
+  full = os.path.abspath(path)
+  return os.path.relpath(full, _ROOT) if full.startswith(_ROOT + os.sep) else full
+
+
+def _previous_run(args, settings, variants) -> dict:
+  """The saved run that --add extends, checked against this one's arguments."""
+  if not settings and not variants:
+    raise ValueError("--add needs --settings or --variants: the rows to add.")
+  if not os.path.isfile(args.json):
+    raise ValueError(f"--add: {args.json} does not exist; run the full evaluation first.")
+  with open(args.json) as f:
+    record = json.load(f)
+  for name in ("checkpoint", "dataset", "split", "limit", "dtype", "batch_size",
+               "max_new_tokens"):
+    ours = args.batch if name == "batch_size" else getattr(args, name)
+    theirs = record.get(name)
+    if name == "checkpoint":
+      ours, theirs = _shown(ours), _shown(theirs)
+    if theirs != ours:
+      raise ValueError(f"--add: {args.json} has {name}={theirs!r}, this run "
+                       f"{ours!r}; pass the same --{name.replace('_size', '')}.")
+  return record
+
+
+def _history(record: dict) -> list[dict]:
+  """The commands of a saved run (older files kept one command at the top level)."""
+  if "runs" in record:
+    return record["runs"]
+  return [{k: record[k] for k in ("command", "machine", "date", "minutes")}]
+
+
+def _merged(record: dict, run: evaluate.Evaluation) -> evaluate.Evaluation:
+  previous = evaluate.Evaluation.from_dict(record)
+  previous.add(run)
+  return previous
+
+
 def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                       help="Hugging Face LLaVA directory (default: the embedded model)")
-  parser.add_argument("--variants", default=f"pmod-cosine={PMOD_CHECKPOINT}",
+  parser.add_argument("--variants", default=None,
                       help="comma-separated LABEL=DIR: p-MoD checkpoints of the same model, "
-                      "each run at the ratios it was trained at ('' for none)")
+                      "each run at the ratios it was trained at ('' for none; default: "
+                      "the embedded p-MoD variants, none with --add)")
   parser.add_argument("--data_dir", default=None,
                       help="TFDS data directory (default: generate glyph_vqa's examples)")
   parser.add_argument("--dataset", default="glyph_vqa/default")
@@ -176,21 +243,30 @@ def main(argv: list[str] | None = None):
                       help="file whose evaluate block is replaced ('' to skip)")
   parser.add_argument("--plot", default=os.path.join(_ROOT, "benchmarks", "evaluate.png"),
                       help="PNG path ('' to skip)")
+  parser.add_argument("--add", action="store_true",
+                      help="run only --settings and --variants and add them to the results "
+                      "in --json (same questions, checkpoint and dtype)")
   args = parser.parse_args(argv)
   try:  # Everything the user can get wrong fails here, before the model loads.
     settings = evaluate.parse_settings(args.settings) if args.settings else None
     if args.batch < 1 or (args.limit is not None and args.limit < 1):
       raise ValueError("--batch and --limit must be positive.")
+    if args.variants is None:
+      args.variants = "" if args.add else DEFAULT_VARIANTS
     variants = [item.split("=", 1) for item in filter(None, args.variants.split(","))]
     if any(len(v) != 2 or not os.path.isdir(v[1]) for v in variants):
       raise ValueError(f"--variants={args.variants}: write LABEL=DIR,... with existing "
                        "checkpoint directories.")
+    previous = _previous_run(args, settings, variants) if args.add else None
     examples = evaluate.load_examples(args.dataset, args.data_dir, args.split, args.limit)
     pipe = Pipeline.load(args.checkpoint, dtype=args.dtype)
     variant_pipes = [(label, Pipeline.load(path, dtype=args.dtype)) for label, path in variants]
   except ValueError as e:
     raise SystemExit(f"evaluate: {e}") from None
-  settings = evaluate.with_baselines(settings or evaluate.default_settings(pipe.cfg))
+  if args.add:
+    settings = settings or []
+  else:
+    settings = evaluate.with_baselines(settings or evaluate.default_settings(pipe.cfg))
 
   start = time.perf_counter()
   per = evaluate.batches_per_setting(len(examples), args.batch)
@@ -205,13 +281,20 @@ def main(argv: list[str] | None = None):
                                   args.max_new_tokens, progress).results
       result.label = result.preset = label
       run.results.append(result)
-  minutes = (time.perf_counter() - start) / 60
+  this = dict(command=" ".join(["python -m benchmarks.evaluate", *(argv or sys.argv[1:])]),
+              machine=machine(), date=datetime.date.today().isoformat(),
+              minutes=(time.perf_counter() - start) / 60)
+  history = [this]
+  if previous:
+    history = _history(previous) + history
+    try:
+      run = _merged(previous, run)
+    except ValueError as e:
+      raise SystemExit(f"evaluate: --add: {e}") from None
 
-  command = " ".join(["python -m benchmarks.evaluate", *(argv or sys.argv[1:])])
   data = f"{args.dataset}, {args.split} split" + (
       f" (its first {args.limit})" if args.limit else "")
-  record = dict(command=command, machine=machine(), date=datetime.date.today().isoformat(),
-                minutes=minutes, checkpoint=args.checkpoint, dataset=args.dataset,
+  record = dict(runs=history, checkpoint=_shown(args.checkpoint), dataset=args.dataset,
                 split=args.split, limit=args.limit, dtype=args.dtype, **run.to_dict())
   if args.json:
     with open(args.json, "w") as f:
@@ -222,7 +305,7 @@ def main(argv: list[str] | None = None):
          f"({jax.devices()[0].platform.upper()}, {args.dtype})")
   link = args.plot and os.path.relpath(
       args.plot, os.path.dirname(os.path.abspath(args.markdown or args.plot)))
-  body = report(run, command, data, args.checkpoint, link, minutes)
+  body = report(run, history, data, _shown(args.checkpoint), link)
   print("\n" + body)
   if args.markdown:
     key = f"evaluate {args.dataset}" + (f" limit={args.limit}" if args.limit else "")

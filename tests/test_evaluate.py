@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks import evaluate as bench
-from tokred_jax import checkpoint, evaluate, llava, processing
+from tokred_jax import checkpoint, evaluate, llava, methods, processing
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.pipeline import Pipeline
@@ -66,9 +66,13 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-  path = make_glyph_checkpoint(str(tmp_path_factory.mktemp("glyph_ckpt")))
-  return Pipeline.load(path)
+def ckpt(tmp_path_factory):
+  return make_glyph_checkpoint(str(tmp_path_factory.mktemp("glyph_ckpt")))
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+  return Pipeline.load(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,11 @@ def test_options_reach_the_method_and_the_label(pipe):
   # The default sweep gives FastV k = 1 where its k = 2 cannot reach the level.
   sweep = {s.label for s in evaluate.default_settings(pipe.cfg)}
   assert {"fastv@0.5", "fastv@0.25:k=1", "fastv@0.125:k=1"} <= sweep
+  # AIM's schedule as two numeric options.
+  default, chosen = (pipe.plan(s.method, s.retention, **dict(s.options)).reduction
+                     for s in evaluate.parse_settings("aim@0.25,aim@0.25:l1=0:l2=2"))
+  assert chosen == methods.get("aim", pipe.cfg, 0.25, schedule=(0, 2))
+  assert chosen.layer_ratios != default.layer_ratios
 
 
 def test_baselines_are_always_in_the_table():
@@ -157,8 +166,9 @@ def test_report_table_and_plot(tmp_path, runs):
   md, png = tmp_path / "BENCH.md", tmp_path / "eval.png"
   md.write_text("# Benchmarks\n\nHand-written text.\n")
   run = runs[0]
-  body = bench.report(run, "python -m benchmarks.evaluate --limit=16",
-                      "glyph_vqa/small, test split", "/tmp/ckpt", png.name, 0.5)
+  history = [dict(command="python -m benchmarks.evaluate --limit=16", machine="CPU",
+                  date="2026-01-01", minutes=0.5)]
+  body = bench.report(run, history, "glyph_vqa/small, test split", "/tmp/ckpt", png.name)
   bench.write_block(str(md), "evaluate glyph_vqa/small", body)
   bench.plot(run, str(png), "title")
   text = md.read_text()
@@ -169,3 +179,30 @@ def test_report_table_and_plot(tmp_path, runs):
   assert "skipped" in rows[-1] and "| 1.00× |" in rows[0]
   assert f"]({png.name})" in text
   assert png.stat().st_size > 1000
+
+
+def test_add_runs_only_the_new_rows_and_keeps_the_old(tmp_path, ckpt, data_dir):
+  out = {"json": tmp_path / "e.json", "markdown": tmp_path / "B.md", "plot": tmp_path / "e.png"}
+  common = [f"--checkpoint={ckpt}", f"--data_dir={data_dir}", "--dataset=glyph_vqa/small",
+            "--limit=8", "--batch=4", "--max_new_tokens=3", "--variants=",
+            *(f"--{k}={v}" for k, v in out.items())]
+  bench.main(common + ["--settings=none"])
+  first = json.loads(out["json"].read_text())
+  assert [r["label"] for r in first["results"]] == ["none", "random@0.25", "pooling-2x2"]
+  # Two rows more, one of them replacing the random row (same label, same predictions).
+  bench.main(common + ["--add", "--settings=random@0.25,fastv@0.5"])
+  added = json.loads(out["json"].read_text())
+  assert [r["label"] for r in added["results"]] == ["none", "pooling-2x2", "random@0.25",
+                                                    "fastv@0.5"]
+  assert added["results"][0] == first["results"][0]
+  assert added["results"][2]["predictions"] == first["results"][1]["predictions"]
+  assert [h["command"].split()[-1] for h in added["runs"]] == [
+      "--settings=none", "--settings=random@0.25,fastv@0.5"]
+  text = out["markdown"].read_text()
+  assert "each later one added rows" in text and text.count("| fastv |") == 1
+  # A run over other questions, or with nothing to add, is refused before any model work.
+  for extra, match in [(["--limit=4"], "limit"), (["--split=validation"], "split"),
+                       ([], "needs --settings or --variants")]:
+    with pytest.raises(SystemExit, match=match):
+      bench.main(common + ["--add", *extra] + (["--settings=none"] if extra else []))
+  assert json.loads(out["json"].read_text()) == added  # and leaves the results alone

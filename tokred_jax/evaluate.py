@@ -250,6 +250,27 @@ class Evaluation:
       d["accuracy_by_type"] = r.accuracy_by_type
     return out
 
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> Evaluation:
+    """The inverse of `to_dict` (extra keys, such as a saved run's command, ignored)."""
+    fields = {f.name for f in dataclasses.fields(SettingResult)}
+    results = [SettingResult(**{k: v for k, v in r.items() if k in fields})
+               for r in d["results"]]
+    return cls(d["model"], d["batch_size"], d["max_new_tokens"], d["ids"],
+               d["question_types"], d["answers"], results)
+
+  def add(self, other: Evaluation):
+    """Puts `other`'s results (a run over the same examples) after these, each replacing
+    one with the same label. ValueError if the examples or decoding differ."""
+    if (other.ids, other.answers) != (self.ids, self.answers):
+      raise ValueError("the runs are over different examples; evaluate the same data set, "
+                       "split and limit.")
+    if other.max_new_tokens != self.max_new_tokens:
+      raise ValueError(f"the runs decode up to {self.max_new_tokens} and "
+                       f"{other.max_new_tokens} tokens; use the same --max_new_tokens.")
+    labels = {r.label for r in other.results}
+    self.results = [r for r in self.results if r.label not in labels] + other.results
+
 
 def model_summary(pipe: Pipeline) -> dict[str, Any]:
   """The model's shape and parameter counts (per top-level module and in all)."""
