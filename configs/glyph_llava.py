@@ -21,10 +21,17 @@ a work dir; every run resumes from its latest checkpoint when rerun):
   # 5. pmod: the p-MoD variant, fine-tuned from the same dense model with routers added.
   python train.py --config=configs/glyph_llava.py:pmod --workdir=$RUN/pmod \
       --config.data.data_dir=$DATA --config.model.checkpoint=$RUN/instruct/export
+  # 5b. p-MoD at a quarter of the visual tokens (constant ratio, every layer routed),
+  #     fine-tuned from the shipped dense model (tokred_jax/assets/glyph-llava-pmod-quarter).
+  python train.py --config=configs/glyph_llava.py:pmod-constant@0.25 \
+      --workdir=$RUN/pmod-quarter --config.data.data_dir=$DATA \
+      --config.model.checkpoint=$RUN/finetune/export
 
 The tower stays frozen after stage 1 (LLaVA freezes CLIP). Stage 5 takes a schedule:
 `configs/glyph_llava.py:pmod-linear` (or -constant, -cosine), all at the same mean kept
-ratio, for the schedule ablation.
+ratio, for the schedule ablation, and optionally another mean: `pmod-constant@0.25`
+keeps a quarter of the visual tokens on average. A mean that layers 2-5 alone cannot
+reach (below 2/6: layers 0 and 1 stay dense) routes every layer.
 """
 
 import ml_collections
@@ -38,6 +45,7 @@ LEARNING_RATES = {"tower": 2e-3, "align": 1e-3, "instruct": 5e-4, "finetune": 2e
                   "pmod": 2e-4}
 PMOD_RETENTION = 0.5  # mean kept ratio of visual tokens over all LLM layers
 PMOD_LAYERS = (2, 3, 4, 5)
+NUM_LAYERS = 6
 
 
 def architecture() -> ml_collections.ConfigDict:
@@ -46,17 +54,27 @@ def architecture() -> ml_collections.ConfigDict:
   arch.vocab_size = 384
   arch.vision = dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                      image_size=96, patch_size=8)
-  arch.text = dict(hidden_size=128, intermediate_size=384, num_layers=6, num_heads=4,
+  arch.text = dict(hidden_size=128, intermediate_size=384, num_layers=NUM_LAYERS, num_heads=4,
                    num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
                    max_position_embeddings=512)
   return arch
 
 
 def get_config(arg="instruct"):
-  """arg: the stage, one of STAGES; "pmod-SCHEDULE" picks stage 4's schedule."""
-  stage, _, schedule = arg.partition("-")
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {arg!r}; use one of {STAGES} (pmod-linear, ...).")
+  """arg: the stage, one of STAGES; "pmod-SCHEDULE[@MEAN]" picks stage 5's schedule and
+  mean kept ratio (default PMOD_RETENTION)."""
+  head, _, mean = arg.partition("@")
+  stage, _, schedule = head.partition("-")
+  if stage not in STAGES or (mean and stage != "pmod"):
+    raise ValueError(f"unknown stage {arg!r}; use one of {STAGES} (pmod-linear, "
+                     "pmod-constant@0.25, ...).")
+  try:
+    retention = float(mean) if mean else PMOD_RETENTION
+  except ValueError:
+    raise ValueError(f"{arg!r}: write the mean kept ratio as a number, e.g. "
+                     "pmod-constant@0.25.") from None
+  if not 0 < retention <= 1:
+    raise ValueError(f"{arg!r}: the mean kept ratio must be in (0, 1].")
   config = train_tiny.get_config()
   config.num_steps = STEPS[stage]
   config.data.dataset = "glyph_vqa/default"
@@ -73,9 +91,13 @@ def get_config(arg="instruct"):
   if stage == "pmod":
     # Every schedule routes the layers PRD routes in 6 layers (2-5) and keeps the same
     # mean ratio, so that the ablation compares the schedules' shapes alone.
+    # Below 2/6 even empty routed layers 2-5 keep too much: then every layer routes.
+    route_all = retention < (NUM_LAYERS - len(PMOD_LAYERS)) / NUM_LAYERS
     config.model.method = "pmod"
-    config.model.retention = PMOD_RETENTION
+    config.model.retention = retention
     config.model.add_routers = schedule or "cosine"
-    config.model.router_layers = PMOD_LAYERS
-    config.model.schedule_args = {"last_dense": 0} if schedule == "constant" else {}
+    config.model.router_layers = tuple(range(NUM_LAYERS)) if route_all else PMOD_LAYERS
+    config.model.schedule_args = {}
+    if schedule == "constant":
+      config.model.schedule_args = {"last_dense": 0, "first_dense": 0 if route_all else 2}
   return config

@@ -7,7 +7,8 @@
 # glyph_vqa is generated on the fly (no build step); set DATA_DIR to read a TFDS copy
 # built by `python -m tokred_jax.data.glyph_vqa --data_dir=DIR` instead. WORKERS sets
 # grain's data worker processes (default 8). The dense model ends in RUN_DIR/finetune/export,
-# the p-MoD variant in RUN_DIR/pmod/export.
+# the p-MoD variants in RUN_DIR/pmod/export (PRD cosine, mean kept ratio 0.5, from stage 3)
+# and RUN_DIR/pmod-quarter/export (constant, mean 0.25 on every layer, from stage 4).
 set -euo pipefail
 run=${1:?usage: train_default_model.sh RUN_DIR [flags]}
 shift
@@ -28,3 +29,5 @@ stage finetune python train.py --config=configs/glyph_llava.py:finetune \
   --config.model.checkpoint="$run/instruct/export" "$@"
 stage pmod python train.py --config=configs/glyph_llava.py:pmod \
   --config.model.checkpoint="$run/instruct/export" "$@"
+stage pmod-quarter python train.py --config=configs/glyph_llava.py:pmod-constant@0.25 \
+  --config.model.checkpoint="$run/finetune/export" "$@"
