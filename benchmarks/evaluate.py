@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None):
   body = report(run, history, data, _shown(args.checkpoint), link)
   print("\n" + body)
   if args.markdown:
-    key = f"evaluate {args.dataset}" + (f" limit={args.limit}" if args.limit else "")
+    key = (f"evaluate {args.dataset}" + (f" split={args.split}" if args.split != "test" else "")
+           + (f" limit={args.limit}" if args.limit else ""))
     write_block(args.markdown, key, body)
     print(f"\nwrote {args.markdown}")
 
