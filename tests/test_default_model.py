@@ -3,7 +3,7 @@
 import pytest
 
 import tokred_jax
-from tokred_jax import checkpoint, evaluate, methods, pmod
+from tokred_jax import checkpoint, cost, evaluate, methods, pmod
 from tokred_jax.config import ConfigError, from_hf_dict, to_hf_dict
 from configs import glyph_llava
 
@@ -17,7 +17,8 @@ def examples():
 
 @pytest.mark.parametrize("path,setting,least", [
     (tokred_jax.DEFAULT_CHECKPOINT, "none", 0.9),
-    (tokred_jax.PMOD_CHECKPOINT, "pmod", 0.8)])
+    (tokred_jax.PMOD_CHECKPOINT, "pmod", 0.8),
+    (tokred_jax.PMOD_QUARTER_CHECKPOINT, "pmod", 0.9)])
 def test_embedded_models_answer_test_questions(examples, path, setting, least):
   pipe = tokred_jax.Pipeline.load(path)
   assert pipe.cfg.num_image_tokens == 144 and pipe.cfg.vision.has_cls
@@ -42,6 +43,17 @@ def test_pmod_variant_records_the_ratios_it_was_trained_at():
         to_hf_dict(cfg)["text_config"], mod_router_ratios=[0.5])))
 
 
+def test_quarter_variant_keeps_36_tokens_in_every_layer():
+  pipe = tokred_jax.Pipeline.load(tokred_jax.PMOD_QUARTER_CHECKPOINT)
+  plan = pipe.plan("pmod")
+  assert pipe.cfg.text.router_layers == tuple(range(glyph_llava.NUM_LAYERS))
+  assert pmod.kept_counts(144, plan.reduction.mod_ratios) == (36,) * 6
+  costs = [cost.plan_cost(pipe.cfg, p, 20, exact=True)
+           for p in (plan, pipe.plan("none"))]
+  assert costs[0]["equivalent_tokens"] == 36 and costs[1]["equivalent_tokens"] == 144
+  assert costs[0]["flops"].llm.total < 0.5 * costs[1]["flops"].llm.total
+
+
 def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
   from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
   plans = {}
@@ -57,3 +69,18 @@ def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
   # A schedule that cannot reach the mean with valid ratios says so.
   with pytest.raises(ValueError, match="cannot keep"):
     pmod.fit_mean("constant", 6, (2, 3, 4), 144, 0.5)
+
+
+def test_a_mean_below_what_layers_2_to_5_reach_routes_every_layer():
+  from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
+  config = glyph_llava.get_config("pmod-constant@0.25")
+  config.model.checkpoint = tokred_jax.DEFAULT_CHECKPOINT
+  cfg = trainer.model_config(config)
+  assert cfg.text.router_layers == tuple(range(glyph_llava.NUM_LAYERS))
+  ratios = trainer.make_plan(config, cfg).reduction.mod_ratios
+  assert pmod.kept_counts(144, ratios) == (36,) * 6
+  assert glyph_llava.get_config("pmod-linear@0.4").model.router_layers == glyph_llava.PMOD_LAYERS
+  for bad, match in [("pmod-constant@half", "as a number"), ("instruct@0.25", "unknown"),
+                     ("pmod-constant@0", "in \\(0, 1\\]")]:
+    with pytest.raises(ValueError, match=match):
+      glyph_llava.get_config(bad)

@@ -2,7 +2,8 @@
 
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.generate import SamplingConfig
-from tokred_jax.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, TINY_CHECKPOINT, Pipeline
+from tokred_jax.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, PMOD_QUARTER_CHECKPOINT,
+                                 TINY_CHECKPOINT, Pipeline)
 
-__all__ = ["DEFAULT_CHECKPOINT", "LlavaConfig", "PMOD_CHECKPOINT", "Pipeline", "SamplingConfig",
-           "TextConfig", "TINY_CHECKPOINT", "VisionConfig"]
+__all__ = ["DEFAULT_CHECKPOINT", "LlavaConfig", "PMOD_CHECKPOINT", "PMOD_QUARTER_CHECKPOINT",
+           "Pipeline", "SamplingConfig", "TextConfig", "TINY_CHECKPOINT", "VisionConfig"]

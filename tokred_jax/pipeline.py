@@ -26,9 +26,11 @@ from tokred_jax.llava import Llava
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-# The default model, trained on glyph_vqa (configs/glyph_llava.py), and its p-MoD variant.
+# The default model, trained on glyph_vqa (configs/glyph_llava.py), and its p-MoD
+# variants: PRD's cosine at a mean kept ratio of 0.5, and a constant 0.25 on every layer.
 DEFAULT_CHECKPOINT = os.path.join(_ASSETS, "glyph-llava")
 PMOD_CHECKPOINT = os.path.join(_ASSETS, "glyph-llava-pmod")
+PMOD_QUARTER_CHECKPOINT = os.path.join(_ASSETS, "glyph-llava-pmod-quarter")
 # Random weights: the smallest model with every part, for tests and smoke runs.
 TINY_CHECKPOINT = os.path.join(_ASSETS, "tiny-llava")
 
