@@ -1,5 +1,8 @@
 """Survival pictures: the masks are right, and a PNG is written."""
 
+import importlib
+
+import matplotlib
 import numpy as np
 from PIL import Image
 
@@ -27,3 +30,16 @@ def test_survival_figure_writes_a_png(tmp_path):
                     "LLM layer 2: 4 tokens"]
   with Image.open(path) as png:
     assert png.size[0] > png.size[1] > 100
+
+
+def test_drawing_leaves_the_callers_pyplot_backend_alone(tmp_path):
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")  # stands in for a notebook's inline backend
+  try:
+    importlib.reload(visualize)
+    visualize.survival_figure(np.zeros((8, 8, 3)), np.arange(4), np.ones((2, 4), bool),
+                              str(tmp_path / "k.png"))
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed on TPU VMs or CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# A Figure made directly draws to files with no GUI backend (TPU VMs, CI) and leaves the
+# pyplot backend of the caller (a notebook's inline plots) alone.
+from matplotlib.figure import Figure
+import numpy as np
 
 
 def patch_masks(sources: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +46,8 @@ def survival_figure(image: np.ndarray, sources: np.ndarray, live: np.ndarray, pa
                                     "tokens", into_llm, merge_groups(sources))]
   panels += [(f"LLM layer {l}: {int(np.unique(sources[per_layer[l]]).size)} tokens",
               per_layer[l], None) for l in layers]
-  fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+  fig = Figure(figsize=(2.6 * len(panels), 2.9))
+  axes = fig.subplots(1, len(panels))
   up = lambda m: np.kron(m.reshape(grid, grid), np.ones(
       (image.shape[0] // grid, image.shape[1] // grid)))
   for ax, (name, kept, groups) in zip(np.atleast_1d(axes), panels):
@@ -55,7 +56,7 @@ def survival_figure(image: np.ndarray, sources: np.ndarray, live: np.ndarray, pa
       keep = up(kept.astype(np.float32))[..., None]
       shown = shown * keep + (1 - keep) * (0.25 + 0.15 * shown.mean(-1, keepdims=True))
     if groups is not None and len(np.unique(groups)) < len(groups):
-      tint = plt.get_cmap("tab20")(up(groups.astype(np.float32)) % 20)[..., :3]
+      tint = matplotlib.colormaps["tab20"](up(groups.astype(np.float32)) % 20)[..., :3]
       shown = np.where(keep > 0, 0.65 * shown + 0.35 * tint, shown)
     ax.imshow(np.clip(shown, 0, 1))
     ax.set_title(name, fontsize=8)
@@ -64,5 +65,4 @@ def survival_figure(image: np.ndarray, sources: np.ndarray, live: np.ndarray, pa
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return [name for name, _, _ in panels]
