@@ -42,4 +42,3 @@ def test_drawing_leaves_the_callers_pyplot_backend_alone(tmp_path):
     assert matplotlib.get_backend() == "svg"
   finally:
     matplotlib.use(before)
-
