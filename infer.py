@@ -12,14 +12,13 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 import tokred_jax
-from tokred_jax import pipeline, processing, report, sharding, visualize
+from tokred_jax import cli, pipeline, processing, report, sharding, visualize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(_HERE, "configs", "default.py"), "Inference config file.")
 _IMAGE = flags.DEFINE_string("image", None, "Image path (default: the bundled sample).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Question about the image.")
@@ -68,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

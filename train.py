@@ -8,12 +8,11 @@ Rerunning with the same --workdir resumes from its latest complete checkpoint. W
 --export_only, writes that checkpoint's params as a Hugging Face directory and exits.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from tokred_jax import trainer
+from tokred_jax import cli, trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+_CONFIG = cli.define_config("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the "
                                "exported model go here.", required=True)
@@ -33,4 +32,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

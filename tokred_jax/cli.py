@@ -1,0 +1,102 @@
+"""Entry-point plumbing shared by train.py, infer.py and the benchmarks: absl flags whose
+user errors end in one line naming the problem and the fix, never a traceback.
+
+  cli.run(main)        # instead of app.run(main)
+
+User errors are `ValueError`s (the library raises them, `config.ConfigError` included, for
+anything the caller can fix) and missing files; every other exception is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+def one_line(message) -> str:
+  """A message folded onto one line (absl and ml_collections errors span several)."""
+  return " ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
+
+
+def fail(message) -> SystemExit:
+  """SystemExit with `prog: message` on one line (raise it)."""
+  return SystemExit(f"{os.path.basename(sys.argv[0])}: {one_line(message)}")
+
+
+def _config_overrides(argv) -> list[str]:
+  """The dotted field names of every --NAME.FIELD=VALUE override in argv."""
+  return [m.group(1) for a in argv if (m := re.match(r"--?\w+\.([\w.]+)", a))]
+
+
+def _unknown_field(error: Exception, argv) -> str:
+  """What an ml_collections AttributeError/KeyError on an override means, in one line."""
+  text = one_line(str(error).replace("\\n", "\n").replace("\\'", "'"))
+  name = re.match(r"['\"]?([\w.]+)", text.strip("'\" "))
+  name = name.group(1) if name else text
+  given = [o for o in _config_overrides(argv) if name in o.split(".")]
+  field = given[0] if given else name
+  hint = re.search(r'Did you mean "([\w.]+)"', text)
+  fix = (f'did you mean "{hint.group(1)}"?' if hint else
+         "see the config file's get_config() for the fields there are")
+  return f"the config has no field {field!r} (from --config.{field}=...): {fix}"
+
+
+def define_config(name: str, default: str | None, help_string: str, **kwargs):
+  """config_flags.DEFINE_config_file whose override errors are one line. With a default
+  file, ml_collections applies the --NAME.FIELD overrides here, at import."""
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+  except (AttributeError, KeyError) as e:
+    raise fail(_unknown_field(e, sys.argv)) from None
+  except flags.Error as e:
+    raise fail(e) from None
+
+
+def _check_config_files():
+  """ml_collections defers a config file's load error to its first use: surface it."""
+  for flag in flags.FLAGS._flags().values():  # pylint: disable=protected-access
+    if type(flag).__name__ == "_ConfigFlag":
+      try:
+        flag.value.get("_")
+      except OSError as e:
+        cause = str(e).strip().splitlines()[-1].strip()
+        raise fail(f"--{flag.name}: cannot load the config file: {cause}") from None
+
+
+def parse_flags(argv):
+  """absl's flag parser (`app.run(..., flags_parser=parse_flags)`) with one-line errors."""
+  try:
+    rest = flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
+    raise fail(_unknown_field(e, argv)) from None
+  except flags.Error as e:
+    raise fail(f"{e} (see --helpshort)") from None
+  except USER_ERRORS as e:  # a config file's get_config() refusing its argument
+    raise fail(e) from None
+  _check_config_files()
+  return rest
+
+
+def run(main):
+  """app.run(main) where user errors (see USER_ERRORS) print one line and exit 1."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      raise fail(e) from None
+  app.run(guarded, flags_parser=parse_flags)
+
+
+def closest(name: str, choices) -> str:
+  """' (did you mean X?)' for the nearest of `choices`, or '' when none is near."""
+  near = difflib.get_close_matches(name, list(choices), n=1)
+  return f" (did you mean {near[0]!r}?)" if near else ""
