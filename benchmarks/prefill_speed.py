@@ -426,8 +426,10 @@ def main(argv: list[str] | None = None):
   title = (f"Prefill at {args.retention:.0%} retention, batch {args.batch}, "
            f"{jax.devices()[0].platform.upper()} ({args.dtype})")
   if args.plot:
-    body += ("\n\n![prefill speedup vs FLOPs reduction]"
-             f"({os.path.relpath(args.plot, _ROOT)})")
+    # The link is relative to the Markdown file (the repository root for BENCHMARKS.md).
+    link = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown or
+                                                                       args.plot)))
+    body += f"\n\n![prefill speedup vs FLOPs reduction]({link})"
   # Both files are rendered first and replace the old ones only when both are done.
   try:
     with outputs.staged() as out:
