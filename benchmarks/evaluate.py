@@ -391,6 +391,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None):
   args = _parser().parse_args(argv)
+  try:
+    _main(args, argv)
+  except KeyboardInterrupt:  # staged files are discarded: the old ones stay as they were
+    kept = ", ".join(filter(None, (args.json, args.plot, args.markdown)))
+    raise SystemExit("evaluate: interrupted; nothing was written"
+                     + (f" ({kept} as they were)." if kept else ".")) from None
+
+
+def _main(args, argv: list[str] | None):
   try:  # Everything the user can get wrong fails here, before the weights load.
     settings, variants, examples, previous = _check_args(args)
     pipe = Pipeline.load(args.checkpoint, dtype=args.dtype)
@@ -400,21 +409,17 @@ def main(argv: list[str] | None = None):
   kept = ", ".join(filter(None, (args.json, args.plot, args.markdown))) or "no files"
   start = time.perf_counter()
   per = evaluate.batches_per_setting(len(examples), args.batch)
-  try:
-    with tqdm(total=per * (len(settings) + len(variant_pipes)), unit="batch") as bar:
-      def progress(label: str, n: int):
-        bar.set_postfix_str(label)
-        bar.update(n)
-      run = evaluate.evaluate(pipe, examples, settings, args.batch, args.max_new_tokens,
-                              progress)
-      for label, variant in variant_pipes:  # a row each, at its trained ratios
-        result, = evaluate.evaluate(variant, examples, [evaluate.Setting("pmod")],
-                                    args.batch, args.max_new_tokens, progress).results
-        result.label = result.preset = label
-        run.results.append(result)
-  except KeyboardInterrupt:
-    raise SystemExit(f"evaluate: interrupted; nothing was written ({kept} as they were)."
-                     ) from None
+  with tqdm(total=per * (len(settings) + len(variant_pipes)), unit="batch") as bar:
+    def progress(label: str, n: int):
+      bar.set_postfix_str(label)
+      bar.update(n)
+    run = evaluate.evaluate(pipe, examples, settings, args.batch, args.max_new_tokens,
+                            progress)
+    for label, variant in variant_pipes:  # a row each, at its trained ratios
+      result, = evaluate.evaluate(variant, examples, [evaluate.Setting("pmod")],
+                                  args.batch, args.max_new_tokens, progress).results
+      result.label = result.preset = label
+      run.results.append(result)
   this = dict(command=" ".join(["python -m benchmarks.evaluate", *(argv or sys.argv[1:])]),
               machine=machine(), date=datetime.date.today().isoformat(),
               minutes=(time.perf_counter() - start) / 60)

@@ -396,11 +396,16 @@ def main(argv: list[str] | None = None):
   except ValueError as e:
     raise SystemExit(f"prefill_speed: {cli.one_line(e)}") from None
   try:
-    results, counts, minutes, load_before = _measure(cfg, cases, args)
-  except KeyboardInterrupt:
-    kept = ", ".join(filter(None, (args.markdown, args.plot))) or "no files"
-    raise SystemExit(f"prefill_speed: interrupted; nothing was written ({kept} as they "
-                     "were).") from None
+    _run(args, cfg, cases, backend, argv)
+  except KeyboardInterrupt:  # staged files are discarded: the old ones stay as they were
+    kept = ", ".join(filter(None, (args.markdown, args.plot)))
+    raise SystemExit("prefill_speed: interrupted; nothing was written"
+                     + (f" ({kept} as they were)." if kept else ".")) from None
+
+
+def _run(args, cfg: LlavaConfig, cases, backend: str, argv: list[str] | None):
+  """Measures the cases and writes the block and the plot."""
+  results, counts, minutes, load_before = _measure(cfg, cases, args)
 
   command = "python -m benchmarks.prefill_speed " + " ".join(
       sys.argv[1:] if argv is None else argv)

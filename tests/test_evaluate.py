@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks import evaluate as bench
 from benchmarks import outputs
+from tests import faults
 from tokred_jax import checkpoint, evaluate, llava, methods, processing
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import glyph_vqa, glyphs
@@ -139,9 +140,11 @@ def test_bad_setting_is_rejected_before_model_work(tmp_path, spec, match):
   with pytest.raises(ConfigError, match=match):
     evaluate.parse_settings(spec)
   # The command checks settings before it reads the (here missing) checkpoint or data.
-  with pytest.raises(SystemExit, match=match):
+  with pytest.raises(SystemExit, match=match) as e:
     bench.main([f"--checkpoint={tmp_path}/none", f"--data_dir={tmp_path}/none",
                 f"--settings={spec}"])
+  faults.record("benchmarks.evaluate", f"--settings={spec}", str(e.value.code),
+                before="config read")
 
 
 def test_options_reach_the_method_and_the_label(pipe):
@@ -218,5 +221,9 @@ def test_settings_are_checked_against_the_config_alone(ckpt, data_dir):
                      r"fastv@0.25:j=1 \(fastv has no option 'j'; its options are k, r\)"):
     evaluate.check_settings(cfg, evaluate.parse_settings("aim@0.25,mustdrop@0.25,"
                                                          "fastv@0.25:j=1"))
-  with pytest.raises(ValueError, match="more than the 128 examples"):
-    evaluate.load_examples("glyph_vqa/small", data_dir, limit=129)
+  for split, limit, match in [("test", 129, "more than the 128 examples"),
+                              ("bogus", None, "has no split 'bogus': Unknown split")]:
+    with pytest.raises(ValueError, match=match) as e:
+      evaluate.load_examples("glyph_vqa/small", data_dir, split, limit)
+    faults.record("evaluate.load_examples", f"split={split!r}, limit={limit} (built copy)",
+                  str(e.value), before="weights load")

@@ -223,7 +223,8 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
     try:
       source = tfds.data_source(dataset, split=split, data_dir=data_dir)
     except (ValueError, KeyError) as e:  # tfds: an unknown split or config
-      raise ValueError(f"{dataset} in {data_dir} has no split {split!r} ({e}).") from None
+      raise ValueError(f"{dataset} in {data_dir} has no split {split!r}: "
+                       f"{str(e).rstrip('.')}.") from None
     _check_limit(dataset, split, limit, len(source))
     records = source.__getitems__(list(range(len(source))))
   records.sort(key=lambda r: _index(r["id"].decode()))
