@@ -400,6 +400,7 @@ def main(argv: list[str] | None = None):
 
 
 def _main(args, argv: list[str] | None):
+  """Checks, runs, then writes (see the module docstring)."""
   try:  # Everything the user can get wrong fails here, before the weights load.
     settings, variants, examples, previous = _check_args(args)
     pipe = Pipeline.load(args.checkpoint, dtype=args.dtype)
@@ -420,7 +421,8 @@ def _main(args, argv: list[str] | None):
                                   args.batch, args.max_new_tokens, progress).results
       result.label = result.preset = label
       run.results.append(result)
-  this = dict(command=" ".join(["python -m benchmarks.evaluate", *(argv or sys.argv[1:])]),
+  given = sys.argv[1:] if argv is None else argv
+  this = dict(command=" ".join(["python -m benchmarks.evaluate", *given]),
               machine=machine(), date=datetime.date.today().isoformat(),
               minutes=(time.perf_counter() - start) / 60)
   history = [this]
