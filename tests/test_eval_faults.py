@@ -7,6 +7,7 @@ the default model (no generation), with the shipped outputs as the targets.
 """
 
 import glob
+import json
 import math
 import os
 import re
@@ -227,7 +228,10 @@ def test_results_go_where_told_with_normal_permissions(tmp_path, published_run):
   md = tmp_path / "B.md"
   md.write_text("# Mine\n")
   md.chmod(0o640)
-  bench.main(["--limit=4"] + outs(tmp_path)[:2] + [f"--markdown={md}"])
+  argv = ["--limit=4"] + outs(tmp_path)[:2] + [f"--markdown={md}"]
+  bench.main(argv)
+  record = json.loads((tmp_path / "e.json").read_text())
+  assert record["runs"][-1]["command"] == " ".join(["python -m benchmarks.evaluate", *argv])
   mask = os.umask(0)
   os.umask(mask)
   assert stat.S_IMODE((tmp_path / "e.json").stat().st_mode) == 0o666 & ~mask
