@@ -20,6 +20,15 @@ With --add, the settings and variants given are run on the same questions and ad
 the results already in --json (replacing rows of the same label), so that a new
 checkpoint or setting does not need the whole sweep again; the block lists every
 command that contributed.
+
+The default outputs are the shipped results (benchmarks/evaluate.json, .png and the
+BENCHMARKS.md block): only the published sweep (every flag that changes the results at
+its default) or an --add to them writes there. Any other run (--limit, another split,
+checkpoint or --settings, ...) must name its outputs, or is refused. Every flag, output
+path, setting (its plan against the checkpoint's config.json: one the model cannot run
+is refused with the reason, not skipped after the others have run), variant and the data
+is checked before the weights load; the files are written together at the end, each by
+a rename, so a failed or interrupted run leaves the old ones byte-identical.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -38,8 +48,9 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # Headless: the plot only goes to a file.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from benchmarks.prefill_speed import machine, write_block
-from tokred_jax import evaluate
+from benchmarks import outputs
+from benchmarks.prefill_speed import machine
+from tokred_jax import checkpoint, cli, evaluate
 from tokred_jax.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
                                  PMOD_QUARTER_CHECKPOINT, Pipeline)
 
@@ -185,14 +196,19 @@ def _shown(path: str) -> str:
   return os.path.relpath(full, _ROOT) if full.startswith(_ROOT + os.sep) else full
 
 
-def _previous_run(args, settings, variants) -> dict:
+def _previous_run(args) -> dict:
   """The saved run that --add extends, checked against this one's arguments."""
-  if not settings and not variants:
-    raise ValueError("--add needs --settings or --variants: the rows to add.")
+  if not args.json:
+    raise ValueError("--add needs --json: the saved results to add rows to.")
   if not os.path.isfile(args.json):
     raise ValueError(f"--add: {args.json} does not exist; run the full evaluation first.")
-  with open(args.json) as f:
-    record = json.load(f)
+  try:
+    with open(args.json, encoding="utf-8") as f:
+      record = json.load(f)
+    evaluate.Evaluation.from_dict(record)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"--add: {args.json} is not a saved evaluation ({e!r}); name the JSON "
+                     "file an earlier run wrote.") from None
   for name in ("checkpoint", "dataset", "split", "limit", "dtype", "batch_size",
                "max_new_tokens"):
     ours = args.batch if name == "batch_size" else getattr(args, name)
@@ -203,6 +219,14 @@ def _previous_run(args, settings, variants) -> dict:
       raise ValueError(f"--add: {args.json} has {name}={theirs!r}, this run "
                        f"{ours!r}; pass the same --{name.replace('_size', '')}.")
   return record
+
+
+def _check_same_questions(args, record: dict, examples: list[evaluate.Example]):
+  if (record["ids"], record["answers"]) != ([e.id for e in examples],
+                                            [e.answer for e in examples]):
+    raise ValueError(f"--add: {args.json} was run over other questions than "
+                     f"{args.dataset}'s {args.split} split has now; run the full "
+                     "evaluation again.")
 
 
 def _history(record: dict) -> list[dict]:
@@ -218,9 +242,122 @@ def _merged(record: dict, run: evaluate.Evaluation) -> evaluate.Evaluation:
   return previous
 
 
-def main(argv: list[str] | None = None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+# The published sweep: run with these values and no output flags it writes the shipped
+# results (SHIPPED, under the repository); any other run says where its results go.
+PUBLISHED = dict(checkpoint=DEFAULT_CHECKPOINT, variants=DEFAULT_VARIANTS,
+                 dataset="glyph_vqa/default", split="test", limit=None, batch=32,
+                 max_new_tokens=5, dtype="float32", settings="")
+SHIPPED = dict(json="benchmarks/evaluate.json", plot="benchmarks/evaluate.png",
+               markdown="BENCHMARKS.md")
+
+
+def _unpublished(args) -> list[str]:
+  """The flags in which this run differs from the published sweep, as written."""
+  out = []
+  for name, published in PUBLISHED.items():
+    given = getattr(args, name)
+    if name == "checkpoint":
+      same = _shown(given) == _shown(published)
+    else:
+      same = given == published or (name == "variants" and given is None)
+    if not same:
+      out.append(f"--{name}={'' if given is None else given}")
+  return out
+
+
+def _resolve_outputs(args):
+  """Fills in the output flags left out, which only the published sweep (or an --add to
+  its results) may: ValueError for any other run, naming the flags it must give."""
+  left = [name for name in SHIPPED if getattr(args, name) is None]
+  if not left:
+    return
+  why = [] if args.add else _unpublished(args)
+  if args.json is not None:
+    why.insert(0, f"--json={args.json}")
+  if why:
+    adding = (" or --add to add its rows to them" if args.json is None and not args.add
+              and (args.settings or args.variants is not None) else "")
+    raise ValueError(
+        f"a run with {' '.join(why)} is not the published sweep, and its results would "
+        f"replace the shipped {', '.join(SHIPPED[n] for n in left)}: say where they go "
+        f"with {' '.join(f'--{n}=PATH' for n in left)} ('' skips one){adding}.")
+  for name in left:
+    setattr(args, name, os.path.join(_ROOT, SHIPPED[name]))
+
+
+def _block_key(args) -> str:
+  return (f"evaluate {args.dataset}" + (f" split={args.split}" if args.split != "test" else "")
+          + (f" limit={args.limit}" if args.limit else ""))
+
+
+def _variants(args) -> list[tuple[str, str]]:
+  """(label, directory) of each --variants item, each a p-MoD checkpoint (config only)."""
+  out = []
+  for item in filter(None, args.variants.split(",")):
+    label, sep, path = item.partition("=")
+    if not sep or not label or not path:
+      raise ValueError(f"--variants={args.variants}: write LABEL=DIR,... ({item!r} is not "
+                       "LABEL=DIR).")
+    if label in dict(out):
+      raise ValueError(f"--variants: the label {label!r} is given twice; each row needs "
+                       "its own.")
+    try:
+      evaluate.setting_plan(checkpoint.read_config(path), evaluate.Setting("pmod"))
+    except ValueError as e:
+      raise ValueError(f"--variants: {label}={path}: {e}") from None
+    out.append((label, path))
+  return out
+
+
+def _check_args(args):
+  """Every check that needs no weights, in one place, before any model work: the flag
+  values, the outputs, the settings against the model's config.json, the variants, the
+  data and, with --add, the saved results. Returns (settings, variants, examples,
+  previous record or None)."""
+  if args.batch < 1 or (args.limit is not None and args.limit < 1):
+    raise ValueError("--batch and --limit must be positive.")
+  if args.max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={args.max_new_tokens}: decode at least 1 token.")
+  settings = evaluate.parse_settings(args.settings) if args.settings else None
+  if args.add and not settings and not args.variants:
+    raise ValueError("--add needs --settings or --variants: the rows to add.")
+  _resolve_outputs(args)
+  if args.json:
+    outputs.check_output("--json", args.json)
+  if args.plot:
+    outputs.check_output("--plot", args.plot, outputs.PLOT_FORMATS)
+  if args.markdown:
+    outputs.check_block("--markdown", args.markdown, _block_key(args))
+  cfg = checkpoint.read_config(args.checkpoint)
+  if args.variants is None:
+    args.variants = "" if args.add else DEFAULT_VARIANTS
+  if settings:  # asked for by name: refused now, not skipped after the rest have run
+    evaluate.check_settings(cfg, settings)
+  variants = _variants(args)
+  previous = _previous_run(args) if args.add else None
+  examples = evaluate.load_examples(args.dataset, args.data_dir, args.split, args.limit)
+  if args.add:
+    _check_same_questions(args, previous, examples)
+    settings = settings or []
+  else:
+    settings = evaluate.with_baselines(settings or evaluate.default_settings(cfg))
+  return settings, variants, examples, previous
+
+
+def _check_usable(run: evaluate.Evaluation):
+  """ValueError if the results are degenerate: no dense reference, or a row whose
+  accuracy or costs are not finite numbers."""
+  if not any(r.method == "none" and not r.skipped for r in run.results):
+    raise ValueError("the results have no dense row to compare against")
+  for r in run.results:
+    values = (r.accuracy, r.flops, r.kv_bytes, r.latency_s)
+    if not r.skipped and not all(v is not None and math.isfinite(v) for v in values):
+      raise ValueError(f"the {r.label} row has non-finite scores or costs {values}")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = outputs.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                       help="Hugging Face LLaVA directory (default: the embedded model)")
   parser.add_argument("--variants", default=None,
@@ -229,45 +366,48 @@ def main(argv: list[str] | None = None):
                       "the embedded p-MoD variants, none with --add)")
   parser.add_argument("--data_dir", default=None,
                       help="TFDS data directory (default: generate glyph_vqa's examples)")
-  parser.add_argument("--dataset", default="glyph_vqa/default")
-  parser.add_argument("--split", default="test")
+  parser.add_argument("--dataset", default=PUBLISHED["dataset"])
+  parser.add_argument("--split", default=PUBLISHED["split"])
   parser.add_argument("--limit", type=int, default=None, help="first N examples only")
-  parser.add_argument("--batch", type=int, default=32, help="prompts per generate call")
-  parser.add_argument("--max_new_tokens", type=int, default=5)
+  parser.add_argument("--batch", type=int, default=PUBLISHED["batch"],
+                      help="prompts per generate call")
+  parser.add_argument("--max_new_tokens", type=int, default=PUBLISHED["max_new_tokens"])
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--settings", default="",
                       help="comma-separated METHOD@RETENTION or preset names (default: "
                       "the full sweep)")
-  parser.add_argument("--json", default=os.path.join(_ROOT, "benchmarks", "evaluate.json"))
-  parser.add_argument("--markdown", default=os.path.join(_ROOT, "BENCHMARKS.md"),
-                      help="file whose evaluate block is replaced ('' to skip)")
-  parser.add_argument("--plot", default=os.path.join(_ROOT, "benchmarks", "evaluate.png"),
-                      help="PNG path ('' to skip)")
+  shipped = " (default, for the published sweep or --add: %s; any other run must name it)"
+  parser.add_argument("--json", default=None, help="results file" + shipped % SHIPPED["json"])
+  parser.add_argument("--markdown", default=None,
+                      help="file whose evaluate block is replaced, '' to skip"
+                      + shipped % SHIPPED["markdown"])
+  parser.add_argument("--plot", default=None,
+                      help="PNG path, '' to skip" + shipped % SHIPPED["plot"])
   parser.add_argument("--add", action="store_true",
                       help="run only --settings and --variants and add them to the results "
                       "in --json (same questions, checkpoint and dtype)")
-  args = parser.parse_args(argv)
-  try:  # Everything the user can get wrong fails here, before the model loads.
-    settings = evaluate.parse_settings(args.settings) if args.settings else None
-    if args.batch < 1 or (args.limit is not None and args.limit < 1):
-      raise ValueError("--batch and --limit must be positive.")
-    if args.variants is None:
-      args.variants = "" if args.add else DEFAULT_VARIANTS
-    variants = [item.split("=", 1) for item in filter(None, args.variants.split(","))]
-    if any(len(v) != 2 or not os.path.isdir(v[1]) for v in variants):
-      raise ValueError(f"--variants={args.variants}: write LABEL=DIR,... with existing "
-                       "checkpoint directories.")
-    previous = _previous_run(args, settings, variants) if args.add else None
-    examples = evaluate.load_examples(args.dataset, args.data_dir, args.split, args.limit)
+  return parser
+
+
+def main(argv: list[str] | None = None):
+  args = _parser().parse_args(argv)
+  try:
+    _main(args, argv)
+  except KeyboardInterrupt:  # staged files are discarded: the old ones stay as they were
+    kept = ", ".join(filter(None, (args.json, args.plot, args.markdown)))
+    raise SystemExit("evaluate: interrupted; nothing was written"
+                     + (f" ({kept} as they were)." if kept else ".")) from None
+
+
+def _main(args, argv: list[str] | None):
+  """Checks, runs, then writes (see the module docstring)."""
+  try:  # Everything the user can get wrong fails here, before the weights load.
+    settings, variants, examples, previous = _check_args(args)
     pipe = Pipeline.load(args.checkpoint, dtype=args.dtype)
     variant_pipes = [(label, Pipeline.load(path, dtype=args.dtype)) for label, path in variants]
-  except ValueError as e:
-    raise SystemExit(f"evaluate: {e}") from None
-  if args.add:
-    settings = settings or []
-  else:
-    settings = evaluate.with_baselines(settings or evaluate.default_settings(pipe.cfg))
-
+  except cli.USER_ERRORS as e:
+    raise SystemExit(f"evaluate: {cli.one_line(e)}") from None
+  kept = ", ".join(filter(None, (args.json, args.plot, args.markdown))) or "no files"
   start = time.perf_counter()
   per = evaluate.batches_per_setting(len(examples), args.batch)
   with tqdm(total=per * (len(settings) + len(variant_pipes)), unit="batch") as bar:
@@ -277,41 +417,48 @@ def main(argv: list[str] | None = None):
     run = evaluate.evaluate(pipe, examples, settings, args.batch, args.max_new_tokens,
                             progress)
     for label, variant in variant_pipes:  # a row each, at its trained ratios
-      result, = evaluate.evaluate(variant, examples, [evaluate.Setting("pmod")], args.batch,
-                                  args.max_new_tokens, progress).results
+      result, = evaluate.evaluate(variant, examples, [evaluate.Setting("pmod")],
+                                  args.batch, args.max_new_tokens, progress).results
       result.label = result.preset = label
       run.results.append(result)
-  this = dict(command=" ".join(["python -m benchmarks.evaluate", *(argv or sys.argv[1:])]),
+  given = sys.argv[1:] if argv is None else argv
+  this = dict(command=" ".join(["python -m benchmarks.evaluate", *given]),
               machine=machine(), date=datetime.date.today().isoformat(),
               minutes=(time.perf_counter() - start) / 60)
   history = [this]
-  if previous:
-    history = _history(previous) + history
-    try:
+  try:
+    if previous:
+      history = _history(previous) + history
       run = _merged(previous, run)
-    except ValueError as e:
-      raise SystemExit(f"evaluate: --add: {e}") from None
+    _check_usable(run)
+  except ValueError as e:
+    raise SystemExit(f"evaluate: {cli.one_line(e)}; nothing was written ({kept} as they "
+                     "were).") from None
 
   data = f"{args.dataset}, {args.split} split" + (
       f" (its first {args.limit})" if args.limit else "")
   record = dict(runs=history, checkpoint=_shown(args.checkpoint), dataset=args.dataset,
                 split=args.split, limit=args.limit, dtype=args.dtype, **run.to_dict())
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(record, f, indent=1)
-    print(f"wrote {args.json}")
-  if args.plot:
-    plot(run, args.plot, f"{data}: accuracy vs prefill FLOPs "
-         f"({jax.devices()[0].platform.upper()}, {args.dtype})")
   link = args.plot and os.path.relpath(
       args.plot, os.path.dirname(os.path.abspath(args.markdown or args.plot)))
   body = report(run, history, data, _shown(args.checkpoint), link)
-  print("\n" + body)
-  if args.markdown:
-    key = (f"evaluate {args.dataset}" + (f" split={args.split}" if args.split != "test" else "")
-           + (f" limit={args.limit}" if args.limit else ""))
-    write_block(args.markdown, key, body)
-    print(f"\nwrote {args.markdown}")
+  title = (f"{data}: accuracy vs prefill FLOPs "
+           f"({jax.devices()[0].platform.upper()}, {args.dtype})")
+  # All files are rendered first and replace the old ones only when every one is done.
+  try:
+    with outputs.staged() as out:
+      if args.json:
+        out.write_text(args.json, json.dumps(record, indent=1))
+      if args.plot:
+        out.write_with(args.plot, lambda path: plot(run, path, title))
+      if args.markdown:
+        out.write_block(args.markdown, _block_key(args), body)
+  except OSError as e:  # a full disk, a file made read-only meanwhile
+    raise SystemExit(f"evaluate: cannot write the results ({e}); the old files are as they "
+                     "were.") from None
+  print("\n" + body + "\n")
+  for path in filter(None, (args.json, args.plot, args.markdown)):
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ Next to the times: the analytic matmul FLOPs of what the compiled program comput
 compiled program as a cross-check (for MustDrop: `cost.request_cost` at the capacities
 the segments ran at and at each sample's counts; XLA's count summed over its programs).
 The results replace this benchmark's block in BENCHMARKS.md (text outside the block is
-left alone) and are plotted to a PNG.
+left alone) and are plotted to a PNG. Those defaults are shipped results: a run at other
+settings than theirs (--retention, --text-tokens, a subset of --methods, another --dtype
+on CPU) must name its --markdown and --plot, or is refused. Every flag, plan and output
+path is checked before the model is built, and both files are written at the end, each
+by a rename, so a failed or interrupted run leaves the old ones byte-identical.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # Headless: the plot only goes to a file.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from tokred_jax import cost, llava, methods, mustdrop, reduction, segmented
+from benchmarks import outputs
+from tokred_jax import cli, cost, llava, methods, mustdrop, reduction, segmented
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,62 +301,116 @@ def _ms(seconds: float) -> str:
   return f"{seconds * 1e3:.1f}" if seconds < 0.01 else f"{seconds * 1e3:.0f}"
 
 
-def write_block(path: str, key: str, body: str):
-  """Replaces the text between this benchmark's markers in `path` (or appends a section
-  holding them), so hand-written text around the block survives a rerun."""
-  begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
-  block = f"{begin}\n{body}\n{end}"
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  if begin in text and end in text:
-    head, rest = text.split(begin, 1)
-    text = head + block + rest.split(end, 1)[1]
-  else:
-    text = text.rstrip("\n") + f"\n\n## {key}\n\n{block}\n"
-  with open(path, "w") as f:
-    f.write(text)
+# The flags the shipped blocks were run at. Batch and rounds are free (the block's name
+# and PNG say the batch), and so is the dtype on an accelerator (its block names it).
+PUBLISHED = dict(retention=0.25, text_tokens=64,
+                 methods=",".join(dict.fromkeys(n for n, _ in CASES)))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+  parser = outputs.ArgumentParser(prog="prefill_speed", description=__doc__.split("\n\n")[1],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=1, help="prompts per prefill")
   parser.add_argument("--rounds", type=int, default=5, help="timed runs per method")
-  parser.add_argument("--retention", type=float, default=0.25,
+  parser.add_argument("--retention", type=float, default=PUBLISHED["retention"],
                       help="fraction of visual tokens kept on average over LLM layers")
-  parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per prompt")
+  parser.add_argument("--text-tokens", type=int, default=PUBLISHED["text_tokens"],
+                      help="text tokens per prompt")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--methods", default=",".join(dict.fromkeys(n for n, _ in CASES)),
+  parser.add_argument("--methods", default=PUBLISHED["methods"],
                       help="comma-separated subset of the methods; 'none' always runs")
-  parser.add_argument("--markdown", default=os.path.join(_ROOT, "BENCHMARKS.md"),
-                      help="file whose prefill-speed block is replaced ('' to skip)")
+  shipped = ("; default, for the published settings (every flag but --batch, --rounds and, "
+             "on an accelerator, --dtype at its default): %s; any other run must name it")
+  parser.add_argument("--markdown", default=None,
+                      help="file whose prefill-speed block is replaced ('' to skip)"
+                      + shipped % "BENCHMARKS.md")
   parser.add_argument("--plot", default=None,
-                      help="PNG path (default benchmarks/prefill_speed[_bN][_gpu_DTYPE].png; "
-                      "'' to skip)")
-  args = parser.parse_args()
-  wanted = set(args.methods.split(",")) | {"none"}
+                      help="PNG path ('' to skip)" + shipped %
+                      "benchmarks/prefill_speed[_bN][_BACKEND_DTYPE].png")
+  return parser
+
+
+def _check_args(args, cfg: LlavaConfig, backend: str) -> list[tuple[str, str]]:
+  """Every check before the model is built: flag values, the plans of the methods at
+  --retention, and the outputs (filled in where the run may write the shipped ones).
+  Returns the cases to run; ValueError names the problem."""
+  if args.batch < 1 or args.rounds < 1:
+    raise ValueError(f"--batch={args.batch} --rounds={args.rounds}: both must be positive.")
+  if not 0 < args.retention <= 1:
+    raise ValueError(f"--retention={args.retention}: give the fraction of visual tokens "
+                     "kept, in (0, 1].")
+  room = cfg.text.max_position_embeddings - cfg.num_image_tokens
+  if not TEXT_BEFORE_IMAGE <= args.text_tokens <= room:
+    raise ValueError(f"--text-tokens={args.text_tokens}: give {TEXT_BEFORE_IMAGE} to {room} "
+                     f"(the prompt must fit {cfg.text.max_position_embeddings} positions "
+                     f"with {cfg.num_image_tokens} visual tokens).")
+  names = list(dict.fromkeys(n for n, _ in CASES))
+  wanted = set(filter(None, args.methods.split(","))) | {"none"}
+  unknown = sorted(wanted - set(names))
+  if unknown:
+    raise ValueError(f"--methods: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(names)}.")
   cases = [c for c in CASES if c[0] in wanted]
+  for name, mode in cases:  # what compile_case and segmented_case will build
+    retention = None if name in ("none", "mustdrop-64") else args.retention
+    try:
+      reduction.make_plan(methods.get(name, cfg, retention, mode), cfg)
+    except ValueError as e:
+      raise ValueError(f"--retention={args.retention}: {name} cannot run it: {e}") from None
+  differs = [f"--{k.replace('_', '-')}={getattr(args, k)}"
+             for k in ("retention", "text_tokens") if getattr(args, k) != PUBLISHED[k]]
+  if wanted != set(names):
+    differs.append(f"--methods={args.methods}")
+  if backend == "cpu" and args.dtype != "float32":  # the CPU block's name has no dtype
+    differs.append(f"--dtype={args.dtype}")
+  left = [f for f in ("markdown", "plot") if getattr(args, f) is None]
+  if differs and left:
+    raise ValueError(f"a run with {' '.join(differs)} is not the one the shipped results "
+                     f"were run at and would replace them: say where its results go with "
+                     f"{' '.join(f'--{f}=PATH' for f in left)} ('' skips one).")
+  if args.markdown is None:
+    args.markdown = os.path.join(_ROOT, "BENCHMARKS.md")
+  if args.plot is None:
+    suffix = ("" if args.batch == 1 else f"_b{args.batch}") + (
+        "" if backend == "cpu" else f"_{backend}_{args.dtype}")
+    args.plot = os.path.join(_ROOT, "benchmarks", f"prefill_speed{suffix}.png")
+  if args.plot:
+    outputs.check_output("--plot", args.plot, outputs.PLOT_FORMATS)
+  if args.markdown:
+    outputs.check_block("--markdown", args.markdown, _block_key(args, backend))
+  return cases
 
+
+def _block_key(args, backend: str) -> str:
+  return f"prefill_speed batch={args.batch}" + (
+      "" if backend == "cpu" else f" {backend} {args.dtype}")
+
+
+def main(argv: list[str] | None = None):
+  args = _parser().parse_args(argv)
   cfg = mid_config()
-  counts = param_counts(cfg)
-  print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
-  model = llava.Llava(cfg, jnp.dtype(args.dtype))
-  params = jax.jit(lambda key: llava.init_params(cfg, key))(jax.random.PRNGKey(0))
-  start, load_before = time.perf_counter(), os.getloadavg()[0]
-  results = [segmented_case(model, params, cfg, name, args) if name.startswith("mustdrop")
-             else compile_case(model, params, cfg, name, mode, args)
-             for name, mode in tqdm(cases, desc="compiling", unit="method")]
-  time_cases(results, params, args.rounds)
-  minutes = (time.perf_counter() - start) / 60
-
-  command = "python -m benchmarks.prefill_speed " + " ".join(sys.argv[1:])
-  v, t = cfg.vision, cfg.text
-  windows = (v.image_size // v.patch_size // mustdrop.WINDOW) ** 2
   # CPU runs keep the plain names; an accelerator's run gets its own block and PNG.
   backend = jax.default_backend()
-  suffix = ("" if args.batch == 1 else f"_b{args.batch}") + (
-      "" if backend == "cpu" else f"_{backend}_{args.dtype}")
-  plot_path = args.plot if args.plot is not None else os.path.join(
-      _ROOT, "benchmarks", f"prefill_speed{suffix}.png")
+  try:
+    cases = _check_args(args, cfg, backend)
+  except ValueError as e:
+    raise SystemExit(f"prefill_speed: {cli.one_line(e)}") from None
+  try:
+    _run(args, cfg, cases, backend, argv)
+  except KeyboardInterrupt:  # staged files are discarded: the old ones stay as they were
+    kept = ", ".join(filter(None, (args.markdown, args.plot)))
+    raise SystemExit("prefill_speed: interrupted; nothing was written"
+                     + (f" ({kept} as they were)." if kept else ".")) from None
+
+
+def _run(args, cfg: LlavaConfig, cases, backend: str, argv: list[str] | None):
+  """Measures the cases and writes the block and the plot."""
+  results, counts, minutes, load_before = _measure(cfg, cases, args)
+
+  command = "python -m benchmarks.prefill_speed " + " ".join(
+      sys.argv[1:] if argv is None else argv)
+  v, t = cfg.vision, cfg.text
+  windows = (v.image_size // v.patch_size // mustdrop.WINDOW) ** 2
   body = "\n".join([
       f"Command: `{command.strip()}`", "",
       f"Machine: {machine()}. Run {datetime.date.today().isoformat()}, "
@@ -369,17 +428,42 @@ def main():
       f"patch windows flat. Times: median and "
       f"minimum of {args.rounds} runs; ratios are baseline / method.", "",
       tables(results)] + [f"\n{r.note}" for r in results if r.note])
-  if plot_path:
-    plot(results, plot_path, f"Prefill at {args.retention:.0%} retention, batch "
-         f"{args.batch}, {jax.devices()[0].platform.upper()} ({args.dtype})")
-    body += ("\n\n![prefill speedup vs FLOPs reduction]"
-             f"({os.path.relpath(plot_path, _ROOT)})")
-  print("\n" + body)
-  if args.markdown:
-    key = f"prefill_speed batch={args.batch}" + (
-        "" if backend == "cpu" else f" {backend} {args.dtype}")
-    write_block(args.markdown, key, body)
-    print(f"\nwrote {args.markdown}")
+  title = (f"Prefill at {args.retention:.0%} retention, batch {args.batch}, "
+           f"{jax.devices()[0].platform.upper()} ({args.dtype})")
+  if args.plot:
+    # The link is relative to the Markdown file (the repository root for BENCHMARKS.md).
+    link = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown or
+                                                                       args.plot)))
+    body += f"\n\n![prefill speedup vs FLOPs reduction]({link})"
+  # Both files are rendered first and replace the old ones only when both are done.
+  try:
+    with outputs.staged() as out:
+      if args.plot:
+        out.write_with(args.plot, lambda path: plot(results, path, title))
+      if args.markdown:
+        out.write_block(args.markdown, _block_key(args, backend), body)
+  except OSError as e:  # a full disk, a file made read-only meanwhile
+    raise SystemExit(f"prefill_speed: cannot write the results ({e}); the old files are as they "
+                     "were.") from None
+  print("\n" + body + "\n")
+  for path in filter(None, (args.plot, args.markdown)):
+    print(f"wrote {path}")
+
+
+def _measure(cfg: LlavaConfig, cases, args) -> tuple[list[Result], dict[str, int], float,
+                                                     float]:
+  """Builds the model, compiles and times every case: (results, parameter counts,
+  minutes taken, load average before)."""
+  counts = param_counts(cfg)
+  print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+  model = llava.Llava(cfg, jnp.dtype(args.dtype))
+  params = jax.jit(lambda key: llava.init_params(cfg, key))(jax.random.PRNGKey(0))
+  start, load_before = time.perf_counter(), os.getloadavg()[0]
+  results = [segmented_case(model, params, cfg, name, args) if name.startswith("mustdrop")
+             else compile_case(model, params, cfg, name, mode, args)
+             for name, mode in tqdm(cases, desc="compiling", unit="method")]
+  time_cases(results, params, args.rounds)
+  return results, counts, (time.perf_counter() - start) / 60, load_before
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from benchmarks import evaluate as bench
+from benchmarks import outputs
+from tests import faults
 from tokred_jax import checkpoint, evaluate, llava, methods, processing
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import glyph_vqa, glyphs
@@ -138,9 +140,11 @@ def test_bad_setting_is_rejected_before_model_work(tmp_path, spec, match):
   with pytest.raises(ConfigError, match=match):
     evaluate.parse_settings(spec)
   # The command checks settings before it reads the (here missing) checkpoint or data.
-  with pytest.raises(SystemExit, match=match):
+  with pytest.raises(SystemExit, match=match) as e:
     bench.main([f"--checkpoint={tmp_path}/none", f"--data_dir={tmp_path}/none",
                 f"--settings={spec}"])
+  faults.record("benchmarks.evaluate", f"--settings={spec}", str(e.value.code),
+                before="config read")
 
 
 def test_options_reach_the_method_and_the_label(pipe):
@@ -169,7 +173,7 @@ def test_report_table_and_plot(tmp_path, runs):
   history = [dict(command="python -m benchmarks.evaluate --limit=16", machine="CPU",
                   date="2026-01-01", minutes=0.5)]
   body = bench.report(run, history, "glyph_vqa/small, test split", "/tmp/ckpt", png.name)
-  bench.write_block(str(md), "evaluate glyph_vqa/small", body)
+  outputs.write_block(str(md), "evaluate glyph_vqa/small", body)
   bench.plot(run, str(png), "title")
   text = md.read_text()
   assert "Hand-written text." in text and "<!-- END evaluate glyph_vqa/small -->" in text
@@ -206,3 +210,20 @@ def test_add_runs_only_the_new_rows_and_keeps_the_old(tmp_path, ckpt, data_dir):
     with pytest.raises(SystemExit, match=match):
       bench.main(common + ["--add", *extra] + (["--settings=none"] if extra else []))
   assert json.loads(out["json"].read_text()) == added  # and leaves the results alone
+
+
+def test_settings_are_checked_against_the_config_alone(ckpt, data_dir):
+  cfg = checkpoint.read_config(ckpt)
+  fine = evaluate.parse_settings("none,aim@0.25:l1=0:l2=2,mustdrop-64,random@0.5")
+  evaluate.check_settings(cfg, fine)
+  assert evaluate.setting_plan(cfg, fine[1]).num_visual < cfg.num_image_tokens
+  with pytest.raises(ConfigError, match=r"cannot run mustdrop@0.25 \(.*preset.*\); "
+                     r"fastv@0.25:j=1 \(fastv has no option 'j'; its options are k, r\)"):
+    evaluate.check_settings(cfg, evaluate.parse_settings("aim@0.25,mustdrop@0.25,"
+                                                         "fastv@0.25:j=1"))
+  for split, limit, match in [("test", 129, "more than the 128 examples"),
+                              ("bogus", None, "has no split 'bogus': Unknown split")]:
+    with pytest.raises(ValueError, match=match) as e:
+      evaluate.load_examples("glyph_vqa/small", data_dir, split, limit)
+    faults.record("evaluate.load_examples", f"split={split!r}, limit={limit} (built copy)",
+                  str(e.value), before="weights load")

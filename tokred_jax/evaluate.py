@@ -30,13 +30,16 @@ Per setting (`SettingResult`):
 
 Settings the model cannot run (e.g. FastV below k/L retention, ToMe beyond what its
 layers can merge, pooling at a retention that is not 1/s^2) are recorded as skipped with
-the reason; settings that are malformed (unknown method, retention outside (0, 1]) raise
-`ConfigError` when the `Setting` is made, before any model work.
+the reason; `check_settings(cfg, settings)` raises `ConfigError` for them instead, from
+the model's config alone, for a caller that would rather refuse them before any work.
+Settings that are malformed (unknown method, retention outside (0, 1]) raise
+`ConfigError` when the `Setting` is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import statistics
@@ -115,6 +118,41 @@ def parse_settings(spec: str) -> list[Setting]:
   return out
 
 
+def setting_plan(cfg: LlavaConfig, setting: Setting) -> reduction.Plan:
+  """The setting's plan for a model of `cfg` (its config alone: no weights needed).
+  ConfigError says why the model cannot run it, an option its method lacks included."""
+  options = dict(setting.options)
+  builder = methods._BUILDERS.get(setting.base_method)  # pylint: disable=protected-access
+  takes = inspect.signature(builder).parameters if builder else {}
+  if not any(p.kind == p.VAR_KEYWORD for p in takes.values()):
+    known = [n for n in takes if n not in ("cfg", "retention", "mode")]
+    unknown = [n for n in options if n not in known]
+    if unknown:
+      raise ConfigError(f"setting {setting.label}: {setting.base_method} has no option "
+                        f"{unknown[0]!r}; "
+                        + (f"its options are {', '.join(known)}." if known else
+                           "it takes none."))
+  try:
+    return reduction.make_plan(methods.get(setting.method, cfg, setting.retention,
+                                           **options), cfg)
+  except TypeError as e:  # an option that a schedule behind **kwargs does not take
+    raise ConfigError(f"setting {setting.label}: {e}.") from None
+
+
+def check_settings(cfg: LlavaConfig, settings: Sequence[Setting]):
+  """ConfigError naming every setting a model of `cfg` cannot run, each with the reason
+  (the evaluation itself would list them as skipped after running the rest)."""
+  failed = []
+  for s in settings:
+    try:
+      setting_plan(cfg, s)
+    except ValueError as e:
+      reason = str(e).removeprefix(f"setting {s.label}: ").rstrip(".")
+      failed.append(f"{s.label} ({reason})")
+  if failed:
+    raise ConfigError(f"this model cannot run {'; '.join(failed)}.")
+
+
 def default_settings(cfg: LlavaConfig) -> list[Setting]:
   """Dense; every swept method at each of RETENTIONS (FastV with k = 1 where k = 2 cannot
   reach it); the published presets; and p-MoD at its trained ratios when the model has
@@ -174,14 +212,20 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
     if dataset.split("/")[0] != glyph_vqa.NAME:
       raise ValueError(f"{dataset} needs --data_dir (only glyph_vqa can be generated).")
     source = glyph_vqa.source(dataset, split, None)
-    records = [source[i] for i in range(min(limit or len(source), len(source)))]
+    _check_limit(dataset, split, limit, len(source))
+    records = [source[i] for i in range(limit or len(source))]
   # TFDS would try to build a missing data set (and fail without TensorFlow): say how.
   elif not os.path.isdir(os.path.join(data_dir, *dataset.split(":")[0].split("/"))):
     raise ValueError(f"{dataset} is not built in {data_dir}; build it with `python -m "
                      f"tokred_jax.data.glyph_vqa --data_dir={data_dir}` (add "
                      "--config=small for the small one), or leave out data_dir.")
   else:
-    source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+    try:
+      source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+    except (ValueError, KeyError) as e:  # tfds: an unknown split or config
+      raise ValueError(f"{dataset} in {data_dir} has no split {split!r}: "
+                       f"{str(e).rstrip('.')}.") from None
+    _check_limit(dataset, split, limit, len(source))
     records = source.__getitems__(list(range(len(source))))
   records.sort(key=lambda r: _index(r["id"].decode()))
   records = records[:limit]
@@ -195,6 +239,12 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
     out.append(Example(r["id"].decode(), r["question_types"][0].decode(),
                        np.asarray(r["image"]), prompt, answer))
   return out
+
+
+def _check_limit(dataset: str, split: str, limit: int | None, size: int):
+  if limit is not None and limit > size:
+    raise ValueError(f"limit {limit} is more than the {size} examples of {dataset}'s "
+                     f"{split} split; ask for at most {size}, or leave it out for all.")
 
 
 def normalize(answer: str) -> str:
@@ -372,7 +422,7 @@ def evaluate(pipe: Pipeline, examples: Sequence[Example], settings: Sequence[Set
     preset = s.method if s.method in methods.PRESETS else None
     result = SettingResult(s.label, s.base_method, s.retention, preset, dict(s.options))
     try:
-      plan = pipe.plan(s.method, s.retention, **dict(s.options))
+      plan = setting_plan(pipe.cfg, s)
     except ValueError as e:  # ConfigError included: the method cannot do it here
       result.skipped, plan = str(e), None
     runs.append((plan, result))
