@@ -30,8 +30,8 @@ format the embedded models (tokred_jax/assets) were trained with: vicuna_v1's tu
 without a system prompt, tokenized as one text.
 
 Targets are the tokens that start inside a reply's span of the text (the space before
-the answer, the answer, its end separator), found from the tokenizer's character offsets,
-so they agree with how the tokenizer splits the text as a whole.
+the answer where the format has one, the answer, its end separator), found from the
+tokenizer's character offsets, so they agree with how the text is tokenized.
 """
 
 from __future__ import annotations
