@@ -39,7 +39,8 @@ def main(argv):
                      "--checkpoint=DIR with a Hugging Face LLaVA directory.")
   try:
     pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype,
-                                    mesh_shape=sharding.parse_mesh(config.get("mesh", "")))
+                                    mesh_shape=sharding.parse_mesh(config.get("mesh", "")),
+                                    template=config.get("template") or None)
     plan = pipe.plan(config.method, config.retention, config.mode)
     batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
   except ValueError as e:  # bad checkpoint, image or prompt: the message says what to fix

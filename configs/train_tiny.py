@@ -49,6 +49,9 @@ def get_config(arg=None):
   config.data.worker_count = 0
   config.data.worker_buffer_size = 8
   config.data.on_bad_sample = "skip"
+  # The chat template conversations are rendered in (tokred_jax.templates); "": the
+  # checkpoint's own. The export records it.
+  config.data.template = ""
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3

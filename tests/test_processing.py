@@ -11,7 +11,7 @@ import transformers
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from tokred_jax import checkpoint, processing
+from tokred_jax import checkpoint, processing, templates
 from tokred_jax.config import CLIP_MEAN, CLIP_STD, VisionConfig
 
 CLIP = VisionConfig(kind="clip", image_size=42, patch_size=14)
@@ -104,6 +104,34 @@ def test_build_prompt():
           == "USER: Compare <image> with a dog. ASSISTANT:")
   with pytest.raises(ValueError, match="question is empty"):
     processing.build_prompt("  \n")
+
+
+@pytest.mark.parametrize("template, before", [
+    ("tokred", ""), ("llava-hf", ""), ("vicuna_v1", templates.VICUNA_SYSTEM + " "),
+    ("llava_v1", templates.LLAVA_SYSTEM + " ")])
+def test_build_prompt_in_each_template(template, before):
+  assert (processing.build_prompt(" What is this? ", template)
+          == before + "USER: <image>\nWhat is this? ASSISTANT:")
+  assert processing.build_prompt("What is this?", "qwen") == (
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+      "<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+  with pytest.raises(ValueError, match="unknown chat template 'vicuna'; choose one of"):
+    processing.build_prompt("Hi?", "vicuna")
+
+
+def test_encode_batch_tokenizes_as_the_template_says(clip_llama_dir):
+  """vicuna_v1 tokenizes the chunks around <image> alone, BOS only before the first
+  (tokenizer_image_token); llava-hf the text as one (LlavaProcessor)."""
+  cfg = checkpoint.read_config(clip_llama_dir)
+  tok = processing.Tokenizer.load(clip_llama_dir, cfg)
+  prompt = processing.build_prompt("Hi", "vicuna_v1")
+  whole = processing.encode_batch(tok, [prompt], cfg, 1, (256,), 256, "llava-hf")
+  split = processing.encode_batch(tok, [prompt], cfg, 1, (256,), 256, "vicuna_v1")
+  before, after = prompt.split("<image>")
+  want = tok.encode(before) + [cfg.image_token_id] + tok.encode(after)[1:]
+  np.testing.assert_array_equal(split["input_ids"][0][split["attention_mask"][0]], want)
+  # Byte-level BPE never merges across a special token: both agree here.
+  np.testing.assert_array_equal(whole["input_ids"], split["input_ids"])
 
 
 def test_prompt_matches_llava_hf_chat_template():

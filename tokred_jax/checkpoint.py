@@ -36,6 +36,7 @@ import safetensors
 import safetensors.numpy
 
 from tokred_jax import config as config_lib
+from tokred_jax import templates
 from tokred_jax.config import LlavaConfig
 
 Params = dict[str, Any]
@@ -45,6 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
 
 
 class CheckpointError(ValueError):
@@ -266,7 +268,11 @@ def _read_json(file: pathlib.Path, what: str) -> Any:
 
 
 def read_config(path: str | os.PathLike) -> LlavaConfig:
-  """Reads `path/config.json` into a `LlavaConfig`, with checkpoint-level error messages."""
+  """Reads `path/config.json` into a `LlavaConfig`, with checkpoint-level error messages.
+
+  A config.json that records no chat template ("conversation_template") gets the
+  default of `templates.default_name` for its LLM and whether it ships a chat template.
+  """
   path = pathlib.Path(path)
   if not path.is_dir():
     raise CheckpointError(f"checkpoint directory {path} does not exist (or is not a "
@@ -281,9 +287,27 @@ def read_config(path: str | os.PathLike) -> LlavaConfig:
     raise CheckpointError(f"{file} holds a JSON {type(d).__name__}, not an object; restore "
                           "the config.json of the checkpoint.")
   try:
-    return config_lib.from_hf_dict(d)
+    cfg = config_lib.from_hf_dict(d)
   except (ValueError, TypeError, KeyError, AttributeError) as e:  # ConfigError included.
     raise CheckpointError(f"{file} does not describe a supported LLaVA model: {e}") from e
+  if cfg.template is None:
+    cfg = dataclasses.replace(cfg, template=templates.default_name(
+        cfg.text.kind, _has_chat_template(path)))
+  return cfg
+
+
+def _has_chat_template(path: pathlib.Path) -> bool:
+  """Whether the checkpoint ships a Hugging Face chat template (in its own file, or in
+  tokenizer_config.json / processor_config.json, as older transformers wrote it)."""
+  if any((path / name).is_file() for name in CHAT_TEMPLATE_FILES):
+    return True
+  for name in ("tokenizer_config.json", "processor_config.json"):
+    try:
+      if "chat_template" in json.loads((path / name).read_text()):
+        return True
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+      continue  # Absent or unreadable: it ships no template there.
+  return False
 
 
 def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path] | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tokred_jax import templates
+
 # Defaults of the transformers config classes, for the fields a sparse config.json omits.
 _VISION_DEFAULTS = {
     "clip_vision_model": dict(
@@ -161,8 +163,16 @@ class LlavaConfig:
   vision_feature_select: str = "default"
   projector_hidden_act: str = "gelu"
   projector_bias: bool = True
+  # The chat template prompts and training data are written in (tokred_jax.templates);
+  # config.json's "conversation_template". None: not known (see checkpoint.read_config).
+  template: str | None = None
 
   def __post_init__(self):
+    if self.template is not None:
+      try:
+        templates.get(self.template)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
     if self.vision_feature_select not in ("default", "full"):
       raise ConfigError(f"vision_feature_select_strategy {self.vision_feature_select!r} is not "
                         "supported; use 'default' (drop CLS) or 'full'.")
@@ -278,7 +288,8 @@ def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
       vision_feature_layer=layer,
       vision_feature_select=d.get("vision_feature_select_strategy", "default"),
       projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-      projector_bias=d.get("multimodal_projector_bias", True))
+      projector_bias=d.get("multimodal_projector_bias", True),
+      template=d.get("conversation_template"))
 
 
 def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
@@ -309,6 +320,7 @@ def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
     text["mod_router_alpha"] = t.router_alpha
     if t.router_ratios:
       text["mod_router_ratios"] = list(t.router_ratios)
+  extra = {} if cfg.template is None else {"conversation_template": cfg.template}
   return dict(
       architectures=["LlavaForConditionalGeneration"], model_type="llava",
       vision_config=vision, text_config=text,
@@ -318,4 +330,4 @@ def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
       projector_hidden_act=cfg.projector_hidden_act,
       multimodal_projector_bias=cfg.projector_bias,
       image_seq_length=cfg.num_image_tokens,
-      tie_word_embeddings=t.tie_word_embeddings)
+      tie_word_embeddings=t.tie_word_embeddings, **extra)

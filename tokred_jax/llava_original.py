@@ -260,7 +260,8 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
         vision_feature_layer=d.get("mm_vision_select_layer", -2),
         vision_feature_select=_SELECT_FEATURE[select],
         projector_hidden_act="gelu",
-        projector_bias=True)
+        projector_bias=True,
+        template="vicuna_v1")  # conv_vicuna_v1: what LLaVA-1.5 and p-MoD train with
   except CheckpointError:
     raise
   except (ValueError, TypeError, KeyError) as e:  # ConfigError included.

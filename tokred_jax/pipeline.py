@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import checkpoint, cost, methods, processing, reduction, segmented, sharding
+from tokred_jax import (checkpoint, cost, methods, processing, reduction, segmented, sharding,
+                        templates)
 from tokred_jax.config import LlavaConfig
 from tokred_jax.generate import Generator, SamplingConfig
 from tokred_jax.llava import Llava
@@ -78,16 +79,23 @@ class Pipeline:
 
   @classmethod
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
-           mesh_shape: dict[str, int] | None = None, **kwargs) -> "Pipeline":
+           mesh_shape: dict[str, int] | None = None, template: str | None = None,
+           **kwargs) -> "Pipeline":
     """Loads a Hugging Face LLaVA directory (config.json, safetensors, tokenizer.json).
 
     mesh_shape: e.g. {"data": 2, "fsdp": 1, "tensor": 4} (-1: the remaining devices)
     shards the parameters by logical axis over a device mesh; batches must then be a
     multiple of data x fsdp.
+    template: the chat template prompts are written in (tokred_jax.templates); None:
+    the checkpoint's (see checkpoint.read_config).
     """
     if dtype not in DTYPES:
       raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+    if template is not None:
+      template = templates.get(template).name
     cfg, params = checkpoint.load_checkpoint(path)
+    if template is not None:
+      cfg = dataclasses.replace(cfg, template=template)
     tokenizer = processing.Tokenizer.load(path, cfg)
     if mesh_shape is not None:
       kwargs["mesh"] = sharding.make_mesh(mesh_shape)
@@ -107,22 +115,26 @@ class Pipeline:
     return reduction.make_plan(method, self.cfg)
 
   def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int = 0,
-              chat_template: bool = True, plan: reduction.Plan | None = None
-              ) -> dict[str, np.ndarray]:
+              chat_template: bool = True, plan: reduction.Plan | None = None,
+              template: str | None = None) -> dict[str, np.ndarray]:
     """Images (paths, PIL images or uint8 arrays) and prompts -> padded model inputs,
     with as many image-token slots as the plan has visual tokens.
+
+    The prompts are questions, written into the chat template `template` (None: the
+    model's, `cfg.template`); with chat_template=False, full prompts already in it.
 
     Every check runs here, before anything is compiled or computed.
     """
     plan = self.plan(plan)
+    template = templates.get(template or self.cfg.template or "tokred")
     if len(images) != len(prompts):
       raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; LLaVA-1.5 "
                        "takes exactly one image per prompt.")
     if chat_template:
-      prompts = [processing.build_prompt(p) for p in prompts]
+      prompts = [processing.build_prompt(p, template) for p in prompts]
     max_length = self.cfg.text.max_position_embeddings - max_new_tokens
     batch = processing.encode_batch(self.tokenizer, prompts, self.cfg, plan.num_visual,
-                                    self.buckets, max_length)
+                                    self.buckets, max_length, template)
     batch["pixel_values"] = processing.preprocess_images(images, self.cfg.vision)
     return batch
 

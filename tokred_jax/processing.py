@@ -2,9 +2,10 @@
 
 Images are preprocessed as transformers' PIL-based CLIP and SigLIP image processors do
 (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`), in NHWC layout. Prompts are
-tokenized with the checkpoint's tokenizer.json, the single `<image>` token is expanded
-into one slot per visual token, and the batch is left-padded to a length bucket so that
-each bucket compiles once.
+rendered with a chat template (tokred_jax.templates) and tokenized with the
+checkpoint's tokenizer.json, the single `<image>` token is expanded into one slot per
+visual token, and the batch is left-padded to a length bucket so that each bucket
+compiles once.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import numpy as np
 import PIL.Image
 import tokenizers
 
+from tokred_jax import templates
 from tokred_jax.config import LlavaConfig, VisionConfig
 
-IMAGE_TOKEN = "<image>"
-# llava-hf's chat template for LLaVA-1.5 renders one user turn as this.
-TURN_TEMPLATE = "USER: {content} ASSISTANT:"
+IMAGE_TOKEN = templates.IMAGE_TOKEN
 
 ImageLike = PIL.Image.Image | str | os.PathLike | np.ndarray
 
@@ -80,6 +80,10 @@ class Tokenizer:
       ids, offsets = [self.bos_id] + ids, [(0, 0)] + offsets
     return ids, offsets
 
+  def token_id(self, token: str) -> int | None:
+    """The id of vocabulary entry `token` (e.g. "<|im_end|>"); None if it has none."""
+    return self._tok.token_to_id(token)
+
   def token(self, token_id: int) -> str:
     """The vocabulary entry of `token_id` (e.g. the EOS string "</s>")."""
     return self._tok.id_to_token(token_id)
@@ -110,17 +114,14 @@ def train_tokenizer(lines: Sequence[str], vocab_size: int, path: str | os.PathLi
   return {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
 
 
-def build_prompt(question: str) -> str:
-  """The LLaVA-1.5 chat prompt for one question about one image.
+def build_prompt(question: str, template: str | templates.Template = "tokred") -> str:
+  """The chat prompt for one question about one image, in `template`
+  (tokred_jax.templates; "tokred" and "llava-hf" give "USER: <image>\\nQ ASSISTANT:").
 
   A question that already holds `<image>` keeps it where it is; otherwise the image
   goes first, on its own line, as llava-hf's chat template puts it.
   """
-  question = question.strip()
-  if not question:
-    raise ValueError("the question is empty; ask something about the image.")
-  content = question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
-  return TURN_TEMPLATE.format(content=content)
+  return templates.get(template).prompt(question)
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
@@ -136,8 +137,8 @@ def default_buckets(max_length: int) -> tuple[int, ...]:
 
 
 def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
-                 num_image_tokens: int, bucket_lengths: Sequence[int],
-                 max_length: int) -> dict[str, np.ndarray]:
+                 num_image_tokens: int, bucket_lengths: Sequence[int], max_length: int,
+                 template: str | templates.Template = "tokred") -> dict[str, np.ndarray]:
   """Tokenizes full prompts into one left-padded batch.
 
   Each prompt must hold exactly one `<image>`; it is expanded into `num_image_tokens`
@@ -151,6 +152,8 @@ def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
     num_image_tokens: visual tokens per image handed to the LLM.
     bucket_lengths: allowed batch lengths.
     max_length: the longest sequence allowed (the caller leaves room for new tokens).
+    template: the chat template the prompts were written in; it decides how the text
+      is tokenized (as one text, or chunk by chunk around `<image>`).
 
   Returns:
     input_ids: i32[B, T], pad id in the left padding.
@@ -163,13 +166,15 @@ def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
     raise ValueError("no prompts given.")
   if not bucket_lengths:
     raise ValueError("bucket_lengths is empty; use default_buckets(max_length).")
+  template = templates.get(template)
+  template.check_tokenizer(tokenizer)
   sequences = []
   for b, prompt in enumerate(prompts):
     if not prompt.strip():
       raise ValueError(f"prompt {b} is empty; write a question (see build_prompt).")
     try:
-      ids, _ = expand_image_token(tokenizer.encode(prompt), cfg.image_token_id,
-                                  num_image_tokens)
+      ids, _ = expand_image_token(template.encode(tokenizer, prompt)[0],
+                                  cfg.image_token_id, num_image_tokens)
     except ValueError as e:
       raise ValueError(f"prompt {b}: {e} (build_prompt adds it when missing).") from None
     if len(ids) > max_length:

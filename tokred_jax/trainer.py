@@ -328,6 +328,8 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
   and a dense checkpoint, p-MoD routers on `model.router_layers` if set, else on the
   layers that schedule routes."""
   cfg = checkpoint.read_config(_checkpoint_dir(config))
+  if config.data.get("template"):  # trained in it, so the export records it
+    cfg = dataclasses.replace(cfg, template=config.data.template)
   if config.model.add_routers and not cfg.text.router_layers:
     layers = config.model.get("router_layers") or pmod.router_layers(
         pmod.schedule(config.model.add_routers, cfg.text.num_layers))

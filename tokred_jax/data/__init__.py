@@ -4,7 +4,7 @@ Nothing here needs TensorFlow: the TFDS builder stores images as uint8 tensors, 
 reading goes through `tfds.data_source` (array_record, random access) into grain.
 
   builder.py       `build_dataset`: the TFDS builder for llava_v1_5_mix665k-style JSON.
-  conversation.py  the LLaVA-1.5 template, turn checks, tokens and reply targets.
+  conversation.py  turn checks, tokens and reply targets in the model's chat template.
   pipeline.py      `make_dataset`: shuffle, repeat, tokenize, batch; resumable iterator.
   skips.py         bad samples: `BadSample`, and `SkipLog`, their tally.
 

@@ -2,20 +2,15 @@
 
 A conversation in the llava_v1_5_mix665k format is a list of turns
 `{"from": "human" | "gpt", "value": text}`, alternating and starting with "human", one
-`<image>` in the human turns. It is rendered with llava-hf's chat template for
-LLaVA-1.5, which has no system prompt, so that the first turn is exactly the prompt
-`processing.build_prompt` writes at inference:
+`<image>` in the human turns. As LLaVA's training code does, the `<image>` tag moves to
+the front of the turn that holds it. The turns are rendered with the model's chat
+template (tokred_jax.templates; `LlavaConfig.template` unless one is chosen), the one
+its prompts at inference are written in; with "tokred", the embedded models' format:
 
   "USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
 
-(the original LLaVA-1.5 training prepended conv_vicuna_v1's system sentence; llava-hf
-checkpoints are prompted without it, so training matches inference instead). As LLaVA's
-training code does, the `<image>` tag moves to the front of the turn that holds it.
-
-The model learns the replies: every token that starts inside " {answer}</s>" is a
-target, the EOS included, so that the model learns to stop. Targets are found from the
-character offsets of one tokenization of the whole text, so they agree with how the
-tokenizer splits the text as a whole (piecewise tokenization can differ at the seams).
+The model learns the replies: every token that starts inside a reply (" {answer}</s>"
+here) is a target, its end separator included, so that the model learns to stop.
 """
 
 from __future__ import annotations
@@ -25,15 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from tokred_jax import processing
+from tokred_jax import processing, templates
 from tokred_jax.config import LlavaConfig
 from tokred_jax.data.skips import MALFORMED, NO_ASSISTANT_TURN, TOO_LONG, BadSample
 
 HUMAN, GPT = "human", "gpt"
 IMAGE_TOKEN = processing.IMAGE_TOKEN
-# One user turn of llava-hf's template, as processing.build_prompt renders it (a test
-# checks that the first turn equals build_prompt's prompt).
-_TURN = processing.TURN_TEMPLATE.replace("{content}", "{question}")
 
 
 def parse_turns(sample_id: str, conversations: Any) -> list[tuple[str, str]]:
@@ -84,51 +76,24 @@ def parse_turns(sample_id: str, conversations: Any) -> list[tuple[str, str]]:
   return pairs
 
 
-def conversation_text(pairs: Sequence[tuple[str, str]],
-                      eos: str) -> tuple[str, list[tuple[int, int]]]:
-  """The training text of `pairs` and the character span of each reply.
-
-  Each span covers " {answer}{eos}": the space after "ASSISTANT:" belongs to the reply,
-  as the model generates it after the prompt that `build_prompt` ends with.
-  """
-  text, spans = "", []
-  for question, answer in pairs:
-    text += _TURN.format(question=question)
-    start = len(text)
-    text += f" {answer}{eos}"
-    spans.append((start, len(text)))
-  return text, spans
-
-
 def tokenize_conversation(tokenizer: processing.Tokenizer, pairs: Sequence[tuple[str, str]],
-                          image_token_id: int,
-                          num_image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+                          image_token_id: int, num_image_tokens: int,
+                          template: str | templates.Template = "tokred"
+                          ) -> tuple[np.ndarray, np.ndarray]:
   """Token ids of a conversation and which of them the model learns to produce.
 
   Args:
-    tokenizer: the checkpoint's tokenizer; its first EOS id ends every reply.
+    tokenizer: the checkpoint's tokenizer.
     pairs: (question, answer) pairs from `parse_turns`.
     image_token_id: the id of `<image>` in the tokenizer.
     num_image_tokens: image slots the single `<image>` expands into.
+    template: the chat template (a name from tokred_jax.templates).
 
   Returns:
     ids: i32[L], BOS first when the model has one, the image slots expanded.
-    target: bool[L], True on the reply tokens (answers and their EOS).
+    target: bool[L], True on the reply tokens (answers and their end separator).
   """
-  if not tokenizer.eos_ids:
-    raise ValueError("the model has no EOS token; replies need one to end with.")
-  eos_id = tokenizer.eos_ids[0]
-  eos = tokenizer.token(eos_id)
-  text, spans = conversation_text(pairs, eos)
-  ids, offsets = tokenizer.encode_with_offsets(text)
-  starts = np.array([start for start, _ in offsets])
-  target = np.zeros(len(ids), bool)
-  for begin, end in spans:
-    inside = (starts >= begin) & (starts < end)
-    if not inside.any() or ids[np.flatnonzero(inside)[-1]] != eos_id:
-      raise ValueError(f"the tokenizer does not read {eos!r} as its EOS token (id "
-                       f"{eos_id}); it must be a special token of tokenizer.json.")
-    target |= inside
+  ids, target = templates.get(template).training_ids(tokenizer, pairs)
   ids, at = processing.expand_image_token(ids, image_token_id, num_image_tokens)
   target = np.concatenate([target[:at], np.zeros(num_image_tokens, bool), target[at + 1:]])
   return np.asarray(ids, np.int32), target
@@ -136,7 +101,9 @@ def tokenize_conversation(tokenizer: processing.Tokenizer, pairs: Sequence[tuple
 
 def encode_example(tokenizer: processing.Tokenizer, cfg: LlavaConfig, sample_id: str,
                    conversations: Any, max_length: int,
-                   num_image_tokens: int | None = None) -> dict[str, np.ndarray]:
+                   num_image_tokens: int | None = None,
+                   template: str | templates.Template | None = None
+                   ) -> dict[str, np.ndarray]:
   """One conversation as right-padded training arrays of length T = `max_length`.
 
   Args:
@@ -147,6 +114,7 @@ def encode_example(tokenizer: processing.Tokenizer, cfg: LlavaConfig, sample_id:
     max_length: T.
     num_image_tokens: image slots in the sequence: the reduction plan's `num_visual`
       (pre-LLM merging or pooling leaves fewer); None: `cfg.num_image_tokens`.
+    template: the chat template; None: the model's (`cfg.template`, else "tokred").
 
   Returns:
     input_ids: i32[T], the pad id after the sequence.
@@ -162,7 +130,8 @@ def encode_example(tokenizer: processing.Tokenizer, cfg: LlavaConfig, sample_id:
   if num_image_tokens is None:
     num_image_tokens = cfg.num_image_tokens
   pairs = parse_turns(sample_id, conversations)
-  ids, target = tokenize_conversation(tokenizer, pairs, cfg.image_token_id, num_image_tokens)
+  ids, target = tokenize_conversation(tokenizer, pairs, cfg.image_token_id, num_image_tokens,
+                                     template or cfg.template or "tokred")
   length = len(ids)
   if length > max_length:
     raise BadSample(sample_id, TOO_LONG,

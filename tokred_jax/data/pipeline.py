@@ -24,7 +24,7 @@ from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tokred_jax import processing
+from tokred_jax import processing, templates
 from tokred_jax.config import LlavaConfig, VisionConfig
 from tokred_jax.data.conversation import encode_example
 from tokred_jax.data.skips import BadSample, SkipLog, check_mode
@@ -47,6 +47,8 @@ class DataConfig:
     worker_buffer_size: examples each worker prepares ahead.
     on_bad_sample: "skip" leaves samples found bad while reading out (logged with their
       ids), "error" raises `BadSample` naming the first.
+    template: the chat template conversations are rendered in (tokred_jax.templates);
+      None: the model's (`LlavaConfig.template`).
   """
   dataset: str
   data_dir: str | None
@@ -57,17 +59,19 @@ class DataConfig:
   worker_count: int = 0
   worker_buffer_size: int = 8
   on_bad_sample: str = "skip"
+  template: str | None = None
 
 
 class _Encode(grain.transforms.Map):
   """A stored example -> the training arrays of one sequence, or the `BadSample`."""
 
   def __init__(self, tokenizer: processing.Tokenizer, cfg: LlavaConfig, max_length: int,
-               num_image_tokens: int):
+               num_image_tokens: int, template: templates.Template):
     self._tokenizer = tokenizer
     self._cfg = cfg
     self._max_length = max_length
     self._num_image_tokens = num_image_tokens
+    self._template = template
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray] | BadSample:
     sample_id = element["id"].decode()
@@ -76,7 +80,7 @@ class _Encode(grain.transforms.Map):
                      for role, text in zip(turns["from"], turns["value"])]
     try:
       example = encode_example(self._tokenizer, self._cfg, sample_id, conversations,
-                               self._max_length, self._num_image_tokens)
+                               self._max_length, self._num_image_tokens, self._template)
     except BadSample as bad:
       return bad
     # The stored pixels are already resized, so this only rescales and normalises.
@@ -143,6 +147,8 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
       loss_mask: bool[B, T], True where labels[t] is a reply token to learn.
   """
   check_mode(config.on_bad_sample)
+  template = templates.get(config.template or model_cfg.template or "tokred")
+  template.end_token(tokenizer)  # The tokenizer can end replies as the template does.
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
   # Imported here so that `python -m tokred_jax.data.glyph_vqa`, which imports this
@@ -160,7 +166,7 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   ds = ds.repeat(config.num_epochs)
   if num_image_tokens is None:
     num_image_tokens = model_cfg.num_image_tokens
-  ds = ds.map(_Encode(tokenizer, model_cfg, config.max_length, num_image_tokens))
+  ds = ds.map(_Encode(tokenizer, model_cfg, config.max_length, num_image_tokens, template))
   ds = ds.to_iter_dataset()
   if config.worker_count:
     if not flags.FLAGS.is_parsed():
