@@ -52,9 +52,14 @@ def test_batched_answer_equals_single(pipe):
 ])
 def test_bad_input_is_rejected_before_compiling(pipe, images, prompts, match):
   before = pipe._forward._cache_size()
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=match) as e:
     pipe.forward(pipe.prepare(images, prompts))
   assert pipe._forward._cache_size() == before
+  shown = [f"{i.dtype}{list(i.shape)}" if isinstance(i, np.ndarray) else "img"
+           for i in images]
+  prompt = [p if len(p) < 40 else p[:12] + f"... ({len(p)} chars)" for p in prompts]
+  faults.record("Pipeline", f"prepare({shown}, {prompt!r})", f"ValueError: {e.value}",
+                before="compile")
 
 
 def test_prompt_without_placeholder_is_rejected_when_raw(pipe):
@@ -109,8 +114,10 @@ def test_sharded_pipeline_generates_the_same(pipe, mesh_shape):
 def test_batch_that_does_not_split_over_the_mesh():
   sharded = tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT,
                                      mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
-  with pytest.raises(ValueError, match="multiple of 2"):
+  with pytest.raises(ValueError, match="multiple of 2") as e:
     sharded.forward(sharded.prepare([SAMPLE] * 3, ["a?", "b?", "c?"]))
+  faults.record("Pipeline", "forward(3 prompts) on a data=2 mesh", f"ValueError: {e.value}",
+                before="compile")
 
 
 @pytest.mark.parametrize("method, retention", [("aim", 0.25), ("fastv", 0.5), ("tome", 0.5),

@@ -85,8 +85,11 @@ def test_single_image_and_batch_array():
     ("/nonexistent/cat.jpg", "cannot read image file /nonexistent/cat.jpg"),
 ])
 def test_bad_images(image, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as e:
     processing.preprocess_images(image, CLIP)
+  case = (f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray)
+          else repr(image))
+  faults.record("preprocess_images", case, f"ValueError: {e.value}", before="compile")
 
 
 @pytest.mark.parametrize("shape, dtype, message", [
