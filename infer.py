@@ -5,58 +5,115 @@ r"""Answer a question about an image with a LLaVA model, and print what it cost.
   python infer.py --checkpoint=/path/to/llava-1.5-7b-hf --config.dtype=bfloat16
 
 Options not given as flags come from --config (default: configs/default.py), each
-overridable as --config.NAME=VALUE.
+overridable as --config.NAME=VALUE. Every option, the image and the prompt are checked
+before the weights are read.
 """
 
+import math
 import os
 
 import jax
 import numpy as np
 from absl import flags
+from matplotlib.figure import Figure
 
 import tokred_jax
-from tokred_jax import cli, pipeline, processing, report, sharding, visualize
+from tokred_jax import cli, methods, pipeline, report, sharding, visualize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = cli.define_config(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Inference config file.")
-_IMAGE = flags.DEFINE_string("image", None, "Image path (default: the bundled sample).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Question about the image.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Hugging Face LLaVA directory (overrides the config).")
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  checkpoint = _CHECKPOINT.value or config.checkpoint or tokred_jax.DEFAULT_CHECKPOINT
-  image = _IMAGE.value or os.path.join(tokred_jax.DEFAULT_CHECKPOINT, "sample.png")
-  prompt = _PROMPT.value or pipeline.default_prompt(checkpoint)
-  sampling = tokred_jax.SamplingConfig(config.max_new_tokens, config.temperature, config.top_p)
+def _define_flags():
+  """The command line; only when run as a script, so tests can import `infer` in a
+  process that also holds other entry points' flags (train.py's --config)."""
+  cli.define_config("config", os.path.join(_HERE, "configs", "default.py"),
+                    "Inference config file.")
+  flags.DEFINE_string("image", None, "Image path (default: the bundled sample).")
+  flags.DEFINE_string("prompt", None, "Question about the image (default: the one stored "
+                      "beside the checkpoint's sample image).")
+  flags.DEFINE_string("checkpoint", None,
+                      "Hugging Face LLaVA directory (overrides the config).")
 
-  if config.get("preset") and not (_CHECKPOINT.value or config.checkpoint):
-    raise SystemExit(f"infer.py: the {config.preset!r} preset has no weights here; pass "
-                     "--checkpoint=DIR with a Hugging Face LLaVA directory.")
+
+def check_output(path: str, option: str):
+  """Refuses a file the run could not write at its end: a missing folder, a directory, a
+  format matplotlib cannot save, no write permission. Leaves an existing file as it is."""
+  formats = Figure().canvas.get_supported_filetypes()
+  extension = os.path.splitext(path)[1].lower().lstrip(".")
+  if os.path.isdir(path):
+    raise ValueError(f"{option}={path} is a directory; name a .png file.")
+  if extension not in formats:
+    raise ValueError(f"{option}={path}: name a .png file (matplotlib writes "
+                     f"{', '.join(sorted(formats))}).")
+  folder = os.path.dirname(path) or "."
+  if not os.path.isdir(folder):
+    raise ValueError(f"{option}={path}: the folder {folder} does not exist; create it "
+                     "or choose another path.")
+  existed = os.path.exists(path)
   try:
-    pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype,
-                                    mesh_shape=sharding.parse_mesh(config.get("mesh", "")),
-                                    template=config.get("template") or None)
-    plan = pipe.plan(config.method, config.retention, config.mode)
-    batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
-  except ValueError as e:  # bad checkpoint, image or prompt: the message says what to fix
-    raise SystemExit(f"infer.py: {e}") from None
+    with open(path, "ab"):  # Appends nothing: an existing file keeps its bytes.
+      pass
+  except OSError as e:
+    raise ValueError(f"{option}={path} cannot be written ({e.strerror}); choose another "
+                     "path.") from None
+  if not existed:
+    os.remove(path)
+
+
+def _check_method(name: str):
+  """An unknown method name, with the nearest one suggested."""
+  names = methods.METHODS + tuple(methods.PRESETS)
+  if name not in names:
+    raise ValueError(f"--config.method={name!r} is not a method{cli.closest(name, names)}; "
+                     f"choose from {', '.join(names)}.")
+
+
+def infer(config, checkpoint=None, image=None, prompt=None):
+  """Answers `prompt` about `image` with the config's model and method and prints the
+  answer and its cost. Checks everything (options, image, prompt, mesh, output path)
+  before the weights are read; raises ValueError for any of them."""
+  if config.get("preset") and not (checkpoint or config.checkpoint):
+    raise ValueError(f"the {config.preset!r} preset has no weights here; pass "
+                     "--checkpoint=DIR with a Hugging Face LLaVA directory.")
+  checkpoint = checkpoint or config.checkpoint or tokred_jax.DEFAULT_CHECKPOINT
+  image = image or os.path.join(tokred_jax.DEFAULT_CHECKPOINT, "sample.png")
+  if prompt is None:
+    prompt = pipeline.default_prompt(checkpoint)
+  elif not prompt.strip():
+    raise ValueError("--prompt is empty; ask a question about the image, or leave --prompt "
+                     "out for the checkpoint's sample question.")
+  sampling = tokred_jax.SamplingConfig(config.max_new_tokens, config.temperature,
+                                       config.top_p)
+  _check_method(config.method)
+  if config.plot:
+    check_output(config.plot, "--config.plot")
+  pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype, weights=False,
+                                  mesh_shape=sharding.parse_mesh(config.get("mesh", "")),
+                                  template=config.get("template") or None)
+  plan = pipe.plan(config.method, config.retention, config.mode)
+  batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
+  # A mesh splits the batch over data x fsdp: the one prompt is repeated to fill it.
+  copies = 1 if pipe.mesh is None else math.prod(
+      pipe.mesh.shape[a] for a in ("data", "fsdp") if a in pipe.mesh.shape)
+  run_batch = {k: np.repeat(v, copies, axis=0) for k, v in batch.items()}
+
+  pipe.load_weights()
   rng = jax.random.PRNGKey(config.seed)
   if config.warmup:
-    pipe.generate_tokens(batch, sampling, rng, plan)
-  tokens, timings = pipe.generate_tokens(batch, sampling, rng, plan)
+    pipe.generate_tokens(run_batch, sampling, rng, plan)
+  tokens, timings = pipe.generate_tokens(run_batch, sampling, rng, plan)
 
   print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
         f"method: {plan.reduction.name} ({plan.reduction.mode} mode)")
+  if copies > 1:
+    print(f"batch: {copies} copies of the prompt, one per data x fsdp shard; costs are "
+          "for one")
   print(f"answer: {pipe.tokenizer.decode(tokens[0]).strip()}\n")
   if config.plot:
-    _, aux = pipe.forward(batch, plan, return_aux=True)
-    pixels = np.asarray(processing.preprocess_images([image], pipe.cfg.vision))[0]
-    shown = pixels * np.asarray(pipe.cfg.vision.image_std) + np.asarray(pipe.cfg.vision.image_mean)
+    _, aux = pipe.forward(run_batch, plan, return_aux=True)
+    vision = pipe.cfg.vision
+    shown = (batch["pixel_values"][0] * np.asarray(vision.image_std)
+             + np.asarray(vision.image_mean))
     visualize.survival_figure(shown, np.asarray(aux["sources"][0]),
                               np.asarray(aux["live"][:, 0]), config.plot,
                               f"{plan.reduction.name} ({plan.reduction.mode})")
@@ -67,5 +124,12 @@ def main(argv):
       "decode latency per token": timings.decode_s / max(timings.new_tokens, 1)}))
 
 
+def main(argv):
+  del argv
+  values = flags.FLAGS
+  infer(values.config, values.checkpoint, values.image, values.prompt)
+
+
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

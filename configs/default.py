@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.top_p = 1.0
   config.seed = 0
   # Device mesh as "data=1,fsdp=1,tensor=-1" (-1: the remaining devices); "" runs on
-  # one device.
+  # one device. The prompt is repeated over data x fsdp, which split the batch.
   config.mesh = ""
   # Run once before timing, so the latency printed excludes compilation.
   config.warmup = True

@@ -13,6 +13,7 @@ import safetensors.numpy
 import torch
 import transformers
 
+from tests import faults
 from tokred_jax import checkpoint
 from tokred_jax.checkpoint import CheckpointError
 
@@ -380,6 +381,20 @@ def _add_stray_tensor(t):
   t["vision_tower.extra.weight"] = np.zeros(2, np.float32)
 
 
+def _as_int32(t):
+  name = "language_model.model.layers.0.mlp.up_proj.weight"
+  t[name] = t[name].astype(np.int32)
+
+
+def _plant(value):
+  def plant(t):
+    name = "multi_modal_projector.linear_1.weight"
+    x = t[name].copy()
+    x.flat[7] = value
+    t[name] = x
+  return plant
+
+
 ERROR_CASES = {
     "missing dir": (lambda p: shutil.rmtree(p), "does not exist"),
     "no config": (lambda p: (p / "config.json").unlink(), "has no config.json"),
@@ -411,6 +426,14 @@ ERROR_CASES = {
                        "lacks 1 tensor.*multi_modal_projector.linear_2.bias"),
     "unexpected tensor": (lambda p: _edit_tensors(p, _add_stray_tensor),
                           "does not use: vision_tower.extra.weight"),
+    "int32 weights": (lambda p: _edit_tensors(p, _as_int32),
+                      "tensor 'language_model.model.layers.0.mlp.up_proj.weight' in .* is "
+                      "stored as I32, but weights are floating point"),
+    "a NaN weight": (lambda p: _edit_tensors(p, _plant(np.nan)),
+                     "tensor 'multi_modal_projector.linear_1.weight' in .* holds 1 NaN or "
+                     "infinite value"),
+    "an infinite weight": (lambda p: _edit_tensors(p, _plant(-np.inf)),
+                           "tensor 'multi_modal_projector.linear_1.weight' .* holds 1 NaN"),
 }
 
 
@@ -419,8 +442,21 @@ def test_load_errors(case, clip_llama_dir, tmp_path):
   path = _copy(clip_llama_dir, tmp_path)
   damage, message = ERROR_CASES[case]
   damage(path)
-  with pytest.raises(CheckpointError, match=message):
+  files = _snapshot(path) if path.exists() else None
+  with pytest.raises(CheckpointError, match=message) as e:
     checkpoint.load_checkpoint(path)
+  assert (_snapshot(path) if path.exists() else None) == files
+  faults.record("load_checkpoint", case, str(e.value).replace(str(path), "DIR"),
+                before="any compute", intact="checkpoint files")
+
+
+def test_huge_finite_weights_are_kept(clip_llama_dir, tmp_path):
+  """Values whose float32 sum overflows are finite: the cheap test must not refuse them."""
+  path = _copy(clip_llama_dir, tmp_path)
+  _edit_tensors(path, lambda t: t.update({"multi_modal_projector.linear_1.weight": np.full(
+      t["multi_modal_projector.linear_1.weight"].shape, 3e38, np.float32)}))
+  _, params = checkpoint.load_checkpoint(path)
+  assert np.all(params["projector"]["linear_1"]["kernel"] == np.float32(3e38))
 
 
 def test_llama_attention_bias_is_refused(clip_llama_dir, tmp_path):

@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import tokred_jax
-from tokred_jax import processing
+from tests import faults
+from tokred_jax import checkpoint, processing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")
@@ -50,9 +52,14 @@ def test_batched_answer_equals_single(pipe):
 ])
 def test_bad_input_is_rejected_before_compiling(pipe, images, prompts, match):
   before = pipe._forward._cache_size()
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=match) as e:
     pipe.forward(pipe.prepare(images, prompts))
   assert pipe._forward._cache_size() == before
+  shown = [f"{i.dtype}{list(i.shape)}" if isinstance(i, np.ndarray) else "img"
+           for i in images]
+  prompt = [p if len(p) < 40 else p[:12] + f"... ({len(p)} chars)" for p in prompts]
+  faults.record("Pipeline", f"prepare({shown}, {prompt!r})", f"ValueError: {e.value}",
+                before="compile")
 
 
 def test_prompt_without_placeholder_is_rejected_when_raw(pipe):
@@ -107,8 +114,10 @@ def test_sharded_pipeline_generates_the_same(pipe, mesh_shape):
 def test_batch_that_does_not_split_over_the_mesh():
   sharded = tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT,
                                      mesh_shape={"data": 2, "fsdp": 1, "tensor": 4})
-  with pytest.raises(ValueError, match="multiple of 2"):
+  with pytest.raises(ValueError, match="multiple of 2") as e:
     sharded.forward(sharded.prepare([SAMPLE] * 3, ["a?", "b?", "c?"]))
+  faults.record("Pipeline", "forward(3 prompts) on a data=2 mesh", f"ValueError: {e.value}",
+                before="compile")
 
 
 @pytest.mark.parametrize("method, retention", [("aim", 0.25), ("fastv", 0.5), ("tome", 0.5),
@@ -146,3 +155,91 @@ def test_mustdrop_forward_uses_the_segments_and_matches_the_masked_program(pipe)
   np.testing.assert_allclose(np.asarray(logits)[text], masked[text], atol=1e-4, rtol=1e-4)
   assert np.all(np.asarray(aux["equivalent_tokens"]) <= pipe.cfg.num_image_tokens)
   assert np.all(np.asarray(aux["vision_tokens"]) < pipe.cfg.num_image_tokens)  # flat windows
+
+
+# (case, call, error, message): misuse of the API, refused before anything compiles.
+API_MISUSE = [
+    ('generate("img.png", "a string prompt")', lambda p: p.generate(SAMPLE, "What?"),
+     TypeError, "prompts must be a list of strings, one per image; got one string"),
+    ("generate([img], None)", lambda p: p.generate([SAMPLE], None),
+     TypeError, "prompts must be a list of strings, one per image; got None"),
+    ('generate("img.png", ["What?"])', lambda p: p.generate(SAMPLE, ["What?"]),
+     TypeError, "images must be a list, one image per prompt; got a single str"),
+    ("generate(uint8[H, W, 3], ['What?'])",
+     lambda p: p.generate(np.zeros((8, 8, 3), np.uint8), ["What?"]),
+     TypeError, "got a single ndarray: pass \\[image\\]"),
+    ("generate([img], [None])", lambda p: p.generate([SAMPLE], [None]),
+     TypeError, "prompt 0 is None, not a string"),
+    ("generate([img], a generator of prompts)",
+     lambda p: p.generate([SAMPLE], (q for q in ["What?"])),
+     TypeError, "prompts must be a list, got generator"),
+    ("generate([img, img], ['What?'])", lambda p: p.generate([SAMPLE, SAMPLE], ["What?"]),
+     ValueError, "got 2 images for 1 prompts"),
+    ("generate(..., rng=0)", lambda p: p.generate([SAMPLE], ["What?"], rng=0),
+     TypeError, "rng must be one PRNG key, e.g. jax.random.PRNGKey\\(0\\), got 0"),
+    ("generate(..., rng=split(key, 2))",
+     lambda p: p.generate([SAMPLE], ["What?"], rng=jax.random.split(jax.random.PRNGKey(0))),
+     TypeError, "got an array of shape \\(2, 2\\) and dtype uint32"),
+    ("generate(images, prompts, 8)", lambda p: p.generate([SAMPLE], ["What?"], 8),
+     TypeError, "sampling must be a SamplingConfig"),
+    ("prepare(..., max_new_tokens=512) (512 positions)",
+     lambda p: p.prepare([SAMPLE], ["What?"], 512),
+     ValueError, "max_new_tokens=512 leaves no room for the prompt"),
+    ("generate_tokens(batch, SamplingConfig(), rng=1)",
+     lambda p: p.generate_tokens(p.prepare([SAMPLE], ["What?"]), SAMPLING, 1),
+     TypeError, "rng must be one PRNG key"),
+]
+SAMPLING = tokred_jax.SamplingConfig(max_new_tokens=2)
+
+
+@pytest.mark.parametrize("case, call, error, message", API_MISUSE,
+                         ids=[c[0] for c in API_MISUSE])
+def test_api_misuse_is_one_clear_error(pipe, case, call, error, message):
+  compiled = pipe._forward._cache_size(), dict(pipe._generators)
+  with pytest.raises(error, match=message) as e:
+    call(pipe)
+  assert (pipe._forward._cache_size(), dict(pipe._generators)) == compiled
+  faults.record("Pipeline", case, f"{error.__name__}: {e.value}", before="compile")
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be a whole number"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be a whole number"),
+    (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number"),
+    (dict(temperature="0.7"), TypeError, "temperature must be a number, got '0.7'"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=float("nan")), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=None), TypeError, "top_p must be a number, got None"),
+])
+def test_sampling_config_out_of_range(fields, error, message):
+  with pytest.raises(error, match=message) as e:
+    tokred_jax.SamplingConfig(**fields)
+  case = "SamplingConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+  faults.record("SamplingConfig", case, f"{error.__name__}: {e.value}", before="compile")
+
+
+def test_sampling_config_in_range():
+  sampling = tokred_jax.SamplingConfig(np.int64(3), 0.7, 1)
+  assert (sampling.max_new_tokens, sampling.temperature, sampling.top_p) == (3, 0.7, 1)
+
+
+def test_load_without_weights_checks_inputs_then_runs(pipe, monkeypatch):
+  """weights=False reads config.json and the tokenizer only: batches are prepared and
+  checked; running one asks for the weights; load_weights() makes it the full pipeline."""
+  real = checkpoint.load_params
+  monkeypatch.setattr(checkpoint, "load_params", lambda *a, **k: pytest.fail("weights read"))
+  light = tokred_jax.Pipeline.load(tokred_jax.TINY_CHECKPOINT, weights=False)
+  plan = light.plan("fastv", 0.5)
+  light.prepare([SAMPLE], ["What colour is the circle?"], plan=plan)  # Plans need no weights.
+  plan = light.plan()  # What pipe has compiled already (test_generate_answers_each_prompt).
+  batch = light.prepare([SAMPLE], ["What colour is the circle?"])
+  with pytest.raises(ValueError, match="call pipe.load_weights\\(\\) first") as e:
+    light.forward(batch, plan)
+  faults.record("Pipeline", "Pipeline.load(path, weights=False).forward(batch)",
+                f"ValueError: {e.value}", before="compile")
+  monkeypatch.setattr(checkpoint, "load_params", real)
+  np.testing.assert_array_equal(np.asarray(light.load_weights().forward(batch, plan)),
+                                np.asarray(pipe.forward(batch, plan)))

@@ -2,6 +2,8 @@
 
 import dataclasses
 import pathlib
+import struct
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import transformers
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from tests import faults
 from tokred_jax import checkpoint, processing, templates
 from tokred_jax.config import CLIP_MEAN, CLIP_STD, VisionConfig
 
@@ -82,8 +85,11 @@ def test_single_image_and_batch_array():
     ("/nonexistent/cat.jpg", "cannot read image file /nonexistent/cat.jpg"),
 ])
 def test_bad_images(image, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as e:
     processing.preprocess_images(image, CLIP)
+  case = (f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray)
+          else repr(image))
+  faults.record("preprocess_images", case, f"ValueError: {e.value}", before="compile")
 
 
 @pytest.mark.parametrize("shape, dtype, message", [
@@ -96,6 +102,74 @@ def test_bad_images(image, message):
 def test_validate_pixels_errors(shape, dtype, message):
   with pytest.raises(ValueError, match=message):
     processing.validate_pixels(np.zeros(shape, dtype), CLIP)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+  """A 16-bit PNG (PIL mode I;16) reads as the 8-bit image it scales to, from a file or
+  as a PIL image; PIL's own convert("RGB") would clip everything above 255 to white."""
+  rng = np.random.default_rng(2)
+  deep = rng.integers(0, 65536, (30, 40), dtype=np.uint16)
+  PIL.Image.fromarray(deep).save(tmp_path / "deep.png")
+  opened = PIL.Image.open(tmp_path / "deep.png")
+  assert opened.mode == "I;16"
+  eight = np.round(deep / 257).astype(np.uint8)
+  want = processing.preprocess_images([np.repeat(eight[..., None], 3, axis=-1)], CLIP)
+  for image in (str(tmp_path / "deep.png"), opened):
+    np.testing.assert_array_equal(processing.preprocess_images([image], CLIP), want)
+  assert np.asarray(opened.convert("RGB")).mean() > 250  # What scaling avoids.
+  faults.record("preprocess_images", "a 16-bit grayscale PNG (mode I;16)",
+                "(no error: scaled to 8 bits, x / 257)", before="-")
+
+
+@pytest.mark.parametrize("mode, message", [("I", "32-bit integer pixels"),
+                                           ("F", "floating-point pixels")])
+def test_wide_pixels_are_refused(mode, message):
+  image = PIL.Image.fromarray(np.full((8, 8), 1000, np.int32 if mode == "I" else np.float32),
+                              mode)
+  with pytest.raises(ValueError, match=f"{message} \\(PIL mode {mode}\\).*8-bit RGB") as e:
+    processing.preprocess_images([image], CLIP)
+  faults.record("preprocess_images", f"a PIL image of mode {mode}", f"ValueError: {e.value}",
+                before="compile")
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG whose header promises width x height RGB pixels (its data is a few bytes)."""
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data))
+  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+          + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height", [(10000, 10000), (40000, 30000)])
+def test_huge_images_are_refused_before_decoding(width, height, tmp_path, monkeypatch):
+  """Between PIL's limit and twice it PIL only warns and decodes; above, it raises. Both
+  are refused from the header alone (decoding 1.2e9 pixels would take 3.4 GiB)."""
+  path = tmp_path / "huge.png"
+  path.write_bytes(_png_header(width, height))
+  decoded = []
+  monkeypatch.setattr(PIL.ImageFile.ImageFile, "load",
+                      lambda self: decoded.append(self) or pytest.fail("decoded"))
+  with pytest.raises(ValueError, match=f"has {width * height:,} pixels .* over the limit of "
+                     f"{PIL.Image.MAX_IMAGE_PIXELS:,}.*resize it first") as e:
+    processing.preprocess_images([str(path)], CLIP)
+  assert not decoded
+  faults.record("preprocess_images", f"a {width}x{height} PNG (its header)",
+                f"ValueError: {str(e.value).replace(str(path), 'huge.png')}",
+                before="decoding")
+
+
+def test_truncated_image_file(tmp_path):
+  path = tmp_path / "cut.png"
+  noise = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+  PIL.Image.fromarray(noise).save(path)
+  path.write_bytes(path.read_bytes()[:300])
+  with pytest.raises(ValueError, match="cannot read image file .*cut.png: image file is "
+                     "truncated") as e:
+    processing.preprocess_images([str(path)], CLIP)
+  faults.record("preprocess_images", "a PNG cut off after 300 bytes",
+                f"ValueError: {str(e.value).replace(str(path), 'cut.png')}", before="compile")
 
 
 def test_build_prompt():

@@ -341,7 +341,10 @@ def _open(file: pathlib.Path, stack: contextlib.ExitStack):
                           "download it again.") from e
 
 
-_Tensors = dict[str, tuple[Any, str, tuple[int, ...]]]  # name -> (file, stored name, shape)
+# name -> (file, stored name, shape, stored dtype as safetensors spells it: "F32", "I32")
+_Tensors = dict[str, tuple[Any, str, tuple[int, ...], str]]
+# Weights are floats; an integer or boolean tensor where one belongs is a broken export.
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def _headers(path: pathlib.Path, stack: contextlib.ExitStack,
@@ -364,7 +367,8 @@ def _headers(path: pathlib.Path, stack: contextlib.ExitStack,
       if key in tensors:
         raise CheckpointError(f"tensors {tensors[key][1]!r} and {name!r} are the same "
                               f"weight ({key}) under two name layouts; keep one.")
-      tensors[key] = (handle, name, tuple(handle.get_slice(name).get_shape()))
+      header = handle.get_slice(name)
+      tensors[key] = (handle, name, tuple(header.get_shape()), header.get_dtype())
   if shard_of is not None:
     absent = set(shard_of) - stored
     if absent:
@@ -375,7 +379,7 @@ def _headers(path: pathlib.Path, stack: contextlib.ExitStack,
 
 def _check_headers(path: pathlib.Path | str, cfg: LlavaConfig, rules: list[_Rule],
                    tensors: _Tensors) -> None:
-  """Names and shapes in the files against what config.json implies."""
+  """Names, shapes and dtypes in the files against what config.json implies."""
   expected = {rule.hf for rule in rules}
   missing = expected - set(tensors)
   if missing:
@@ -398,13 +402,20 @@ def _check_headers(path: pathlib.Path | str, cfg: LlavaConfig, rules: list[_Rule
           f"tensor {tensors[rule.hf][1]!r} has shape {got} but config.json implies "
           f"{want} = ({_describe(rule.hf_shape)}): config.json and the weights "
           "disagree; use the config.json that came with these weights.")
+    stored_dtype = tensors[rule.hf][3]
+    if stored_dtype not in _FLOAT_DTYPES:
+      raise CheckpointError(
+          f"tensor {tensors[rule.hf][1]!r} in {path} is stored as {stored_dtype}, but "
+          f"weights are floating point ({', '.join(_FLOAT_DTYPES)}); the checkpoint was "
+          "written wrongly: export it again from the original weights.")
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: Any = np.float32
                     ) -> tuple[LlavaConfig, Params]:
   """Loads a Hugging Face LLaVA checkpoint directory.
 
-  Every header, name and shape is checked against config.json before any tensor is read.
+  Every header, name, shape and dtype (floating point) is checked against config.json
+  before any tensor is read; each tensor is checked finite as it is read.
 
   Args:
     path: directory with config.json and model.safetensors (or a sharded
@@ -442,7 +453,8 @@ def load_params(cfg: LlavaConfig,
     params: a nested dict of numpy arrays in our tree layout.
 
   Raises:
-    CheckpointError: weights are missing, damaged, duplicated or disagree with `cfg`.
+    CheckpointError: weights are missing, damaged (not floats, NaN or inf), duplicated or
+      disagree with `cfg`.
   """
   rules = _rules(cfg)
   dims = _dims(cfg)
@@ -459,14 +471,29 @@ def load_params(cfg: LlavaConfig,
       tensors.update(found)
     _check_headers(where, cfg, rules, tensors)
     for rule in rules:
-      handle, stored, _ = tensors[rule.hf]
+      handle, stored, _, _ = tensors[rule.hf]
       try:
         x = handle.get_tensor(stored)
       except Exception as e:  # Damage past the header only shows when reading.
         raise CheckpointError(f"cannot read tensor {stored!r} in {where}: {e}. The file "
                               "is corrupt; download it again.") from e
-      _set(params, rule.ours, np.ascontiguousarray(_to_ours(rule, x, dims), dtype=dtype))
+      x = np.ascontiguousarray(_to_ours(rule, x, dims), dtype=dtype)
+      _check_finite(x, stored, where)
+      _set(params, rule.ours, x)
   return params
+
+
+def _check_finite(x: np.ndarray, stored: str, where: str) -> None:
+  """Refuses a tensor holding NaN or inf. One float32 sum is the cheap test (any NaN or
+  inf makes it non-finite); only then is every element looked at."""
+  with np.errstate(over="ignore"):  # Huge finite values overflow the sum: looked at below.
+    if np.isfinite(np.add.reduce(x, axis=None, dtype=np.float32)):
+      return
+  bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+  if bad:
+    raise CheckpointError(f"tensor {stored!r} in {where} holds {bad} NaN or infinite "
+                          f"value(s) of {np.size(x)}; the weights are damaged (or were saved "
+                          "from a diverged run): use a good copy.")
 
 
 def _set(tree: Params, path: str, value: Any) -> None:

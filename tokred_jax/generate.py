@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,22 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
+    whole = isinstance(self.max_new_tokens, (int, np.integer))
+    if not whole or isinstance(self.max_new_tokens, bool):
+      raise TypeError(f"max_new_tokens must be a whole number, got "
+                      f"{self.max_new_tokens!r}.")
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+    if not 0 <= self.temperature < math.inf:  # NaN fails too.
+      raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got "
+                       f"{self.temperature}.")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+      raise ValueError(f"top_p must be in (0, 1] (1 keeps the whole distribution), got "
+                       f"{self.top_p}.")
 
 
 def sample_token(logits, rng, temperature, top_p, greedy: bool):

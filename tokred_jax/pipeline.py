@@ -45,6 +45,42 @@ def default_prompt(checkpoint: str) -> str:
   return "What is in the image?"
 
 
+def _check_inputs(images: Any, prompts: Any):
+  """Lists of images and prompts, one image per prompt (raises TypeError/ValueError)."""
+  if prompts is None or isinstance(prompts, str):
+    given = "None" if prompts is None else "one string"
+    raise TypeError(f"prompts must be a list of strings, one per image; got {given}: "
+                    "pass [prompt].")
+  if (isinstance(images, np.ndarray) and images.ndim != 4 or
+      not isinstance(images, np.ndarray) and isinstance(images, processing.ImageLike)):
+    raise TypeError(f"images must be a list, one image per prompt; got a single "
+                    f"{type(images).__name__}: pass [image].")
+  for name, given in (("images", images), ("prompts", prompts)):
+    if not isinstance(given, (Sequence, np.ndarray)):
+      raise TypeError(f"{name} must be a list, got {type(given).__name__}.")
+  for b, prompt in enumerate(prompts):
+    if not isinstance(prompt, str):
+      raise TypeError(f"prompt {b} is {prompt!r}, not a string; write a question about "
+                      "its image.")
+  if len(images) != len(prompts):
+    raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; LLaVA-1.5 "
+                     "takes exactly one image per prompt.")
+
+
+def _check_sampling(sampling: Any, rng: Any):
+  """A SamplingConfig and one PRNG key (or None) (raises TypeError if not)."""
+  if not isinstance(sampling, SamplingConfig):
+    raise TypeError(f"sampling must be a SamplingConfig, e.g. SamplingConfig("
+                    f"max_new_tokens=32, temperature=0.7), got {sampling!r}.")
+  if rng is None or isinstance(rng, (jax.Array, np.ndarray)) and (
+      rng.shape == () and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) or
+      rng.shape == (2,) and rng.dtype == np.uint32):
+    return
+  given = (f"an array of shape {rng.shape} and dtype {rng.dtype}"
+           if hasattr(rng, "shape") and hasattr(rng, "dtype") else f"{rng!r}")
+  raise TypeError(f"rng must be one PRNG key, e.g. jax.random.PRNGKey(0), got {given}.")
+
+
 @dataclasses.dataclass
 class Timings:
   prefill_s: float
@@ -62,10 +98,11 @@ class Pipeline:
   buckets: tuple[int, ...] | None = None
   mesh: jax.sharding.Mesh | None = None
   rules: tuple = sharding.DEFAULT_RULES
+  path: str | os.PathLike | None = None  # The checkpoint directory, for `load_weights`.
 
   def __post_init__(self):
     self.model = Llava(self.cfg, self.dtype)
-    if self.mesh is not None:
+    if self.mesh is not None and self.params is not None:
       self.params = sharding.shard_params(self.params, self.mesh, self.rules)
     if self.buckets is None:
       self.buckets = tuple(processing.default_buckets(self.cfg.text.max_position_embeddings))
@@ -80,7 +117,7 @@ class Pipeline:
   @classmethod
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
            mesh_shape: dict[str, int] | None = None, template: str | None = None,
-           **kwargs) -> "Pipeline":
+           weights: bool = True, **kwargs) -> "Pipeline":
     """Loads a Hugging Face LLaVA directory (config.json, safetensors, tokenizer.json).
 
     mesh_shape: e.g. {"data": 2, "fsdp": 1, "tensor": 4} (-1: the remaining devices)
@@ -88,20 +125,33 @@ class Pipeline:
     multiple of data x fsdp.
     template: the chat template prompts are written in (tokred_jax.templates); None:
     the checkpoint's (see checkpoint.read_config).
+    weights=False reads only config.json and the tokenizer and makes the mesh: that
+    pipeline plans and prepares batches, so every input is checked before the weights
+    (the expensive part) are read by `load_weights()`.
     """
     if dtype not in DTYPES:
       raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     if template is not None:
       template = templates.get(template).name
-    cfg, params = checkpoint.load_checkpoint(path)
+    cfg = checkpoint.read_config(path)
     if template is not None:
       cfg = dataclasses.replace(cfg, template=template)
     tokenizer = processing.Tokenizer.load(path, cfg)
     if mesh_shape is not None:
       kwargs["mesh"] = sharding.make_mesh(mesh_shape)
-    else:
-      params = jax.tree_util.tree_map(jnp.asarray, params)
-    return cls(cfg, params, tokenizer, DTYPES[dtype], **kwargs)
+    pipe = cls(cfg, None, tokenizer, DTYPES[dtype], path=path, **kwargs)
+    return pipe.load_weights() if weights else pipe
+
+  def load_weights(self) -> "Pipeline":
+    """Reads the weights of `path` (checked against the config), sharded over the mesh
+    if there is one; returns the pipeline."""
+    if self.path is None:
+      raise ValueError("this pipeline has no checkpoint path to read weights from; make "
+                       "it with Pipeline.load(path, ...).")
+    params = checkpoint.load_params(self.cfg, [(self.path, checkpoint.canonical_name)])
+    self.params = (jax.tree_util.tree_map(jnp.asarray, params) if self.mesh is None
+                   else sharding.shard_params(params, self.mesh, self.rules))
+    return self
 
   def plan(self, method: str | reduction.Reduction | reduction.Plan | None = None,
            retention: float | None = None, mode: str = "fast", **kwargs) -> reduction.Plan:
@@ -123,13 +173,13 @@ class Pipeline:
     The prompts are questions, written into the chat template `template` (None: the
     model's, `cfg.template`); with chat_template=False, full prompts already in it.
 
-    Every check runs here, before anything is compiled or computed.
+    Every check runs here, before anything is compiled or computed; it needs no
+    weights (see `load`).
     """
+    _check_inputs(images, prompts)
     plan = self.plan(plan)
     template = templates.get(template or self.cfg.template or "tokred")
-    if len(images) != len(prompts):
-      raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; LLaVA-1.5 "
-                       "takes exactly one image per prompt.")
+    self._check_room(max_new_tokens)
     if chat_template:
       prompts = [processing.build_prompt(p, template) for p in prompts]
     max_length = self.cfg.text.max_position_embeddings - max_new_tokens
@@ -138,8 +188,20 @@ class Pipeline:
     batch["pixel_values"] = processing.preprocess_images(images, self.cfg.vision)
     return batch
 
+  def _check_room(self, max_new_tokens: int):
+    """The prompt needs positions too: new tokens must leave room for it."""
+    positions = self.cfg.text.max_position_embeddings
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+      raise TypeError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}.")
+    if not 0 <= max_new_tokens < positions:
+      raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt: the "
+                       f"model holds {positions} positions in all; ask for fewer new tokens.")
+
   def _validate(self, batch: dict[str, np.ndarray], plan: reduction.Plan):
     """Checks a batch and places it on the mesh, split on the batch axis."""
+    if self.params is None:
+      raise ValueError("this pipeline has no weights yet (Pipeline.load(..., "
+                       "weights=False)); call pipe.load_weights() first.")
     processing.validate_pixels(batch["pixel_values"], self.cfg.vision)
     slots = np.sum(np.asarray(batch["input_ids"]) == self.cfg.image_token_id, axis=1)
     if np.any(slots != plan.num_visual):
@@ -193,6 +255,7 @@ class Pipeline:
                       rng: jax.Array | None = None, plan: reduction.Plan | None = None
                       ) -> tuple[np.ndarray, Timings]:
     """New tokens i32[B, max_new_tokens] for a prepared batch, and how long it took."""
+    _check_sampling(sampling, rng)
     plan = self.plan(plan)
     batch = self._validate(batch, plan)
     gen = self.generator(sampling, plan)
@@ -210,6 +273,7 @@ class Pipeline:
                sampling: SamplingConfig = SamplingConfig(), rng: jax.Array | None = None,
                plan: reduction.Plan | str | None = None) -> list[str]:
     """Answers, one string per prompt, with the token reduction `plan` (see `plan`)."""
+    _check_sampling(sampling, rng)
     plan = self.plan(plan)
     batch = self.prepare(images, prompts, sampling.max_new_tokens, plan=plan)
     tokens, _ = self.generate_tokens(batch, sampling, rng, plan)

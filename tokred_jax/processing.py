@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -238,14 +240,44 @@ def pad_to_square(image: PIL.Image.Image, mean: Sequence[float]) -> PIL.Image.Im
   return canvas
 
 
+def _open(path: str | os.PathLike) -> PIL.Image.Image:
+  """The image file at `path`, decoded; one whose header promises more pixels than PIL's
+  decompression-bomb limit is refused before anything is decoded."""
+  with warnings.catch_warnings():
+    # PIL only warns between its limit and twice that, then decodes gigabytes.
+    warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+    try:
+      with PIL.Image.open(path) as opened:
+        return opened.copy()
+    except (PIL.Image.DecompressionBombWarning, PIL.Image.DecompressionBombError) as e:
+      pixels = re.search(r"\((\d+) pixels\)", str(e))
+      size = (f"{int(pixels[1]):,} pixels ({int(pixels[1]) * 3 / 2**30:.1f} GiB as RGB)"
+              if pixels else "too many pixels")
+      raise ValueError(f"image file {path} has {size}, over the limit of "
+                       f"{PIL.Image.MAX_IMAGE_PIXELS:,} (PIL.Image.MAX_IMAGE_PIXELS); resize "
+                       "it first: the model sees every image at a few hundred pixels a "
+                       "side.") from None
+    except (OSError, PIL.UnidentifiedImageError) as e:
+      raise ValueError(f"cannot read image file {path}: {e}") from e
+
+
+def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+  """16-bit grayscale scaled to 8 bits (PIL's own conversion clips it to white); wider
+  or floating-point pixels are refused, their range being unknown."""
+  if image.mode.startswith("I;16"):
+    wide = np.asarray(image).astype(np.uint32)
+    return PIL.Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+  if image.mode in ("I", "F"):
+    kind = "32-bit integer" if image.mode == "I" else "floating-point"
+    raise ValueError(f"the image has {kind} pixels (PIL mode {image.mode}), whose range "
+                     "is unknown; scale it to 0..255 and convert it to 8-bit RGB first.")
+  return image
+
+
 def _to_rgb(image: ImageLike) -> PIL.Image.Image:
   """An RGB PIL image from any accepted input; transparency is composited onto white."""
   if isinstance(image, (str, os.PathLike)):
-    try:
-      with PIL.Image.open(image) as opened:
-        image = opened.copy()
-    except (OSError, PIL.UnidentifiedImageError) as e:
-      raise ValueError(f"cannot read image file {image}: {e}") from e
+    image = _open(image)
   elif isinstance(image, np.ndarray):
     if image.ndim != 3 or image.shape[-1] != 3:
       hint = (" It looks channels-first: transpose it with x.transpose(1, 2, 0)."
@@ -261,6 +293,7 @@ def _to_rgb(image: ImageLike) -> PIL.Image.Image:
   elif not isinstance(image, PIL.Image.Image):
     raise ValueError(f"unsupported image type {type(image).__name__}; pass a PIL image, a "
                      "file path or a uint8 [H, W, 3] array.")
+  image = _to_8bit(image)
   if "A" in image.getbands() or "transparency" in image.info:
     white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
     return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
