@@ -119,6 +119,14 @@ def test_aim_presets_on_llava15_7b_prune_at_every_layer_13_to_20(name, kept, cou
   assert plan.score_layers == tuple(range(13, 21))
 
 
+def test_aim_on_a_28_layer_qwen2_prunes_at_every_layer_14_to_21():
+  """The (14, 22) schedule AIM publishes for 28 layers, on 729 − 288 − 36 = 405 tokens."""
+  plan = reduction.make_plan(methods.get("aim", QWEN2_OV), QWEN2_OV)
+  assert plan.exact.visual == 405
+  assert plan.visual_per_layer == official_aim_counts(405, 28, 14, 22)
+  assert plan.score_layers == tuple(range(14, 22))
+
+
 def test_aim_72_program_on_llava15_7b_walks_pagerank_at_every_score_layer():
   """The traced LLM of aim-72 at full size (shapes only) runs one PageRank walk (its
   power iteration is the program's only loop) after each of layers 13-20."""
