@@ -157,12 +157,8 @@ MID = LlavaConfig(
     image_token_id=511, vision_feature_layer=-2)
 
 
-@pytest.mark.parametrize("name, retention", [("none", None), ("aim", 0.25), ("fastv", 0.5),
-                                             ("tome", 0.5), ("random", 0.25),
-                                             ("pooling", 0.25)])
-def test_flops_match_xla_and_fall_as_planned(name, retention):
-  """Analytic matmul FLOPs of the compiled prefill agree with XLA's count within 2%."""
-  plan = reduction.make_plan(methods.get(name, MID, retention), MID)
+def xla_prefill_flops(plan) -> float:
+  """XLA's FLOP count of the compiled prefill on MID with 32 text tokens."""
   model = llava.Llava(MID)
   shapes = jax.eval_shape(lambda: llava.init_params(MID, jax.random.PRNGKey(0)))
   t = 32 + plan.num_visual
@@ -171,12 +167,34 @@ def test_flops_match_xla_and_fall_as_planned(name, retention):
           jax.ShapeDtypeStruct((1, t), bool), jax.ShapeDtypeStruct((1, t), jnp.int32))
   fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a, max_new_tokens=1, plan=plan,
                                          method="prefill"))
-  xla = fn.lower(shapes, *args).compile().cost_analysis()["flops"]
+  return fn.lower(shapes, *args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("name, retention", [("none", None), ("aim", 0.25), ("fastv", 0.5),
+                                             ("tome", 0.5), ("random", 0.25),
+                                             ("pooling", 0.25)])
+def test_flops_match_xla_and_fall_as_planned(name, retention):
+  """Analytic matmul FLOPs of the compiled prefill agree with XLA's count within 2%."""
+  plan = reduction.make_plan(methods.get(name, MID, retention), MID)
+  xla = xla_prefill_flops(plan)
   analytic = cost.plan_cost(MID, plan, 32)["flops"].total
   assert abs(xla / analytic - 1) < 0.02, (name, xla, analytic)
   if name != "none":
     full = cost.plan_cost(MID, reduction.make_plan(reduction.Reduction(), MID), 32)
     assert analytic < full["flops"].total
+
+
+def test_scoring_inside_a_bucket_is_compiled_and_counted():
+  """AIM at 0.98 on MID: its counts drop after layers 2 and 3 inside one bucket (every
+  capacity 256), so those layers score although no capacity shrinks. The analytic count
+  has their two PageRank scorers, and agrees with XLA better than it would without."""
+  plan = reduction.make_plan(methods.get("aim", MID, 0.98), MID)
+  assert plan.score_layers == (2, 3) and set(plan.llm_visual) == {256}
+  assert plan.exact.llm_visual[2:4] == (256, 249)
+  analytic = cost.plan_cost(MID, plan, 32)["flops"].total
+  scorers = sum(cost.scorer_flops(MID, plan.reduction, 32 + 256) for _ in plan.score_layers)
+  xla = xla_prefill_flops(plan)
+  assert abs(xla / analytic - 1) < 0.01 < abs(xla / (analytic - scorers) - 1)
 
 
 @pytest.mark.parametrize("make", [

@@ -2,10 +2,11 @@
 
 A `Reduction` names a method's stage settings (hashable, from a config). Given the
 model config it becomes a `Plan`: the static CAPACITY of every stage and LLM layer
-(shapes; part of the compile key) and the exact COUNTS (traced int32 arrays; not part
-of the key). Capacities are counts rounded up to `token_bucket`, so changing a retention
-level within a bucket reuses the compiled program: the slots above the exact count are
-masked out.
+(shapes; part of the compile key), the layers that score and prune (wherever the EXACT
+count drops; part of the key) and the exact COUNTS (traced int32 arrays; not part of the
+key). Capacities are counts rounded up to `token_bucket`, so changing a retention level
+within a bucket reuses the compiled program as long as the same layers prune: the slots
+above the exact count are masked out.
 
 Stages (see the data-flow figure in DESIGN.md):
   vision   ToMe merging inside the ViT layers (`tome_r`, per layer run)
@@ -121,6 +122,29 @@ class Reduction:
                              token_bucket=self.token_bucket)
 
 
+# The Reduction fields whose values reach the compiled program only through `Counts`
+# (Plan.counts), each with the part of it that is static: the compile key holds that
+# part instead of the value. Every other field is in the key as it is, so a new field
+# recompiles until it is listed here (tests/test_plan_counts.py checks this table).
+TRACED_FIELDS = {
+    "tome_r": len,  # Counts.tome_r; the per-layer capacities are in the key
+    "merge_r": len,  # Counts.merge_r; the per-step capacities are in the key
+    "keep_visual": lambda k: k is not None,  # Counts.keep_visual
+    "layer_ratios": lambda r: r is not None,  # Counts.llm_visual; capacities, score layers
+    "mod_ratios": lambda r: None if r is None else tuple(x is not None for x in r),
+    "merge_threshold": lambda _: None,  # Counts.thresholds[0]
+    "gamma": lambda _: None,  # Counts.thresholds[1]
+    "alpha": lambda _: None,  # Counts.thresholds[2]
+}
+
+
+def static_settings(red: "Reduction") -> tuple:
+  """The part of `red` that shapes the compiled program: (field, value) for every field,
+  the TRACED_FIELDS ones reduced to their static part."""
+  return tuple((f.name, TRACED_FIELDS.get(f.name, lambda v: v)(getattr(red, f.name)))
+               for f in dataclasses.fields(red))
+
+
 class Counts(NamedTuple):
   """Exact counts, traced (changing them does not recompile).
 
@@ -150,33 +174,32 @@ class Exact(NamedTuple):
 class Plan:
   """Static capacities for one model and one reduction (hashable: a jit static arg).
 
-  Two plans are equal when they compile to the same program: same stages, settings and
-  capacities, whatever their exact counts (e.g. two retention levels whose counts round
-  up to the same capacities). Traced code reads only what `structure` covers.
+  Two plans are equal (and hash alike) when they compile to the same program: every
+  field but `reduction` and `exact` is compared, and of those two only the traced
+  values are left out (`settings` holds the rest of the reduction; the exact counts
+  reach the program as `Counts`). So two retention levels share a program when their
+  counts round up to the same capacities and drop at the same layers.
 
+  settings: `static_settings(reduction)`;
   vision_tokens: tower tokens (CLS included) entering each layer run;
   merge_tokens: visual tokens after each pre-LLM merge step;
   num_visual: visual-token capacity spliced into the prompt;
   llm_visual: visual-token capacity of each LLM layer;
   mod_visual: visual tokens each p-MoD layer processes (capacity), None: not routed;
+  score_layers: layers whose attention ranks the visual tokens for the next layer,
+    those after which the EXACT count drops (the capacity may not: the slots above
+    the count are then masked);
   exact: the exact counts (Python ints) the capacities were rounded up from.
   """
   reduction: Reduction = dataclasses.field(compare=False)
-  structure: tuple
+  settings: tuple
   vision_tokens: tuple[int, ...]
   merge_tokens: tuple[int, ...]
   num_visual: int
   llm_visual: tuple[int, ...]
   mod_visual: tuple[int | None, ...]
+  score_layers: tuple[int, ...]
   exact: Exact = dataclasses.field(compare=False, hash=False)
-
-  @property
-  def score_layers(self) -> tuple[int, ...]:
-    """Layers whose attention ranks the visual tokens for the next layer."""
-    if self.reduction.scorer is None:
-      return ()
-    v = self.llm_visual
-    return tuple(l for l in range(len(v) - 1) if v[l + 1] < v[l])
 
   @property
   def visual_per_layer(self) -> tuple[int, ...]:
@@ -286,12 +309,12 @@ def make_plan(reduction: Reduction, cfg: LlavaConfig) -> Plan:
                     for l, k in enumerate(mod_exact))
   if red.data_dependent:
     _check_mustdrop(red, cfg)
-  structure = (red.name, red.mode, red.window, red.key_ratio, red.filter_layers,
-               len(red.tome_r), len(red.merge_r), red.merge_metric, red.pool_stride, red.keep_visual is not None, red.seed, red.scorer,
-               red.pagerank_tau, red.pagerank_iterations, red.pagerank_damping,
-               None if red.mod_ratios is None else tuple(r is not None for r in red.mod_ratios))
-  return Plan(red, structure, tuple(vision_cap), merge_cap, visual_cap, llm_cap, mod_cap,
-              exact=Exact(tuple(tome_r), tuple(red.merge_r), exact_visual, llm_exact, mod_exact))
+  # Score wherever the exact count drops, whether or not its capacity does.
+  score_layers = () if red.scorer is None else tuple(
+      l for l in range(layers - 1) if llm_exact[l + 1] < llm_exact[l])
+  return Plan(red, static_settings(red), tuple(vision_cap), merge_cap, visual_cap, llm_cap,
+              mod_cap, score_layers, exact=Exact(tuple(tome_r), tuple(red.merge_r),
+                                                 exact_visual, llm_exact, mod_exact))
 
 
 def _check_mustdrop(red: Reduction, cfg: LlavaConfig):
