@@ -23,6 +23,7 @@ def get_config(arg=None):
   config = train_tiny.get_config()
   config.model.checkpoint = arg
   config.model.dtype = "bfloat16"
+  config.model.remat = True  # the official --gradient_checkpointing
   config.model.method = "pmod"
   config.model.add_routers = "cosine"
 

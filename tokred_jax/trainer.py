@@ -351,6 +351,12 @@ def load_params(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Params:
   return params
 
 
+def make_model(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> llava.Llava:
+  """The model to train: `model.dtype` compute, LLM layers rematerialised with
+  `model.remat` (their activations recomputed in the backward pass)."""
+  return llava.Llava(cfg, DTYPES[config.model.dtype], remat=config.model.get("remat", False))
+
+
 def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> reduction.Plan:
   # p-MoD trains at the schedule its routers were added for.
   kw = ({"schedule": config.model.add_routers, **config.model.get("schedule_args", {})}
@@ -481,7 +487,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   plan = make_plan(config, cfg)
   dataset = dataset if dataset is not None else make_dataset(config, cfg, plan)
   # Model.
-  model = llava.Llava(cfg, DTYPES[config.model.dtype])
+  model = make_model(config, cfg)
   # Restore the latest complete checkpoint, or start from the model checkpoint.
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
