@@ -102,7 +102,7 @@ def _without_tower(name: str) -> str | None:
   return None if name.startswith(_EMBEDDED_TOWER) else canonical_name(name)
 
 
-def _tower_name(name: str) -> str | None:
+def tower_name(name: str) -> str | None:
   """A `CLIPVisionModel` or `CLIPModel` directory's names -> canonical ones: the vision
   part (`vision_model.*`) is the tower; a CLIPModel's text half and projections are left
   out."""
@@ -111,7 +111,7 @@ def _tower_name(name: str) -> str | None:
   return "vision_tower." + name[len("vision_model."):]
 
 
-def _read_json(file: pathlib.Path, what: str) -> dict[str, Any]:
+def read_json(file: pathlib.Path, what: str) -> dict[str, Any]:
   try:
     d = json.loads(file.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -125,7 +125,7 @@ def _weight_names(path: pathlib.Path) -> list[str]:
   """The tensor names of a directory's safetensors (single file or sharded index)."""
   index = path / checkpoint.INDEX_FILE
   if index.is_file():
-    return list(_read_json(index, "shard index").get("weight_map", {}))
+    return list(read_json(index, "shard index").get("weight_map", {}))
   single = path / checkpoint.WEIGHTS_FILE
   if single.is_file():
     with safetensors.safe_open(str(single), framework="np") as f:
@@ -133,7 +133,7 @@ def _weight_names(path: pathlib.Path) -> list[str]:
   return []
 
 
-def _require_safetensors(path: pathlib.Path) -> None:
+def require_safetensors(path: pathlib.Path) -> None:
   """Original checkpoints saved by older transformers are PyTorch pickles, unreadable
   without torch; say how to convert them."""
   if (path / checkpoint.WEIGHTS_FILE).is_file() or (path / checkpoint.INDEX_FILE).is_file():
@@ -238,7 +238,7 @@ def _mod_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
 
 def _vision_dict(d: dict[str, Any], tower_dir: pathlib.Path | None) -> dict[str, Any]:
   if tower_dir is not None and (tower_dir / checkpoint.CONFIG_FILE).is_file():
-    tower = _read_json(tower_dir / checkpoint.CONFIG_FILE, "vision tower config")
+    tower = read_json(tower_dir / checkpoint.CONFIG_FILE, "vision tower config")
     if tower.get("model_type") != "clip":
       return tower
     # A full CLIPModel (as openai/clip-vit-large-patch14-336 ships): its vision half.
@@ -318,15 +318,16 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
     raise CheckpointError(f"config.json does not describe a supported model: {e}") from e
 
 
-def _placeholder_tokenizer(file: pathlib.Path, cfg: LlavaConfig) -> processing.Tokenizer:
-  """`file` (a Llama tokenizer.json) with `<image>` spelling `IMAGE_PLACEHOLDER_ID`.
+def placeholder_tokenizer_json(file: pathlib.Path, cfg: LlavaConfig) -> str:
+  """`file` (a Llama tokenizer.json) with `<image>` spelling `IMAGE_PLACEHOLDER_ID`, as
+  tokenizer.json text.
 
   Added tokens outside the model's vocabulary (llava-hf's `<image>` 32000 and `<pad>`
   32001) are dropped, so that no prompt can produce an id the embedding lacks.
   tokenizers ignores the ids written for added tokens and takes a token's id from the
   model vocabulary when it is there, hence `<image>` enters that vocabulary as an alias.
   """
-  d = _read_json(file, "tokenizer")
+  d = read_json(file, "tokenizer")
   model = d.get("model") or {}
   vocab = model.get("vocab")
   if not isinstance(vocab, dict):
@@ -345,8 +346,15 @@ def _placeholder_tokenizer(file: pathlib.Path, cfg: LlavaConfig) -> processing.T
                     lstrip=False, rstrip=False, normalized=False, special=True))
   d["added_tokens"] = added
   vocab[processing.IMAGE_TOKEN] = IMAGE_PLACEHOLDER_ID
+  return json.dumps(d)
+
+
+def placeholder_tokenizer(file: pathlib.Path, cfg: LlavaConfig) -> processing.Tokenizer:
+  """The tokenizer of `placeholder_tokenizer_json`."""
   try:
-    tok = tokenizers.Tokenizer.from_str(json.dumps(d))
+    tok = tokenizers.Tokenizer.from_str(placeholder_tokenizer_json(file, cfg))
+  except CheckpointError:
+    raise
   except Exception as e:  # tokenizers raises bare Exceptions for unparsable files.
     raise CheckpointError(f"cannot read the tokenizer {file}: {e}") from e
   return processing.Tokenizer(tok, cfg)
@@ -358,7 +366,7 @@ def _tokenizer(path: pathlib.Path, tokenizer_path: str | os.PathLike | None,
   if file.is_dir():
     file = file / checkpoint.TOKENIZER_FILE
   if file.is_file():
-    return _placeholder_tokenizer(file, cfg)
+    return placeholder_tokenizer(file, cfg)
   if tokenizer_path is not None:
     raise CheckpointError(f"tokenizer file {file} does not exist.")
   warnings.warn(
@@ -399,8 +407,8 @@ def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike 
   if not (path / checkpoint.CONFIG_FILE).is_file():
     raise CheckpointError(f"{path} has no {checkpoint.CONFIG_FILE}; pass the checkpoint "
                           "directory of an original LLaVA / p-MoD model.")
-  d = _read_json(path / checkpoint.CONFIG_FILE, "model config")
-  _require_safetensors(path)
+  d = read_json(path / checkpoint.CONFIG_FILE, "model config")
+  require_safetensors(path)
   tower_dir = vision_tower_path
   embedded = any(n.startswith(_EMBEDDED_TOWER) for n in _weight_names(path))
   if tower_dir is None and not embedded:
@@ -414,8 +422,8 @@ def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike 
   cfg = original_config(d, tower_dir)
   if tower_dir is not None:  # Given, or the only copy there is.
     tower_dir = pathlib.Path(tower_dir)
-    _require_safetensors(tower_dir)
-    sources = [(path, _without_tower), (tower_dir, _tower_name)]
+    require_safetensors(tower_dir)
+    sources = [(path, _without_tower), (tower_dir, tower_name)]
   else:
     sources = [(path, canonical_name)]
   params = checkpoint.load_params(cfg, sources, dtype)
