@@ -2,7 +2,12 @@
 gradients as without it, for dense and p-MoD routed layers, the same parameter names,
 and a training step that runs with it."""
 
+import contextlib
+import io
+import re
+
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,6 +89,26 @@ def test_remat_gives_the_same_loss_and_gradients(params, batch, without_remat):
   # The routed path is really differentiated (layer 1's weights reach the text through
   # layer 2; the last layer's only reach visual positions, where no loss is taken).
   assert np.abs(grads["llm"]["layers_1"]["router"]["kernel"]).max() > 1e-4
+
+
+def test_remat_stores_no_attention_probabilities(params, batch):
+  """What the backward keeps from the forward (jax's saved residuals, before XLA): the
+  LLM's attention probabilities f32[..., T, S] are recomputed with remat, stored without.
+  (XLA:CPU's memory analysis shows no saving for jax.checkpoint even on a toy chain, so
+  the saving is checked here, where it is decided.)"""
+  seq = batch["input_ids"].shape[1]
+  vision_seq = CFG.vision.seq_len  # the tower is not rematerialised
+
+  def llm_probs(remat):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # one residual a line: "f32[2,4,28,28] output of"
+      jax.ad_checkpoint.print_saved_residuals(loss_fn(remat, batch), params)
+    shapes = [tuple(map(int, m.group(1).split(",")))
+              for m in re.finditer(r"^f32\[([\d,]+)\]", out.getvalue(), re.M)]
+    # Self-attention probabilities: [..., T, T] (T_sub in a routed layer), not the tower's.
+    return [s for s in shapes if len(s) >= 4 and s[-1] == s[-2] != vision_seq and s[-1] <= seq]
+  assert len(llm_probs(False)) >= CFG.text.num_layers  # one or more per layer
+  assert llm_probs(True) == []
 
 
 def test_remat_keeps_parameter_names():
