@@ -115,14 +115,18 @@ def tokenizer_file(llm: str | os.PathLike, tokenizer: str | os.PathLike | None
   return file
 
 
-def tokenizer(file: str | os.PathLike, cfg: LlavaConfig) -> processing.Tokenizer:
-  """The tokenizer.json `file` with `<image>` on the image placeholder id."""
-  return llava_original.placeholder_tokenizer(pathlib.Path(file), cfg)
+def tokenizer(llm: str | os.PathLike, file: str | os.PathLike | None, cfg: LlavaConfig
+              ) -> processing.Tokenizer:
+  """The tokenizer of `tokenizer_file(llm, file)` with `<image>` on the image placeholder
+  id."""
+  return llava_original.placeholder_tokenizer(tokenizer_file(llm, file), cfg)
 
 
-def write_tokenizer(file: str | os.PathLike, cfg: LlavaConfig, out: str | os.PathLike) -> str:
-  """Writes `tokenizer(file, cfg)` as tokenizer.json text to `out`; returns `out`."""
-  pathlib.Path(out).write_text(llava_original.placeholder_tokenizer_json(pathlib.Path(file), cfg))
+def write_tokenizer(llm: str | os.PathLike, file: str | os.PathLike | None, cfg: LlavaConfig,
+                    out: str | os.PathLike) -> str:
+  """Writes `tokenizer(llm, file, cfg)` as tokenizer.json text to `out`; returns `out`."""
+  text = llava_original.placeholder_tokenizer_json(tokenizer_file(llm, file), cfg)
+  pathlib.Path(out).write_text(text)
   return str(out)
 
 

@@ -360,10 +360,8 @@ def model_tokenizer(config: ml_collections.ConfigDict, cfg: LlavaConfig
                     ) -> processing.Tokenizer:
   """The checkpoint's tokenizer; from parts, `model.tokenizer` (else the LLM's) with
   `<image>` on the image placeholder id."""
-  from_parts = parts.from_model_config(config.model)
-  if from_parts:
-    file = parts.tokenizer_file(from_parts[0], config.model.get("tokenizer"))
-    return parts.tokenizer(file, cfg)
+  if from_parts := parts.from_model_config(config.model):
+    return parts.tokenizer(from_parts[0], config.model.get("tokenizer"), cfg)
   return processing.Tokenizer.load(_checkpoint_dir(config), cfg)
 
 
@@ -371,10 +369,9 @@ def _export_tokenizer(config: ml_collections.ConfigDict, cfg: LlavaConfig, workd
                       ) -> str | None:
   """The tokenizer.json to ship with an export: the checkpoint's if it has one; from
   parts, the placeholder one, written to WORKDIR/tokenizer.json."""
-  from_parts = parts.from_model_config(config.model)
-  if from_parts:
-    file = parts.tokenizer_file(from_parts[0], config.model.get("tokenizer"))
-    return parts.write_tokenizer(file, cfg, os.path.join(workdir, checkpoint.TOKENIZER_FILE))
+  if from_parts := parts.from_model_config(config.model):
+    return parts.write_tokenizer(from_parts[0], config.model.get("tokenizer"), cfg,
+                                 os.path.join(workdir, checkpoint.TOKENIZER_FILE))
   tokenizer = os.path.join(_checkpoint_dir(config), checkpoint.TOKENIZER_FILE)
   return tokenizer if os.path.isfile(tokenizer) else None
 
