@@ -29,6 +29,9 @@ def get_config(arg=None):
   # A Hugging Face LLaVA directory; None: the embedded random-weight tiny model.
   config.model.checkpoint = config_dict.placeholder(str)
   config.model.dtype = "float32"  # compute dtype; parameters stay float32
+  # Recompute each LLM layer's activations in the backward pass (jax.checkpoint per
+  # decoder layer): less memory for about a third more compute.
+  config.model.remat = False
   # Token reduction during training: a name from tokred_jax.methods ("none": off).
   config.model.method = "none"
   config.model.retention = config_dict.placeholder(float)

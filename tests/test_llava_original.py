@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import pathlib
 import re
 import shutil
@@ -12,20 +13,23 @@ import PIL.Image
 import pytest
 import safetensors.numpy
 
-from tokred_jax import (checkpoint, llava, llava_original, methods, pmod, processing,
-                        reduction)
+from tests import faults
+from tokred_jax import (checkpoint, config as config_lib, llava, llava_original, methods, pmod,
+                        processing, reduction)
 from tokred_jax.checkpoint import CheckpointError
-from tokred_jax.config import VisionConfig
+from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 MOD_LAYERS = (1,)
 TOWER_NAMES = re.compile(r"^vision_tower\.")
 
 
-def original_name(hf_name: str, tower_prefix: str) -> str:
+def original_name(hf_name: str, tower_prefix: str, mod_layers=MOD_LAYERS) -> str:
   """transformers 5 name -> the original LLaVA repository's, written out independently
   of the library's rename table."""
+  if m := re.match(r"language_model\.model\.layers\.(\d+)\.router\.(.*)", hf_name):
+    return f"model.layers.{m.group(1)}.router.router.{m.group(2)}"
   if m := re.match(r"language_model\.model\.layers\.(\d+)\.(.*)", hf_name):
-    inner = "decoder_layer." if int(m.group(1)) in MOD_LAYERS else ""
+    inner = "decoder_layer." if int(m.group(1)) in mod_layers else ""
     return f"model.layers.{m.group(1)}.{inner}{m.group(2)}"
   for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
@@ -45,7 +49,8 @@ def original_config(hf_dir: pathlib.Path, mm_vision_tower: str) -> dict:
       mm_hidden_size=hf["vision_config"]["hidden_size"], mm_projector_type="mlp2x_gelu",
       mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_aspect_ratio="pad",
       mm_use_im_start_end=False, mm_patch_merge_type="flat",
-      mod_target_layers="shiftedcos_decay_0.85_0.15", mod_target_layer_indices=list(MOD_LAYERS),
+      # 2 layers: "interleave" routes layer 1 (= MOD_LAYERS) at mod_router_factor.
+      mod_target_layers="interleave", mod_target_layer_indices=list(MOD_LAYERS),
       mod_router_factor=0.5, mod_weight_norm="tanh_0.2_1", mod_bias_enabled=True,
       mod_special_init=True, mod_target_token_type="vision_all")
 
@@ -100,7 +105,8 @@ def write_original(hf_dir, out: pathlib.Path, tower: str) -> pathlib.Path:
 def source(clip_llama_dir):
   """The model the original-layout copies hold: (cfg, params) in our layout."""
   cfg, params = checkpoint.load_checkpoint(clip_llama_dir)
-  cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, router_layers=MOD_LAYERS))
+  cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+      cfg.text, router_layers=MOD_LAYERS, router_ratios=(None, 0.5)))
   for l, (w, b) in routers(cfg.text.hidden_size).items():
     params["llm"][f"layers_{l}"]["router"] = {"kernel": w.T, "bias": b}
   return cfg, params
@@ -154,6 +160,47 @@ def test_load_matches_source(layouts, source, tower):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def clip_model_dir(clip_llama_dir, tmp_path_factory):
+  """A full CLIPModel (text and vision halves, as openai/clip-vit-large-patch14-336 ships)
+  saved by transformers, its vision half the fixture's tower."""
+  import torch
+  import transformers
+  vision = json.loads((clip_llama_dir / "config.json").read_text())["vision_config"]
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=8),
+      vision_config=vision, projection_dim=8)
+  model = transformers.CLIPModel(config)
+  tensors = safetensors.numpy.load_file(clip_llama_dir / "model.safetensors")
+  tower = {"vision_model." + k[len("vision_tower."):]: torch.from_numpy(v)
+           for k, v in tensors.items() if TOWER_NAMES.match(k)}
+  missing, unexpected = model.load_state_dict(tower, strict=False)
+  assert not unexpected and not [m for m in missing if m.startswith("vision_model.")
+                                 and not m.endswith("position_ids")]
+  out = tmp_path_factory.mktemp("clip_model")
+  model.save_pretrained(out)
+  return out
+
+
+@pytest.mark.filterwarnings("ignore:.*tokenizer.model")
+def test_clip_model_tower_directory(layouts, source, clip_model_dir):
+  assert json.loads((clip_model_dir / "config.json").read_text())["model_type"] == "clip"
+  src_cfg, src_params = source
+  cfg, params, _ = llava_original.load_original(layouts["separate"],
+                                                vision_tower_path=clip_model_dir)
+  assert dataclasses.replace(cfg.vision, pad_to_square=False) == src_cfg.vision
+  flat = jax.tree_util.tree_leaves_with_path
+  got, want = dict(flat(params)), dict(flat(src_params))
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=jax.tree_util.keystr(key))
+  # Also as mm_vision_tower names it, with no vision_tower_path.
+  d = json.loads((layouts["separate"] / "config.json").read_text())
+  named = llava_original.original_config(dict(d, mm_vision_tower=str(clip_model_dir)))
+  assert named.vision == cfg.vision
+
+
 @pytest.mark.filterwarnings("ignore:.*tokenizer.model")
 def test_vision_tower_path_overrides_embedded_tower(layouts, source):
   clip = layouts["separate"].parent / "separate-clip"
@@ -188,6 +235,8 @@ def test_config_derives_layers_and_alpha_from_the_schedule():
            mod_weight_norm="tanh_0.3_1", mod_bias_enabled=True)
   cfg = llava_original.original_config(d)
   assert cfg.text.router_layers == pmod.router_layers(pmod.prd_cosine(32)) == tuple(range(8, 32))
+  # PRD's defaults (max 0.85, min 0.15, factor 0.5) are our cosine schedule on 32 layers.
+  assert cfg.text.router_ratios == pytest.approx(pmod.prd_cosine(32), abs=1e-12)
   assert cfg.text.router_alpha == 0.3 and cfg.num_image_tokens == 576
   assert not cfg.vision.pad_to_square
   interleave = llava_original.original_config(dict(d, mod_target_layers="interleave"))
@@ -236,3 +285,121 @@ def test_pad_to_square_matches_expand2square_reference():
     want = (resized / 255.0 - np.asarray(vision.image_mean)) / np.asarray(vision.image_std)
     got = processing.preprocess_images(image, vision)[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- p-MoD schedules
+# A 32-layer LLM (the depth the official decays are written for) with 64 visual tokens,
+# so that schedules differ in the kept counts they give.
+SCHEDULE_CFG = LlavaConfig(
+    vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                        image_size=56, patch_size=7),
+    text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=32,
+                    num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=128),
+    image_token_id=3, pad_token_id=2)
+
+
+def official_ratios(target: str, factor: float, num_layers: int) -> dict[int, float]:
+  """p-MoD's build_mod_layers / ModLayer, restated: routed layer -> its kept ratio."""
+  if m := re.fullmatch(r"(\w+)_decay_(\d+\.\d+)_(\d+\.\d+)", target):
+    decay = {"shiftedcos": lambda l: math.cos(l * math.pi / 31) / 2 + factor,
+             "shiftedlinear": lambda l: -l / 31 + 0.5 + factor}[m.group(1)]
+    return {l: max(decay(l), float(m.group(3))) for l in range(num_layers)
+            if decay(l) <= float(m.group(2))}
+  layers = {"deep_all": range(2, num_layers - 1), "deep_all_include_last": range(2, num_layers),
+            "interleave": range(1, num_layers, 2)}[target]
+  return {l: factor for l in layers}
+
+
+def official_kept(num_visual: int, ratio: float) -> int:
+  """ModLayer.forward's top-k size: torch.trunc(int lengths * ratio), in float32."""
+  return int(np.trunc(np.float32(num_visual) * np.float32(ratio)))
+
+
+@pytest.fixture(scope="module")
+def schedule_params():
+  """Random weights for SCHEDULE_CFG (drawn with numpy: no 32-layer init to compile)."""
+  rng = np.random.default_rng(3)
+  return jax.tree_util.tree_map(lambda shape: rng.normal(size=shape).astype(np.float32),
+                                checkpoint.param_shapes(SCHEDULE_CFG),
+                                is_leaf=lambda x: isinstance(x, tuple))
+
+
+def write_schedule_checkpoint(out: pathlib.Path, params, mod: dict) -> pathlib.Path:
+  """SCHEDULE_CFG in the original layout with the p-MoD settings `mod` (config.json
+  fields) and random routers on the layers they route; the tower inside, its config in
+  a CLIPVisionModel directory that mm_vision_tower names."""
+  layers = sorted(official_ratios(mod["mod_target_layers"], mod["mod_router_factor"], 32))
+  cfg = dataclasses.replace(SCHEDULE_CFG, text=dataclasses.replace(
+      SCHEDULE_CFG.text, router_layers=tuple(layers)))
+  rng = np.random.default_rng(len(layers))
+  params = {**params, "llm": dict(params["llm"])}
+  for l in layers:
+    params["llm"][f"layers_{l}"] = dict(params["llm"][f"layers_{l}"], router={
+        "kernel": rng.normal(size=(16, 1)).astype(np.float32),
+        "bias": rng.normal(size=(1,)).astype(np.float32)})
+  out.mkdir()
+  prefix = "model.vision_tower.vision_tower.vision_model."
+  safetensors.numpy.save_file(
+      {original_name(k, prefix, layers): v
+       for k, v in checkpoint.to_hf_tensors(cfg, params).items()}, str(out / "model.safetensors"))
+  hf = config_lib.to_hf_dict(cfg)
+  tower = out / "tower"
+  tower.mkdir()
+  (tower / "config.json").write_text(json.dumps(hf["vision_config"]))
+  (out / "config.json").write_text(json.dumps(dict(
+      {k: v for k, v in hf["text_config"].items() if not k.startswith("mod_")},
+      model_type="pmod_llava_llama", mm_vision_tower=str(tower), mm_hidden_size=16,
+      mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, image_aspect_ratio="pad",
+      mod_weight_norm="tanh_0.2_1", mod_bias_enabled=True, mod_target_token_type="vision_all",
+      mod_target_layer_indices=layers, **mod)))
+  return out
+
+
+@pytest.mark.filterwarnings("ignore:.*tokenizer.model")
+@pytest.mark.parametrize("target, factor", [
+    ("shiftedcos_decay_0.85_0.15", 0.4),  # mod_router_factor shifts the cosine
+    ("shiftedcos_decay_0.85_0.3", 0.5),  # a minimum ratio above PRD's 0.15
+    ("shiftedlinear_decay_0.75_0.25", 0.5),
+    ("deep_all", 0.3),
+    ("deep_all_include_last", 0.4),
+    ("interleave", 0.6),
+])
+def test_loaded_schedule_keeps_the_trained_counts(tmp_path, schedule_params, target, factor):
+  path = write_schedule_checkpoint(tmp_path / "ckpt", schedule_params,
+                                   dict(mod_target_layers=target, mod_router_factor=factor))
+  cfg, _, _ = llava_original.load_original(path)
+  official = official_ratios(target, factor, 32)
+  n = cfg.num_image_tokens
+  assert n == 64 and cfg.text.router_layers == tuple(sorted(official))
+  want = tuple(official_kept(n, official[l]) if l in official else n for l in range(32))
+  # visual_per_layer: the exact visual tokens each layer processes.
+  plan = reduction.make_plan(methods.get("pmod", cfg), cfg)
+  assert plan.visual_per_layer == want
+  # The default PRD on the same layers would run other counts: the schedule matters.
+  default = reduction.make_plan(methods.get("pmod", cfg, schedule="cosine"), cfg)
+  assert default.visual_per_layer != want
+  # The ratios survive a save in our layout.
+  assert config_lib.from_hf_dict(config_lib.to_hf_dict(cfg)).text == cfg.text
+
+
+@pytest.mark.parametrize("change, message, case", [
+    (dict(mod_router_factor=1.5), r"ratio 1\.5 .* layer 1", "mod_router_factor=1.5"),
+    (dict(mod_router_factor=-0.6, mod_target_layers="shiftedcos_decay_0.5_0.0",
+          mod_target_layer_indices=None), "ratio 0 .* layer 0",
+     "mod_target_layers='shiftedcos_decay_0.5_0.0', mod_router_factor=-0.6 (no token kept)"),
+    (dict(mod_target_layer_indices=[0]), "disagree",
+     "mod_target_layer_indices other than the layers mod_target_layers routes"),
+    (dict(mod_router_factor="half"), "not a number", "mod_router_factor='half'"),
+    (dict(mod_target_layers="every_third"), "not one the official",
+     "mod_target_layers='every_third'"),
+    (dict(mod_target_layers=None), "mod_target_layers None",
+     "mod_target_layer_indices without mod_target_layers"),
+])
+def test_schedule_errors(layouts, tmp_path, change, message, case):
+  path = tmp_path / "ckpt"
+  shutil.copytree(layouts["separate"], path)
+  d = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps(dict(d, **change)))
+  with pytest.raises(CheckpointError, match=message) as e:
+    llava_original.load_original(path)
+  faults.record("llava_original.load_original", case, str(e.value), before="weights load")

@@ -349,10 +349,12 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 def _headers(path: pathlib.Path, stack: contextlib.ExitStack,
              rename: Callable[[str], str | None] = canonical_name) -> _Tensors:
-  """Opens the weight files and reads every tensor's header, under the name `rename`
-  gives it (the canonical one by default; None leaves the tensor out)."""
-  shard_of = _weight_files(path)
-  files = [path / WEIGHTS_FILE] if shard_of is None else sorted(set(shard_of.values()))
+  """Opens the weight files of directory `path` (or `path` itself, one safetensors file)
+  and reads every tensor's header, under the name `rename` gives it (the canonical one
+  by default; None leaves the tensor out)."""
+  shard_of = None if path.is_file() else _weight_files(path)
+  files = ([path] if path.is_file() else [path / WEIGHTS_FILE] if shard_of is None
+           else sorted(set(shard_of.values())))
   tensors: _Tensors = {}
   stored: set[str] = set()
   for file in files:
@@ -445,8 +447,8 @@ def load_params(cfg: LlavaConfig,
 
   Args:
     cfg: the model config the weights must match.
-    sources: (directory, rename) pairs; rename maps a stored tensor name to its
-      canonical (transformers 5) name, or to None to leave that tensor out.
+    sources: (directory or safetensors file, rename) pairs; rename maps a stored tensor
+      name to its canonical (transformers 5) name, or to None to leave that tensor out.
     dtype: as in `load_checkpoint`.
 
   Returns:

@@ -102,17 +102,28 @@ class DecoderLayer(nn.Module):
     return h + self.mlp_branch(h), new_cache, q
 
 
+# Rematerialised layers: every entry point a forward uses (the dense call, and the
+# attention block and MLP branch a p-MoD layer calls on its routed tokens) is wrapped in
+# jax.checkpoint, so the backward recomputes their insides instead of storing them.
+# Parameter names do not change.
+RematDecoderLayer = nn.remat(DecoderLayer, methods=["__call__", "attention_block",
+                                                    "mlp_branch"])
+
+
 class Decoder(nn.Module):
-  """Token embedding, the layer stack, the final norm and the LM head."""
+  """Token embedding, the layer stack, the final norm and the LM head. With `remat`,
+  each layer's activations are recomputed in the backward pass (`RematDecoderLayer`)."""
   cfg: TextConfig
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     cfg = self.cfg
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                           param_dtype=jnp.float32,
                           embedding_init=nn.initializers.normal(0.02))
-    self.layers = [DecoderLayer(cfg, self.dtype, has_router=i in cfg.router_layers)
+    layer = RematDecoderLayer if self.remat else DecoderLayer
+    self.layers = [layer(cfg, self.dtype, has_router=i in cfg.router_layers)
                    for i in range(cfg.num_layers)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps)
     if not cfg.tie_word_embeddings:

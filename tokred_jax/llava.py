@@ -64,14 +64,16 @@ def _drop_first(ts: tokens.TokenSet) -> tokens.TokenSet:
 
 
 class Llava(nn.Module):
+  """remat: recompute each LLM layer's activations in the backward pass (training)."""
   cfg: LlavaConfig
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     cfg = self.cfg
     self.vision = VisionTower(cfg.vision, cfg.vision_layers_used, self.dtype)
     self.projector = Projector(cfg, self.dtype)
-    self.llm = Decoder(cfg.text, self.dtype)
+    self.llm = Decoder(cfg.text, self.dtype, self.remat)
 
   def _plan(self, plan):
     return plan if plan is not None else reduction.make_plan(reduction.Reduction(), self.cfg)

@@ -11,10 +11,16 @@ and the p-MoD ones (`mod_*`) at the top level, and the tensors are named
   model.mm_projector.{0,2}.{weight,bias}                        (mlp2x_gelu: Linear, GELU, Linear)
   model.vision_tower.vision_tower.vision_model.*                (CLIP, when saved with it)
 
-The CLIP tower is the Hugging Face `CLIPVisionModel` named by `mm_vision_tower`; the
-original loader always reads it from there (the copy a checkpoint may hold is identical,
-as the tower is frozen). Here its weights come from `vision_tower_path` when given, else
-from the checkpoint, else from `mm_vision_tower` when that is a local directory.
+The CLIP tower is the Hugging Face model named by `mm_vision_tower` (a `CLIPVisionModel`,
+or a full `CLIPModel` such as openai/clip-vit-large-patch14-336, of which only the vision
+half is read); the original loader always reads it from there (the copy a checkpoint may
+hold is identical, as the tower is frozen). Here its weights come from
+`vision_tower_path` when given, else from the checkpoint, else from `mm_vision_tower`
+when that is a local directory.
+
+The p-MoD schedule (`mod_target_layers`, `mod_router_factor`) is turned into the kept
+ratio of every layer exactly as the official code computes it, and recorded as
+`TextConfig.router_ratios`, which a p-MoD plan with no schedule given runs.
 
 Loading maps these names onto the canonical Hugging Face ones and reuses
 `checkpoint.load_params`, so names, shapes and completeness are checked as for any
@@ -96,12 +102,16 @@ def _without_tower(name: str) -> str | None:
   return None if name.startswith(_EMBEDDED_TOWER) else canonical_name(name)
 
 
-def _tower_name(name: str) -> str:
-  """A `CLIPVisionModel` directory's names (`vision_model.*`) -> canonical ones."""
-  return re.sub(r"^vision_model\.", "vision_tower.", name, count=1)
+def tower_name(name: str) -> str | None:
+  """A `CLIPVisionModel` or `CLIPModel` directory's names -> canonical ones: the vision
+  part (`vision_model.*`) is the tower; a CLIPModel's text half and projections are left
+  out."""
+  if not name.startswith("vision_model."):
+    return None
+  return "vision_tower." + name[len("vision_model."):]
 
 
-def _read_json(file: pathlib.Path, what: str) -> dict[str, Any]:
+def read_json(file: pathlib.Path, what: str) -> dict[str, Any]:
   try:
     d = json.loads(file.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -115,7 +125,7 @@ def _weight_names(path: pathlib.Path) -> list[str]:
   """The tensor names of a directory's safetensors (single file or sharded index)."""
   index = path / checkpoint.INDEX_FILE
   if index.is_file():
-    return list(_read_json(index, "shard index").get("weight_map", {}))
+    return list(read_json(index, "shard index").get("weight_map", {}))
   single = path / checkpoint.WEIGHTS_FILE
   if single.is_file():
     with safetensors.safe_open(str(single), framework="np") as f:
@@ -123,7 +133,7 @@ def _weight_names(path: pathlib.Path) -> list[str]:
   return []
 
 
-def _require_safetensors(path: pathlib.Path) -> None:
+def require_safetensors(path: pathlib.Path) -> None:
   """Original checkpoints saved by older transformers are PyTorch pickles, unreadable
   without torch; say how to convert them."""
   if (path / checkpoint.WEIGHTS_FILE).is_file() or (path / checkpoint.INDEX_FILE).is_file():
@@ -141,29 +151,59 @@ def _require_safetensors(path: pathlib.Path) -> None:
                         f"{checkpoint.INDEX_FILE}; it is not a checkpoint directory.")
 
 
-def _router_layers(d: dict[str, Any], num_layers: int) -> tuple[int, ...]:
-  """The MoD layers: `mod_target_layer_indices`, which the official code writes into the
-  config, or else recomputed from `mod_target_layers` as that code does."""
-  indices = d.get("mod_target_layer_indices")
-  if indices is not None:
-    if not (isinstance(indices, list) and all(isinstance(i, int) for i in indices)):
-      raise CheckpointError(f"mod_target_layer_indices {indices!r} is not a list of layers.")
-    return tuple(sorted(set(indices)))
+def _number(d: dict[str, Any], key: str, default: float) -> float:
+  value = d.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise CheckpointError(f"{key} {value!r} is not a number.")
+  return float(value)
+
+
+def _mod_schedule(d: dict[str, Any], num_layers: int) -> tuple[float | None, ...]:
+  """The kept ratio each layer was trained at (None: a dense layer), computed from
+  `mod_target_layers` and `mod_router_factor` f as the official p-MoD code does:
+
+    "<decay>_decay_<max>_<min>"  layers with decay(f, l) <= max route, at
+                                 max(decay(f, l), min); decay: shiftedcos or shiftedlinear
+    "deep_all"                   layers 2..L-2 at f ("deep_all_include_last": 2..L-1)
+    "interleave"                 layers 1, 3, 5, ... at f
+
+  The official code recomputes the layers from these on load, so a recorded
+  `mod_target_layer_indices` that disagrees means weights and schedule do not belong
+  together.
+  """
   target = d.get("mod_target_layers")
-  factor = float(d.get("mod_router_factor", 0.5))
+  if not isinstance(target, str):
+    raise CheckpointError(f"mod_target_layers {target!r} is missing or not a string: the "
+                          "trained schedule is unknown; restore the original config.json.")
+  factor = _number(d, "mod_router_factor", 0.5)  # the official training default
   if match := re.fullmatch(r"(\w+)_decay_(\d+\.\d+)_(\d+\.\d+)", target):
-    decay, max_ratio = match.group(1), float(match.group(2))
+    decay, max_ratio, min_ratio = match.group(1), float(match.group(2)), float(match.group(3))
     if decay not in _DECAYS:
       raise CheckpointError(f"mod_target_layers {target!r}: unknown decay {decay!r}; the "
                             f"official code defines {sorted(_DECAYS)}.")
-    return tuple(l for l in range(num_layers) if _DECAYS[decay](factor, l) <= max_ratio)
-  fixed = {"deep_all": range(2, num_layers - 1), "deep_all_include_last": range(2, num_layers),
-           "interleave": range(1, num_layers, 2)}
-  if target not in fixed:
-    raise CheckpointError(f"mod_target_layers {target!r} is not one the official p-MoD code "
-                          "defines (<decay>_decay_<max>_<min>, deep_all, "
-                          "deep_all_include_last, interleave).")
-  return tuple(fixed[target])
+    raw = [_DECAYS[decay](factor, l) for l in range(num_layers)]
+    ratios = tuple(max(r, min_ratio) if r <= max_ratio else None for r in raw)
+  else:
+    fixed = {"deep_all": range(2, num_layers - 1), "deep_all_include_last": range(2, num_layers),
+             "interleave": range(1, num_layers, 2)}
+    if target not in fixed:
+      raise CheckpointError(f"mod_target_layers {target!r} is not one the official p-MoD code "
+                            "defines (<decay>_decay_<max>_<min>, deep_all, "
+                            "deep_all_include_last, interleave).")
+    ratios = tuple(factor if l in fixed[target] else None for l in range(num_layers))
+  layers = [l for l, r in enumerate(ratios) if r is not None]
+  indices = d.get("mod_target_layer_indices")
+  if indices is not None and (not isinstance(indices, list) or sorted(set(indices)) != layers):
+    raise CheckpointError(f"mod_target_layer_indices {indices!r} disagree with the layers "
+                          f"mod_target_layers {target!r} and mod_router_factor {factor} route "
+                          f"({layers}); restore the config.json the weights were saved with.")
+  bad = [(l, r) for l, r in enumerate(ratios) if r is not None and not 0 < r <= 1]
+  if bad:
+    l, r = bad[0]
+    raise CheckpointError(f"mod_target_layers {target!r} with mod_router_factor {factor} keeps "
+                          f"a ratio {r:.4g} of the visual tokens in layer {l}; this library "
+                          "runs ratios in (0, 1] only.")
+  return ratios
 
 
 def _router_alpha(d: dict[str, Any]) -> float:
@@ -191,20 +231,30 @@ def _mod_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
   if not d.get("mod_bias_enabled", False):
     raise CheckpointError("mod_bias_enabled is false: routers without a bias are not "
                           "supported (p-MoD's published models have one).")
-  return {"mod_router_layers": list(_router_layers(d, num_layers)),
-          "mod_router_alpha": _router_alpha(d)}
+  ratios = _mod_schedule(d, num_layers)
+  return {"mod_router_layers": [l for l, r in enumerate(ratios) if r is not None],
+          "mod_router_alpha": _router_alpha(d), "mod_router_ratios": list(ratios)}
 
 
 def _vision_dict(d: dict[str, Any], tower_dir: pathlib.Path | None) -> dict[str, Any]:
   if tower_dir is not None and (tower_dir / checkpoint.CONFIG_FILE).is_file():
-    return _read_json(tower_dir / checkpoint.CONFIG_FILE, "vision tower config")
+    tower = read_json(tower_dir / checkpoint.CONFIG_FILE, "vision tower config")
+    if tower.get("model_type") != "clip":
+      return tower
+    # A full CLIPModel (as openai/clip-vit-large-patch14-336 ships): its vision half.
+    vision = tower.get("vision_config")
+    if not isinstance(vision, dict):
+      raise CheckpointError(f"{tower_dir / checkpoint.CONFIG_FILE} is a CLIPModel config "
+                            "without a vision_config object; restore the tower's config.json.")
+    return {"model_type": "clip_vision_model", **vision}
   name = d.get("mm_vision_tower")
   if name in _KNOWN_TOWERS:
     return _KNOWN_TOWERS[name]
   raise CheckpointError(
       f"the vision tower {name!r} (mm_vision_tower) is not a local directory with a "
       f"config.json nor a known tower ({', '.join(_KNOWN_TOWERS)}); pass vision_tower_path, "
-      "the directory of its Hugging Face CLIPVisionModel (config.json and safetensors).")
+      "the directory of its Hugging Face CLIPModel or CLIPVisionModel (config.json and "
+      "safetensors).")
 
 
 def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = None
@@ -213,8 +263,9 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
 
   Args:
     d: the checkpoint's config.json.
-    tower_dir: a `CLIPVisionModel` directory whose config.json describes the tower; when
-      None, `mm_vision_tower` is used if it is a local directory or a known tower name.
+    tower_dir: a `CLIPVisionModel` or `CLIPModel` directory whose config.json describes
+      the tower (a CLIPModel's `vision_config`); when None, `mm_vision_tower` is used if
+      it is a local directory or a known tower name.
 
   Raises:
     CheckpointError: the config describes something this library cannot build.
@@ -268,15 +319,16 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
     raise CheckpointError(f"config.json does not describe a supported model: {e}") from e
 
 
-def _placeholder_tokenizer(file: pathlib.Path, cfg: LlavaConfig) -> processing.Tokenizer:
-  """`file` (a Llama tokenizer.json) with `<image>` spelling `IMAGE_PLACEHOLDER_ID`.
+def placeholder_tokenizer_json(file: pathlib.Path, cfg: LlavaConfig) -> str:
+  """`file` (a Llama tokenizer.json) with `<image>` spelling `IMAGE_PLACEHOLDER_ID`, as
+  tokenizer.json text.
 
   Added tokens outside the model's vocabulary (llava-hf's `<image>` 32000 and `<pad>`
   32001) are dropped, so that no prompt can produce an id the embedding lacks.
   tokenizers ignores the ids written for added tokens and takes a token's id from the
   model vocabulary when it is there, hence `<image>` enters that vocabulary as an alias.
   """
-  d = _read_json(file, "tokenizer")
+  d = read_json(file, "tokenizer")
   model = d.get("model") or {}
   vocab = model.get("vocab")
   if not isinstance(vocab, dict):
@@ -295,8 +347,15 @@ def _placeholder_tokenizer(file: pathlib.Path, cfg: LlavaConfig) -> processing.T
                     lstrip=False, rstrip=False, normalized=False, special=True))
   d["added_tokens"] = added
   vocab[processing.IMAGE_TOKEN] = IMAGE_PLACEHOLDER_ID
+  return json.dumps(d)
+
+
+def placeholder_tokenizer(file: pathlib.Path, cfg: LlavaConfig) -> processing.Tokenizer:
+  """The tokenizer of `placeholder_tokenizer_json`."""
   try:
-    tok = tokenizers.Tokenizer.from_str(json.dumps(d))
+    tok = tokenizers.Tokenizer.from_str(placeholder_tokenizer_json(file, cfg))
+  except CheckpointError:
+    raise
   except Exception as e:  # tokenizers raises bare Exceptions for unparsable files.
     raise CheckpointError(f"cannot read the tokenizer {file}: {e}") from e
   return processing.Tokenizer(tok, cfg)
@@ -308,7 +367,7 @@ def _tokenizer(path: pathlib.Path, tokenizer_path: str | os.PathLike | None,
   if file.is_dir():
     file = file / checkpoint.TOKENIZER_FILE
   if file.is_file():
-    return _placeholder_tokenizer(file, cfg)
+    return placeholder_tokenizer(file, cfg)
   if tokenizer_path is not None:
     raise CheckpointError(f"tokenizer file {file} does not exist.")
   warnings.warn(
@@ -327,8 +386,9 @@ def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike 
   Args:
     path: the checkpoint directory: config.json and safetensors weights (single or
       sharded with an index).
-    vision_tower_path: a Hugging Face `CLIPVisionModel` directory (config.json,
-      safetensors with `vision_model.*` names), e.g. openai/clip-vit-large-patch14-336.
+    vision_tower_path: a Hugging Face `CLIPModel` or `CLIPVisionModel` directory
+      (config.json, safetensors with `vision_model.*` names; a CLIPModel's text half is
+      left out), e.g. openai/clip-vit-large-patch14-336.
       Needed when the checkpoint holds no tower weights and `mm_vision_tower` is not a
       local directory; when given, a tower inside the checkpoint is ignored, as the
       original loader does.
@@ -348,8 +408,8 @@ def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike 
   if not (path / checkpoint.CONFIG_FILE).is_file():
     raise CheckpointError(f"{path} has no {checkpoint.CONFIG_FILE}; pass the checkpoint "
                           "directory of an original LLaVA / p-MoD model.")
-  d = _read_json(path / checkpoint.CONFIG_FILE, "model config")
-  _require_safetensors(path)
+  d = read_json(path / checkpoint.CONFIG_FILE, "model config")
+  require_safetensors(path)
   tower_dir = vision_tower_path
   embedded = any(n.startswith(_EMBEDDED_TOWER) for n in _weight_names(path))
   if tower_dir is None and not embedded:
@@ -358,13 +418,13 @@ def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike 
       raise CheckpointError(
           f"{path} holds no vision tower weights ({_EMBEDDED_TOWER}*) and mm_vision_tower "
           f"{local!r} is not a local directory; pass vision_tower_path, the directory of "
-          "its Hugging Face CLIPVisionModel (e.g. openai/clip-vit-large-patch14-336).")
+          "its Hugging Face CLIPModel (e.g. openai/clip-vit-large-patch14-336).")
     tower_dir = local
   cfg = original_config(d, tower_dir)
   if tower_dir is not None:  # Given, or the only copy there is.
     tower_dir = pathlib.Path(tower_dir)
-    _require_safetensors(tower_dir)
-    sources = [(path, _without_tower), (tower_dir, _tower_name)]
+    require_safetensors(tower_dir)
+    sources = [(path, _without_tower), (tower_dir, tower_name)]
   else:
     sources = [(path, canonical_name)]
   params = checkpoint.load_params(cfg, sources, dtype)

@@ -116,10 +116,10 @@ def fit_mean(name: str, num_layers: int, layers: Sequence[int], num_visual: int,
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if mean_kept_ratio(num_visual, make(mid)) < target else (lo, mid)
   best = make(hi)
-  if (abs(mean_kept_ratio(num_visual, best) - target) > 0.02
-      or any(r is not None and not 0 < r <= 1 for r in best)):
+  closest = mean_kept_ratio(num_visual, best)
+  if abs(closest - target) > 0.02 or any(r is not None and not 0 < r <= 1 for r in best):
     raise ValueError(f"a {name} schedule on layers {list(layers)} cannot keep {target} of the "
-                     f"visual tokens on average (closest: {mean_kept_ratio(num_visual, best):.3f}).")
+                     f"visual tokens on average (closest: {closest:.3f}).")
   return best
 
 

@@ -52,7 +52,7 @@ from flax import struct, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tokred_jax import (checkpoint, cost, data, llava, methods, pmod, processing,
+from tokred_jax import (checkpoint, cost, data, llava, methods, parts, pmod, processing,
                         reduction, sharding)
 from tokred_jax.config import LlavaConfig
 from tokred_jax.pipeline import TINY_CHECKPOINT
@@ -324,10 +324,13 @@ def param_shapes(cfg: LlavaConfig) -> Params:
 
 
 def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
-  """The config of `model.checkpoint`; with `model.add_routers` (a p-MoD schedule name)
-  and a dense checkpoint, p-MoD routers on `model.router_layers` if set, else on the
-  layers that schedule routes."""
-  cfg = checkpoint.read_config(_checkpoint_dir(config))
+  """The config of `model.checkpoint`, or of the parts `model.llm`, `model.vision_tower`
+  and `model.projector` (tokred_jax.parts: LLaVA-1.5 before its stage 2); with
+  `model.add_routers` (a p-MoD schedule name) and a dense model, p-MoD routers on
+  `model.router_layers` if set, else on the layers that schedule routes."""
+  from_parts = parts.from_model_config(config.model)
+  cfg = (parts.check(*from_parts) if from_parts
+         else checkpoint.read_config(_checkpoint_dir(config)))
   if config.data.get("template"):  # trained in it, so the export records it
     cfg = dataclasses.replace(cfg, template=config.data.template)
   if config.model.add_routers and not cfg.text.router_layers:
@@ -338,9 +341,11 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
 
 
 def load_params(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Params:
-  """Host params of `model.checkpoint` for the model `cfg` (from `model_config`):
-  routers the checkpoint lacks start at zero (pmod.add_routers: the dense model)."""
-  loaded_cfg, params = checkpoint.load_checkpoint(_checkpoint_dir(config))
+  """Host params of `model.checkpoint` (or its parts) for the model `cfg` (from
+  `model_config`): routers it lacks start at zero (pmod.add_routers: the dense model)."""
+  from_parts = parts.from_model_config(config.model)
+  loaded_cfg, params = (parts.load(*from_parts) if from_parts
+                        else checkpoint.load_checkpoint(_checkpoint_dir(config)))
   if loaded_cfg.text.router_layers != cfg.text.router_layers:
     _, params = pmod.add_routers(loaded_cfg, params, cfg.text.router_layers)
   shapes = lambda tree: {k: v.shape for k, v in
@@ -351,6 +356,32 @@ def load_params(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Params:
     raise ValueError(f"{_checkpoint_dir(config)} does not hold the model's parameters: "
                      f"{wrong[:5]} are missing, extra or misshapen.")
   return params
+
+
+def model_tokenizer(config: ml_collections.ConfigDict, cfg: LlavaConfig
+                    ) -> processing.Tokenizer:
+  """The checkpoint's tokenizer; from parts, `model.tokenizer` (else the LLM's) with
+  `<image>` on the image placeholder id."""
+  if from_parts := parts.from_model_config(config.model):
+    return parts.tokenizer(from_parts[0], config.model.get("tokenizer"), cfg)
+  return processing.Tokenizer.load(_checkpoint_dir(config), cfg)
+
+
+def _export_tokenizer(config: ml_collections.ConfigDict, cfg: LlavaConfig, workdir: str
+                      ) -> str | None:
+  """The tokenizer.json to ship with an export: the checkpoint's if it has one; from
+  parts, the placeholder one, written to WORKDIR/tokenizer.json."""
+  if from_parts := parts.from_model_config(config.model):
+    return parts.write_tokenizer(from_parts[0], config.model.get("tokenizer"), cfg,
+                                 os.path.join(workdir, checkpoint.TOKENIZER_FILE))
+  tokenizer = os.path.join(_checkpoint_dir(config), checkpoint.TOKENIZER_FILE)
+  return tokenizer if os.path.isfile(tokenizer) else None
+
+
+def make_model(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> llava.Llava:
+  """The model to train: `model.dtype` compute, LLM layers rematerialised with
+  `model.remat` (their activations recomputed in the backward pass)."""
+  return llava.Llava(cfg, DTYPES[config.model.dtype], remat=config.model.get("remat", False))
 
 
 def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> reduction.Plan:
@@ -372,7 +403,7 @@ def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: redu
     raise ValueError("no training data: set config.data.dataset (a TFDS name from "
                      "tokred_jax.data.build_dataset) and config.data.data_dir, or "
                      "dataset='synthetic'.")
-  tokenizer = processing.Tokenizer.load(_checkpoint_dir(config), cfg)
+  tokenizer = model_tokenizer(config, cfg)
   fields = config.data.to_dict()
   split = fields.pop("split", "train")
   return iter(data.make_dataset(
@@ -483,7 +514,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   plan = make_plan(config, cfg)
   dataset = dataset if dataset is not None else make_dataset(config, cfg, plan)
   # Model.
-  model = llava.Llava(cfg, DTYPES[config.model.dtype])
+  model = make_model(config, cfg)
   # Restore the latest complete checkpoint, or start from the model checkpoint.
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
@@ -551,9 +582,7 @@ def export_params(config: ml_collections.ConfigDict, workdir: str, cfg: LlavaCon
   path = config.export_dir or os.path.join(workdir, "export")
   host = multihost_utils.process_allgather(params, tiled=True)  # whole arrays, every host
   if jax.process_index() == 0:
-    tokenizer = os.path.join(_checkpoint_dir(config), checkpoint.TOKENIZER_FILE)
-    checkpoint.save_checkpoint(path, cfg, host,
-                               tokenizer if os.path.isfile(tokenizer) else None)
+    checkpoint.save_checkpoint(path, cfg, host, _export_tokenizer(config, cfg, workdir))
   return path
 
 
