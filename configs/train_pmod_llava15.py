@@ -23,8 +23,9 @@ Run, with the 665k instruction mix written by tokred_jax.data.build_dataset for 
       --config.data.data_dir=/data/tfds --workdir=/ckpt/pmod-llava15-7b
 
 The recipe (the official finetune_eval_7b_pmod_llava_1_5.sh): plain cross-entropy on the
-replies in the vicuna_v1 conversation template (`data.template`), AdamW at 2e-5 with 3% linear warmup and
-cosine decay, no weight decay, global batch 128, one epoch, images padded to a square.
+replies in the vicuna_v1 conversation template (`data.template`), AdamW at 2e-5 with 3%
+linear warmup and cosine decay, no weight decay, global batch 128, one epoch, images
+padded to a square.
 Zero-initialised routers on the layers PRD's shifted cosine routes (8..31 of 32; the
 official shiftedcos_decay_0.85_0.15 with factor 0.5, TanhNorm α 0.2), so training starts
 from the dense model; the LLM, projector and routers train, the tower is frozen.
