@@ -246,3 +246,102 @@ def test_presets_and_config_errors():
     reduction.make_plan(methods.get("mustdrop", CFG, window=2), CFG)
   with pytest.raises(ConfigError, match="outside"):
     reduction.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG)
+
+
+def _step(params, token, state):
+  return MODEL.apply({"params": params}, token, state, method="decode")
+
+
+def _shared_position_step(params, token, state):
+  """The decode step as it was before per-layer positions: one position for every
+  layer, the whole stack through Decoder.__call__."""
+  def run(m):
+    x = m.llm.embed_tokens(token[:, None])
+    valid = tuple(v.at[:, n].set(True) for v, n in zip(state.valid, state.lengths))
+    x, _ = m.llm(x, state.positions[0][:, None], [v[:, None, :] for v in valid],
+                 state.caches, state.lengths)
+    return m.llm.logits(x)[:, 0]
+  return MODEL.apply({"params": params}, method=run)
+
+
+def _official_decode(params, logits, state, steps):
+  """A restatement of the official decode loop at batch size 1: each layer's cache
+  holds only its kept tokens (index_select, here: the valid slots taken out), and the
+  new token's position in layer l is that cache's length. Returns (greedy tokens [n],
+  the logits of each step after the first [n - 1, V])."""
+  caches = []
+  for c, v, n in zip(state.caches, state.valid, state.lengths):
+    keep = np.asarray(v[0, :int(n)])
+    caches.append((np.asarray(c.k)[:, :int(n)][:, keep], np.asarray(c.v)[:, :int(n)][:, keep]))
+  tokens, step_logits = [int(np.argmax(logits[0]))], []
+  for _ in range(steps - 1):
+    def run(m, token=tokens[-1], caches=tuple(caches)):
+      x = m.llm.embed_tokens(np.array([[token]], np.int32))
+      grown = []
+      for layer, (k, v) in zip(m.llm.layers, caches):
+        s = k.shape[1]
+        pad = lambda a: np.concatenate([a, np.zeros_like(a[:, :1])], axis=1)
+        x, cache, _ = layer(x, np.array([[s]], np.int32), np.ones((1, 1, s + 1), bool),
+                            llava.LayerCache(pad(k), pad(v)), s)
+        grown.append((cache.k, cache.v))
+      return m.llm.logits(x)[:, 0], grown
+    out, grown = MODEL.apply({"params": params}, method=run)
+    caches = [(np.asarray(k), np.asarray(v)) for k, v in grown]
+    step_logits.append(np.asarray(out)[0])
+    tokens.append(int(np.argmax(out[0])))
+  return tokens, np.stack(step_logits)
+
+
+def test_reference_decoding_takes_each_layers_own_position(params):
+  """Reference mode decodes as the official loop: layers before the first filter
+  continue from the whole prompt, the later ones from the last filter's survivors
+  (gamma = alpha = 1: the filters keep exactly the key set, no threshold coincidence)."""
+  plan = plan_for("reference", threshold=0.9, gamma=1.0, alpha=1.0)
+  batch = make_batch(images([2]), text_lengths=[6])
+  new = 5
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=new), eos_ids=(),
+                           plan=plan)
+  logits, state = gen.prefill(params, batch)
+  tokens = gen.decode(params, logits, state)
+  want_tokens, want_logits = _official_decode(params, np.asarray(logits), state, new)
+  np.testing.assert_array_equal(tokens[0], want_tokens)
+  # The positions really differ between layers, as the cache lengths do.
+  prompt = int(batch["attention_mask"].sum()) - 2 * 8  # two windows merged
+  survivors = prompt - (N_V - 2 * 8) + math.ceil(0.08 * (N_V - 2 * 8))
+  positions = [int(p[0]) for p in state.positions]
+  assert positions == [prompt] * FILTERS[0] + [survivors] * (6 - FILTERS[0])
+  # Step by step, our masked caches give the official logits.
+  got, shared = [], []
+  for token in want_tokens[:-1]:
+    token = np.array([token], np.int32)
+    shared.append(np.asarray(_shared_position_step(params, token, state))[0])
+    out, state = _step(params, token, state)
+    got.append(np.asarray(out)[0])
+  np.testing.assert_allclose(np.stack(got), want_logits, atol=1e-5, rtol=1e-5)
+  # The shared position of the old rule gives other logits: the test would see it.
+  assert np.max(np.abs(np.stack(shared) - want_logits)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["none", "fastv", "mustdrop-fast"])
+def test_other_plans_decode_bit_identical_to_one_shared_position(params, name):
+  """Every plan but MustDrop's reference mode: each layer gets the prompt's last
+  position + 1 (fast MustDrop keeps original positions), and a step equals, bit for
+  bit, the whole stack run with that one position."""
+  plan = (None if name == "none" else
+          reduction.make_plan(methods.get("fastv", CFG, retention=0.5), CFG) if name == "fastv"
+          else plan_for(threshold=0.9, gamma=1.0, alpha=1.0))
+  batch = make_batch(images([3, 0]))
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=3), eos_ids=(),
+                           plan=plan)
+  logits, state = gen.prefill(params, batch)
+  merged = np.array([3 * 8, 0]) if name == "mustdrop-fast" else 0
+  want = batch["positions"][:, -1] + 1 - merged
+  for p in state.positions:
+    np.testing.assert_array_equal(np.asarray(p), want)
+  token = np.asarray(jax.numpy.argmax(logits, -1), np.int32)
+  step = jax.jit(_step)
+  shared = jax.jit(_shared_position_step)
+  for _ in range(2):
+    out, new_state = step(params, token, state)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(shared(params, token, state)))
+    state, token = new_state, np.asarray(jax.numpy.argmax(out, -1), np.int32)

@@ -34,12 +34,15 @@ class DecodeState(NamedTuple):
 
   caches: LayerCache per layer, k/v f32[B, S_l, K, h]; valid: bool[B, S_l] per layer
   (which cache slots hold a live token); lengths: i32[] per layer, the next free slot;
-  positions: i32[B], the position id the next token gets.
+  positions: i32[B] per layer, the position id the next token gets in that layer. It is
+  the same in every layer (the prompt's last position + 1) except in MustDrop's
+  reference mode, where each layer continues from its own cache as the official code
+  does (`decode_positions`).
   """
   caches: tuple[LayerCache, ...]
   valid: tuple[jax.Array, ...]
   lengths: tuple[jax.Array, ...]
-  positions: jax.Array
+  positions: tuple[jax.Array, ...]
 
 
 class Projector(nn.Module):
@@ -280,6 +283,7 @@ class Llava(nn.Module):
     Returns (logits of the last position f32[B, V], DecodeState). Each layer's cache
     holds the tokens that layer processed, so pruned layers have shorter caches.
     """
+    plan = self._plan(plan)
     stream, caches, _, _ = self._prefill_stream(input_ids, pixel_values, attention_mask,
                                                 positions, plan, counts, rng)
     logits = self.llm.logits(stream.x[:, -1:])[:, 0]
@@ -288,18 +292,39 @@ class Llava(nn.Module):
         tuple(LayerCache(grow(c.k), grow(c.v)) for c, _ in caches),
         tuple(grow(valid) for _, valid in caches),
         tuple(jnp.asarray(c.k.shape[1], jnp.int32) for c, _ in caches),
-        stream.positions[:, -1] + 1)
+        decode_positions(plan, stream.positions[:, -1] + 1, [v for _, v in caches]))
     return logits, state
 
   def decode(self, tokens_, state: DecodeState):
     """One step. tokens_: i32[B] -> (logits f32[B, V], the state advanced by one)."""
     x = self.llm.embed_tokens(tokens_[:, None])
     valid = tuple(v.at[:, n].set(True) for v, n in zip(state.valid, state.lengths))
-    masks = [v[:, None, :] for v in valid]
-    x, caches = self.llm(x, state.positions[:, None], masks, state.caches, state.lengths)
+    caches = []
+    # Decoder.__call__'s loop, with each layer's own position.
+    for layer, position, v, cache, n in zip(self.llm.layers, state.positions, valid,
+                                            state.caches, state.lengths):
+      x, cache, _ = layer(x, position[:, None], v[:, None, :], cache, n)
+      x = sharding.constrain(x, sharding.STREAM)
+      caches.append(cache)
     logits = self.llm.logits(x)[:, 0]
     lengths = tuple(n + 1 for n in state.lengths)
-    return logits, DecodeState(caches, valid, lengths, state.positions + 1)
+    return logits, DecodeState(tuple(caches), valid, lengths,
+                               tuple(p + 1 for p in state.positions))
+
+
+def decode_positions(plan, next_position, cache_valid) -> tuple[jax.Array, ...]:
+  """The position id the first decoded token gets in each LLM layer, i32[B] per layer.
+
+  next_position: i32[B] the prompt's last position + 1; cache_valid: bool[B, S_l] per
+  layer, the cache slots holding a token after prefill. Every layer uses next_position,
+  except in MustDrop's reference mode: there the official code gives the new token, in
+  each layer, that layer's cache length (its live entries: it removes what we mask),
+  so layers before the first filter, which keep the whole prompt, continue from the
+  prompt's length and the later ones from the last filter's survivors.
+  """
+  if plan.reduction.data_dependent and plan.reduction.mode == "reference":
+    return tuple(jnp.sum(v, axis=1, dtype=jnp.int32) for v in cache_valid)
+  return (next_position,) * len(cache_valid)
 
 
 def visual_aux(sources, live) -> dict:
