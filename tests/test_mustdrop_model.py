@@ -1,13 +1,14 @@
 """MustDrop inside the model: window merge in the tower, the filter in prefill, the
 output-aware KV cache, the segmented prefill's compile counts, cost, and the mesh."""
 
+import collections
 import math
 
 import jax
 import numpy as np
 import pytest
 
-from tokred_jax import cost, generate, llava, methods, reduction, segmented, sharding
+from tokred_jax import cost, generate, llava, methods, mustdrop, reduction, segmented, sharding
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 # A 9x9 patch grid (3x3 windows tile it); filter layers (1, 3) of a 6-layer LLM.
@@ -115,12 +116,69 @@ def test_unattended_visual_tokens_go_unless_key(params):
   np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]), counts)
 
 
-def test_fast_segments_equal_one_masked_program(params):
+def decision_margins(monkeypatch, run, threshold):
+  """Runs `run()` (eagerly: the values are concrete) and measures how far each of
+  MustDrop's data-dependent decisions sits from its threshold, relatively: every
+  window score from the merge threshold, the key set's boundary (the last key's CLS
+  score from the next one's), and every filter's drop test on each live non-key visual
+  token (|max(log(g / (gamma Σg)), log(m / alpha))|: kept iff one ratio >= 1).
+  Returns (run's result, {decision: smallest margin})."""
+  margins = collections.defaultdict(lambda: math.inf)
+  note = lambda name, value: margins.__setitem__(name, min(margins[name], float(value)))
+  window_scores, key_tokens = mustdrop.window_scores, mustdrop.key_tokens
+  drop = mustdrop.dual_attention_drop
+
+  def scores(*args, **kwargs):
+    out = window_scores(*args, **kwargs)
+    note("window merge", np.min(np.abs(np.asarray(out) - threshold)) / threshold)
+    return out
+
+  def keys(attention, valid, ratio=mustdrop.KEY_RATIO):
+    ranked = np.asarray(attention).mean(1)
+    for row, ok in zip(ranked, np.asarray(valid)):
+      k, ordered = math.ceil(ratio * ok.sum()), np.sort(row[ok])[::-1]
+      if k < len(ordered):
+        note("key set", (ordered[k - 1] - ordered[k]) / ordered[k - 1])
+    return key_tokens(attention, valid, ratio)
+
+  def dual(q, k, text_query, visual_alive, key_valid, key_token, gamma, alpha,
+           text_capacity=None):
+    g, m = map(np.asarray, mustdrop.dual_attention_stats(q, k, text_query, visual_alive,
+                                                         key_valid, text_capacity))
+    live = np.asarray(visual_alive & key_valid)
+    for b in range(g.shape[0]):
+      total = g[b][live[b]].sum()
+      tested = live[b] & ~np.asarray(key_token)[b]
+      with np.errstate(divide="ignore"):
+        worst = np.maximum(np.log(g[b][tested] / (gamma * total)),
+                           np.log(m[b][tested] / alpha))
+      note("filter", np.min(np.abs(worst), initial=math.inf))
+    return drop(q, k, text_query, visual_alive, key_valid, key_token, gamma, alpha,
+                text_capacity)
+
+  monkeypatch.setattr(mustdrop, "window_scores", scores)
+  monkeypatch.setattr(mustdrop, "key_tokens", keys)
+  monkeypatch.setattr(mustdrop, "dual_attention_drop", dual)
+  out = run()
+  monkeypatch.undo()
+  return out, dict(margins)
+
+
+def test_fast_segments_equal_one_masked_program(params, monkeypatch):
   """Fast mode compacts between segments; the one-program run only masks. Same
-  positions, so the same logits wherever both have a token."""
-  plan = plan_for(threshold=0.9, gamma=0.02, alpha=0.02)
+  positions, so the same logits wherever both have a token. The two runs' floats
+  differ by rounding (XLA fuses split programs differently), so the inputs are ones
+  whose every threshold decision sits clearly away from its threshold."""
+  plan = plan_for(threshold=0.9, gamma=0.03, alpha=0.05)
   batch = make_batch(images([5, 1, 0]))
-  masked, aux = forward(params, batch, plan)
+  (masked, aux), margins = decision_margins(monkeypatch, lambda: forward(params, batch, plan),
+                                            threshold=0.9)
+  # float32 rounding (~1e-6 relative) cannot move a decision 1% from its threshold.
+  assert set(margins) == {"window merge", "key set", "filter"}
+  assert min(margins.values()) > 0.01, margins
+  # The filters drop some tokens, and differently per sample.
+  per_layer = np.asarray(aux["visual_per_layer"])
+  assert (per_layer[-1] < per_layer[FILTERS[0]]).all() and len(set(per_layer[-1])) > 1
   out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
   np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]),
                                 np.asarray(aux["visual_per_layer"]))
@@ -131,8 +189,8 @@ def test_fast_segments_equal_one_masked_program(params):
                              atol=1e-4, rtol=1e-4)
   # Reference mode renumbers positions after each filter: the first filter still sees
   # the same stream, so it keeps the same tokens.
-  _, ref = forward(params, batch, plan_for("reference", threshold=0.9, gamma=0.02,
-                                           alpha=0.02))
+  _, ref = forward(params, batch, plan_for("reference", threshold=0.9, gamma=0.03,
+                                           alpha=0.05))
   after = FILTERS[0] + 1
   np.testing.assert_array_equal(np.asarray(ref["live"])[after], np.asarray(aux["live"])[after])
 
