@@ -114,6 +114,18 @@ def test_unattended_visual_tokens_go_unless_key(params):
   np.testing.assert_array_equal(counts[FILTERS[0] + 1], keys)
   out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
   np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]), counts)
+  # Layers 0-1 run the merged tokens, 2-5 the key set. Filter layer 1 counts its
+  # pre-filter tokens as it ran, its post-filter ones (the key set) as the official
+  # script does; filter layer 3 keeps the key set, so it counts the same either way.
+  for a in (aux, out["aux"]):
+    np.testing.assert_allclose(np.asarray(a["equivalent_tokens"]),
+                               (2 * merged + 4 * np.array(keys)) / 6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(a["equivalent_tokens_official"]),
+                               (merged + 5 * np.array(keys)) / 6, rtol=1e-6)
+  # The cost helper reports both from the same counts.
+  c = cost.request_cost(CFG, plan, 9, int(out["aux"]["vision_tokens"][0]), counts[:, 0])
+  assert c["equivalent_tokens"] == pytest.approx((2 * merged[0] + 4 * keys[0]) / 6)
+  assert c["equivalent_tokens_official"] == pytest.approx((merged[0] + 5 * keys[0]) / 6)
 
 
 def decision_margins(monkeypatch, run, threshold):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, mustdrop, pmod, reduction, sharding, tokens
+from tokred_jax import cost, layers, mustdrop, pmod, reduction, sharding, tokens
 from tokred_jax.config import LlavaConfig
 from tokred_jax.llama import Decoder, LayerCache
 from tokred_jax.vit import VisionTower
@@ -264,7 +264,10 @@ class Llava(nn.Module):
     (zeros at positions a fast-mode method pruned). With return_aux also a dict:
     `sources` i32[B, P] patch -> visual slot, `live` bool[L, B, N_v] visual slots each
     LLM layer processed, and `visual_per_layer` i32[L, B] and `equivalent_tokens` f32[B]
-    (their mean over layers) from it: the counts each sample really got."""
+    (their mean over layers) from it: the counts each sample really got; MustDrop adds
+    `equivalent_tokens_official` f32[B] (a filter layer counted after its filter, as
+    the official script does)."""
+    plan = self._plan(plan)
     stream, _, visual, live = self._prefill_stream(input_ids, pixel_values, attention_mask,
                                                    positions, plan, counts, rng)
     logits = self.llm.logits(stream.x)
@@ -273,7 +276,7 @@ class Llava(nn.Module):
       logits = jnp.zeros(input_ids.shape + logits.shape[-1:], logits.dtype).at[
           jnp.arange(b)[:, None], stream.index].set(logits)
     if return_aux:
-      return logits, visual_aux(visual.sources, live)
+      return logits, visual_aux(visual.sources, live, _filter_layers(plan))
     return logits
 
   def prefill(self, input_ids, pixel_values, attention_mask, positions, max_new_tokens: int,
@@ -327,12 +330,24 @@ def decode_positions(plan, next_position, cache_valid) -> tuple[jax.Array, ...]:
   return (next_position,) * len(cache_valid)
 
 
-def visual_aux(sources, live) -> dict:
-  """The aux dict of a forward: sources i32[B, P]; live: L masks bool[B, N_v]."""
+def visual_aux(sources, live, filter_layers=None) -> dict:
+  """The aux dict of a forward: sources i32[B, P]; live: L masks bool[B, N_v];
+  filter_layers: MustDrop's (None for other methods), which adds
+  `equivalent_tokens_official` f32[B], the official script's count (a filter layer
+  counted after its filter)."""
   live = jnp.stack(live)
   per_layer = jnp.sum(live, axis=-1, dtype=jnp.int32)
-  return {"sources": sources, "live": live, "visual_per_layer": per_layer,
-          "equivalent_tokens": jnp.mean(per_layer.astype(jnp.float32), axis=0)}
+  aux = {"sources": sources, "live": live, "visual_per_layer": per_layer,
+         "equivalent_tokens": jnp.mean(per_layer.astype(jnp.float32), axis=0)}
+  if filter_layers is not None:
+    official = per_layer[cost.post_filter_layers(per_layer.shape[0], filter_layers)]
+    aux["equivalent_tokens_official"] = jnp.mean(official.astype(jnp.float32), axis=0)
+  return aux
+
+
+def _filter_layers(plan):
+  """MustDrop's filter layers for `visual_aux`, None for other plans."""
+  return plan.reduction.filter_layers if plan.reduction.data_dependent else None
 
 
 def init_params(cfg: LlavaConfig, rng: jax.Array, dtype=jnp.float32) -> Any:

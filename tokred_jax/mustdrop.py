@@ -60,9 +60,11 @@ cfg)` or `methods.get("mustdrop", cfg, gamma=..., alpha=...)`):
 - The same one-program path with fast mode (what `Llava.__call__` computes under one
   jit) masks with original positions: it equals the segmented fast mode wherever both
   hold a token, and saves nothing.
-- "Equivalent tokens" (aux `equivalent_tokens`) count each layer with the visual tokens
-  it processed, so a filter layer counts its pre-filter count; the official script
-  counts it with its post-filter count.
+- "Equivalent tokens" come in both conventions: aux `equivalent_tokens` counts each
+  layer with the visual tokens it processed, so a filter layer counts its pre-filter
+  count; aux `equivalent_tokens_official` counts a filter layer with its post-filter
+  count, as the official script does (`cost.equivalent_visual_tokens_official`; lower
+  by the filters' drops / L).
 
 Axis letters as in layers.py: B batch, T tokens, H query heads, K key/value heads,
 h head dim; N tokens of the vision tower, W windows, M patches per window.

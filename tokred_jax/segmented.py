@@ -145,7 +145,7 @@ class SegmentedPrefill:
         capacities.append(capacity)
         visual_slots = capacity
         inputs = (stream, key, carried)
-    aux = visual_aux(ts.sources, live)
+    aux = visual_aux(ts.sources, live, self.plan.reduction.filter_layers)
     aux["vision_tokens"] = merged
     state = None
     if max_new_tokens is not None:
