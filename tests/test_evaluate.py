@@ -122,6 +122,8 @@ def test_scores_costs_and_determinism(pipe, examples, runs):
     assert r.latency_s > 0 and r.flops_compiled >= r.flops
   assert dense.equivalent_visual_tokens == 144
   assert random.equivalent_visual_tokens == pooling.equivalent_visual_tokens == 36
+  # The official MustDrop count is MustDrop's alone.
+  assert all(r.equivalent_visual_tokens_official is None for r in first.results)
   for r in (random, pooling):
     assert r.flops < 0.6 * dense.flops and r.kv_bytes < 0.6 * dense.kv_bytes
   for a, b in zip(first.results, second.results):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokred_jax import mustdrop, tokens
+from tests import faults
+from tokred_jax import cost, llava, mustdrop, tokens
 
 # Jitted once for the module: eager dispatch op by op is what makes tests slow.
 _merge = jax.jit(mustdrop.window_merge, static_argnames=("grid", "window"))
@@ -399,3 +400,34 @@ def test_renumber_positions():
                        [True, False, True, False, False, True]])
   np.testing.assert_array_equal(mustdrop.renumber_positions(valid),
                                 [[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 2]])
+
+
+# --- Equivalent tokens, both conventions --------------------------------------------
+
+def test_equivalent_tokens_pre_and_post_filter():
+  """Six layers, filters after layers 1 and 3: 90 tokens into layers 0-1, 40 survive
+  layer 1's filter (into layers 2-3), 10 survive layer 3's (into layers 4-5). Counted
+  as each layer ran: (90 + 90 + 40 + 40 + 10 + 10) / 6; as the official script does,
+  each filter layer after its filter: (90 + 40 + 40 + 10 + 10 + 10) / 6."""
+  ran = [90, 90, 40, 40, 10, 10]
+  assert cost.equivalent_visual_tokens(ran) == pytest.approx(280 / 6)
+  assert cost.equivalent_visual_tokens_official(ran, (1, 3)) == pytest.approx(200 / 6)
+  assert cost.equivalent_visual_tokens_official(ran, ()) == pytest.approx(280 / 6)
+  np.testing.assert_array_equal(cost.post_filter_layers(6, (1, 3)), [0, 2, 2, 4, 4, 5])
+  # Consecutive filters: each reads the next layer.
+  assert cost.equivalent_visual_tokens_official([8, 6, 4, 2], (0, 1, 2)) == pytest.approx(
+      (6 + 4 + 2 + 2) / 4)
+  # The forward's aux computes the same from the per-layer live masks.
+  live = [np.arange(90)[None] < n for n in ran]
+  aux = llava.visual_aux(np.zeros((1, 4), np.int32), live, (1, 3))
+  assert float(aux["equivalent_tokens"][0]) == pytest.approx(280 / 6)
+  assert float(aux["equivalent_tokens_official"][0]) == pytest.approx(200 / 6)
+  assert "equivalent_tokens_official" not in llava.visual_aux(np.zeros((1, 4), np.int32),
+                                                              live)
+
+
+def test_post_filter_count_needs_a_layer_after_the_filter():
+  with pytest.raises(ValueError, match="outside") as e:
+    cost.equivalent_visual_tokens_official([9, 5, 3], (2,))
+  faults.record("cost.equivalent_visual_tokens_official", "a filter at the last layer",
+                str(e.value), before="-")

@@ -1,13 +1,14 @@
 """MustDrop inside the model: window merge in the tower, the filter in prefill, the
 output-aware KV cache, the segmented prefill's compile counts, cost, and the mesh."""
 
+import collections
 import math
 
 import jax
 import numpy as np
 import pytest
 
-from tokred_jax import cost, generate, llava, methods, reduction, segmented, sharding
+from tokred_jax import cost, generate, llava, methods, mustdrop, reduction, segmented, sharding
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 # A 9x9 patch grid (3x3 windows tile it); filter layers (1, 3) of a 6-layer LLM.
@@ -113,14 +114,83 @@ def test_unattended_visual_tokens_go_unless_key(params):
   np.testing.assert_array_equal(counts[FILTERS[0] + 1], keys)
   out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
   np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]), counts)
+  # Layers 0-1 run the merged tokens, 2-5 the key set. Filter layer 1 counts its
+  # pre-filter tokens as it ran, its post-filter ones (the key set) as the official
+  # script does; filter layer 3 keeps the key set, so it counts the same either way.
+  for a in (aux, out["aux"]):
+    np.testing.assert_allclose(np.asarray(a["equivalent_tokens"]),
+                               (2 * merged + 4 * np.array(keys)) / 6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(a["equivalent_tokens_official"]),
+                               (merged + 5 * np.array(keys)) / 6, rtol=1e-6)
+  # The cost helper reports both from the same counts.
+  c = cost.request_cost(CFG, plan, 9, int(out["aux"]["vision_tokens"][0]), counts[:, 0])
+  assert c["equivalent_tokens"] == pytest.approx((2 * merged[0] + 4 * keys[0]) / 6)
+  assert c["equivalent_tokens_official"] == pytest.approx((merged[0] + 5 * keys[0]) / 6)
 
 
-def test_fast_segments_equal_one_masked_program(params):
+def decision_margins(monkeypatch, run, threshold):
+  """Runs `run()` (eagerly: the values are concrete) and measures how far each of
+  MustDrop's data-dependent decisions sits from its threshold, relatively: every
+  window score from the merge threshold, the key set's boundary (the last key's CLS
+  score from the next one's), and every filter's drop test on each live non-key visual
+  token (|max(log(g / (gamma Σg)), log(m / alpha))|: kept iff one ratio >= 1).
+  Returns (run's result, {decision: smallest margin})."""
+  margins = collections.defaultdict(lambda: math.inf)
+  note = lambda name, value: margins.__setitem__(name, min(margins[name], float(value)))
+  window_scores, key_tokens = mustdrop.window_scores, mustdrop.key_tokens
+  drop = mustdrop.dual_attention_drop
+
+  def scores(*args, **kwargs):
+    out = window_scores(*args, **kwargs)
+    note("window merge", np.min(np.abs(np.asarray(out) - threshold)) / threshold)
+    return out
+
+  def keys(attention, valid, ratio=mustdrop.KEY_RATIO):
+    ranked = np.asarray(attention).mean(1)
+    for row, ok in zip(ranked, np.asarray(valid)):
+      k, ordered = math.ceil(ratio * ok.sum()), np.sort(row[ok])[::-1]
+      if k < len(ordered):
+        note("key set", (ordered[k - 1] - ordered[k]) / ordered[k - 1])
+    return key_tokens(attention, valid, ratio)
+
+  def dual(q, k, text_query, visual_alive, key_valid, key_token, gamma, alpha,
+           text_capacity=None):
+    g, m = map(np.asarray, mustdrop.dual_attention_stats(q, k, text_query, visual_alive,
+                                                         key_valid, text_capacity))
+    live = np.asarray(visual_alive & key_valid)
+    for b in range(g.shape[0]):
+      total = g[b][live[b]].sum()
+      tested = live[b] & ~np.asarray(key_token)[b]
+      with np.errstate(divide="ignore"):
+        worst = np.maximum(np.log(g[b][tested] / (gamma * total)),
+                           np.log(m[b][tested] / alpha))
+      note("filter", np.min(np.abs(worst), initial=math.inf))
+    return drop(q, k, text_query, visual_alive, key_valid, key_token, gamma, alpha,
+                text_capacity)
+
+  monkeypatch.setattr(mustdrop, "window_scores", scores)
+  monkeypatch.setattr(mustdrop, "key_tokens", keys)
+  monkeypatch.setattr(mustdrop, "dual_attention_drop", dual)
+  out = run()
+  monkeypatch.undo()
+  return out, dict(margins)
+
+
+def test_fast_segments_equal_one_masked_program(params, monkeypatch):
   """Fast mode compacts between segments; the one-program run only masks. Same
-  positions, so the same logits wherever both have a token."""
-  plan = plan_for(threshold=0.9, gamma=0.02, alpha=0.02)
+  positions, so the same logits wherever both have a token. The two runs' floats
+  differ by rounding (XLA fuses split programs differently), so the inputs are ones
+  whose every threshold decision sits clearly away from its threshold."""
+  plan = plan_for(threshold=0.9, gamma=0.03, alpha=0.05)
   batch = make_batch(images([5, 1, 0]))
-  masked, aux = forward(params, batch, plan)
+  (masked, aux), margins = decision_margins(monkeypatch, lambda: forward(params, batch, plan),
+                                            threshold=0.9)
+  # float32 rounding (~1e-6 relative) cannot move a decision 1% from its threshold.
+  assert set(margins) == {"window merge", "key set", "filter"}
+  assert min(margins.values()) > 0.01, margins
+  # The filters drop some tokens, and differently per sample.
+  per_layer = np.asarray(aux["visual_per_layer"])
+  assert (per_layer[-1] < per_layer[FILTERS[0]]).all() and len(set(per_layer[-1])) > 1
   out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
   np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]),
                                 np.asarray(aux["visual_per_layer"]))
@@ -131,8 +201,8 @@ def test_fast_segments_equal_one_masked_program(params):
                              atol=1e-4, rtol=1e-4)
   # Reference mode renumbers positions after each filter: the first filter still sees
   # the same stream, so it keeps the same tokens.
-  _, ref = forward(params, batch, plan_for("reference", threshold=0.9, gamma=0.02,
-                                           alpha=0.02))
+  _, ref = forward(params, batch, plan_for("reference", threshold=0.9, gamma=0.03,
+                                           alpha=0.05))
   after = FILTERS[0] + 1
   np.testing.assert_array_equal(np.asarray(ref["live"])[after], np.asarray(aux["live"])[after])
 
@@ -246,3 +316,102 @@ def test_presets_and_config_errors():
     reduction.make_plan(methods.get("mustdrop", CFG, window=2), CFG)
   with pytest.raises(ConfigError, match="outside"):
     reduction.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG)
+
+
+def _step(params, token, state):
+  return MODEL.apply({"params": params}, token, state, method="decode")
+
+
+def _shared_position_step(params, token, state):
+  """The decode step as it was before per-layer positions: one position for every
+  layer, the whole stack through Decoder.__call__."""
+  def run(m):
+    x = m.llm.embed_tokens(token[:, None])
+    valid = tuple(v.at[:, n].set(True) for v, n in zip(state.valid, state.lengths))
+    x, _ = m.llm(x, state.positions[0][:, None], [v[:, None, :] for v in valid],
+                 state.caches, state.lengths)
+    return m.llm.logits(x)[:, 0]
+  return MODEL.apply({"params": params}, method=run)
+
+
+def _official_decode(params, logits, state, steps):
+  """A restatement of the official decode loop at batch size 1: each layer's cache
+  holds only its kept tokens (index_select, here: the valid slots taken out), and the
+  new token's position in layer l is that cache's length. Returns (greedy tokens [n],
+  the logits of each step after the first [n - 1, V])."""
+  caches = []
+  for c, v, n in zip(state.caches, state.valid, state.lengths):
+    keep = np.asarray(v[0, :int(n)])
+    caches.append((np.asarray(c.k)[:, :int(n)][:, keep], np.asarray(c.v)[:, :int(n)][:, keep]))
+  tokens, step_logits = [int(np.argmax(logits[0]))], []
+  for _ in range(steps - 1):
+    def run(m, token=tokens[-1], caches=tuple(caches)):
+      x = m.llm.embed_tokens(np.array([[token]], np.int32))
+      grown = []
+      for layer, (k, v) in zip(m.llm.layers, caches):
+        s = k.shape[1]
+        pad = lambda a: np.concatenate([a, np.zeros_like(a[:, :1])], axis=1)
+        x, cache, _ = layer(x, np.array([[s]], np.int32), np.ones((1, 1, s + 1), bool),
+                            llava.LayerCache(pad(k), pad(v)), s)
+        grown.append((cache.k, cache.v))
+      return m.llm.logits(x)[:, 0], grown
+    out, grown = MODEL.apply({"params": params}, method=run)
+    caches = [(np.asarray(k), np.asarray(v)) for k, v in grown]
+    step_logits.append(np.asarray(out)[0])
+    tokens.append(int(np.argmax(out[0])))
+  return tokens, np.stack(step_logits)
+
+
+def test_reference_decoding_takes_each_layers_own_position(params):
+  """Reference mode decodes as the official loop: layers before the first filter
+  continue from the whole prompt, the later ones from the last filter's survivors
+  (gamma = alpha = 1: the filters keep exactly the key set, no threshold coincidence)."""
+  plan = plan_for("reference", threshold=0.9, gamma=1.0, alpha=1.0)
+  batch = make_batch(images([2]), text_lengths=[6])
+  new = 5
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=new), eos_ids=(),
+                           plan=plan)
+  logits, state = gen.prefill(params, batch)
+  tokens = gen.decode(params, logits, state)
+  want_tokens, want_logits = _official_decode(params, np.asarray(logits), state, new)
+  np.testing.assert_array_equal(tokens[0], want_tokens)
+  # The positions really differ between layers, as the cache lengths do.
+  prompt = int(batch["attention_mask"].sum()) - 2 * 8  # two windows merged
+  survivors = prompt - (N_V - 2 * 8) + math.ceil(0.08 * (N_V - 2 * 8))
+  positions = [int(p[0]) for p in state.positions]
+  assert positions == [prompt] * FILTERS[0] + [survivors] * (6 - FILTERS[0])
+  # Step by step, our masked caches give the official logits.
+  got, shared = [], []
+  for token in want_tokens[:-1]:
+    token = np.array([token], np.int32)
+    shared.append(np.asarray(_shared_position_step(params, token, state))[0])
+    out, state = _step(params, token, state)
+    got.append(np.asarray(out)[0])
+  np.testing.assert_allclose(np.stack(got), want_logits, atol=1e-5, rtol=1e-5)
+  # The shared position of the old rule gives other logits: the test would see it.
+  assert np.max(np.abs(np.stack(shared) - want_logits)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["none", "fastv", "mustdrop-fast"])
+def test_other_plans_decode_bit_identical_to_one_shared_position(params, name):
+  """Every plan but MustDrop's reference mode: each layer gets the prompt's last
+  position + 1 (fast MustDrop keeps original positions), and a step equals, bit for
+  bit, the whole stack run with that one position."""
+  plan = (None if name == "none" else
+          reduction.make_plan(methods.get("fastv", CFG, retention=0.5), CFG) if name == "fastv"
+          else plan_for(threshold=0.9, gamma=1.0, alpha=1.0))
+  batch = make_batch(images([3, 0]))
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=3), eos_ids=(),
+                           plan=plan)
+  logits, state = gen.prefill(params, batch)
+  merged = np.array([3 * 8, 0]) if name == "mustdrop-fast" else 0
+  want = batch["positions"][:, -1] + 1 - merged
+  for p in state.positions:
+    np.testing.assert_array_equal(np.asarray(p), want)
+  token = np.asarray(jax.numpy.argmax(logits, -1), np.int32)
+  step = jax.jit(_step)
+  shared = jax.jit(_shared_position_step)
+  for _ in range(2):
+    out, new_state = step(params, token, state)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(shared(params, token, state)))
+    state, token = new_state, np.asarray(jax.numpy.argmax(out, -1), np.int32)

@@ -10,7 +10,7 @@ import pytest
 
 import tokred_jax
 from tests import faults
-from tokred_jax import checkpoint, processing
+from tokred_jax import checkpoint, processing, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")
@@ -155,6 +155,18 @@ def test_mustdrop_forward_uses_the_segments_and_matches_the_masked_program(pipe)
   np.testing.assert_allclose(np.asarray(logits)[text], masked[text], atol=1e-4, rtol=1e-4)
   assert np.all(np.asarray(aux["equivalent_tokens"]) <= pipe.cfg.num_image_tokens)
   assert np.all(np.asarray(aux["vision_tokens"]) < pipe.cfg.num_image_tokens)  # flat windows
+  # The counts infer.py prints are the ones the first sample got, in both conventions
+  # (the official one counts each filter layer after its filter: never more).
+  counts = pipe.token_counts(batch, plan)
+  official = "equivalent visual tokens, official MustDrop count"
+  assert counts["visual tokens into the LLM"] == int(aux["visual_per_layer"][0, 0])
+  assert counts["equivalent visual tokens"] == pytest.approx(
+      float(aux["equivalent_tokens"][0]), abs=0.051)
+  assert counts[official] == pytest.approx(float(aux["equivalent_tokens_official"][0]),
+                                           abs=0.051)
+  assert counts[official] <= counts["equivalent visual tokens"]
+  table = report.cost_table(counts, pipe.cost(batch, plan))
+  assert "equivalent visual tokens " in table and official in table
 
 
 # (case, call, error, message): misuse of the API, refused before anything compiles.

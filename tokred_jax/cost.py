@@ -41,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 from tokred_jax.config import LlavaConfig
 
 Counts = int | Sequence[int]
@@ -236,11 +238,39 @@ def decode_step_flops(cfg: LlavaConfig, cache_tokens_per_layer: Counts,
 
 
 def equivalent_visual_tokens(visual_tokens_per_layer: Sequence[int]) -> float:
-  """The field's "equivalent tokens": the mean visual-token count over LLM layers."""
+  """The field's "equivalent tokens": the mean visual-token count over LLM layers, each
+  layer counted with the visual tokens it processed (a MustDrop filter layer with its
+  pre-filter count; see `equivalent_visual_tokens_official` for the other convention)."""
   counts = tuple(visual_tokens_per_layer)
   if not counts:
     raise ValueError("equivalent_visual_tokens needs at least one layer's count.")
   return sum(counts) / len(counts)
+
+
+def post_filter_layers(num_layers: int, filter_layers: Sequence[int]):
+  """Which layer's processed count MustDrop's official script records for each layer:
+  i32[L], a filter layer f reads f + 1 (what survives its filter enters the next
+  layer), every other layer itself. Index a per-layer count array [L, ...] with it."""
+  bad = [f for f in filter_layers if not 0 <= f < num_layers - 1]
+  if bad:
+    raise ValueError(f"filter layers {bad} are outside [0, {num_layers - 1}): the layer "
+                     "after a filter must exist to hold its survivors.")
+  index = np.arange(num_layers)
+  index[list(filter_layers)] = np.asarray(filter_layers, int) + 1
+  return index
+
+
+def equivalent_visual_tokens_official(visual_tokens_per_layer: Sequence[int],
+                                      filter_layers: Sequence[int]) -> float:
+  """MustDrop's official script's "equivalent tokens": as `equivalent_visual_tokens`,
+  but a filter layer counts the tokens that survive its filter (the next layer's
+  count). visual_tokens_per_layer: what each layer processed (the forward's aux
+  `visual_per_layer`)."""
+  counts = np.asarray(tuple(visual_tokens_per_layer))
+  if not counts.size:
+    raise ValueError("equivalent_visual_tokens_official needs at least one layer's count.")
+  return equivalent_visual_tokens(
+      counts[post_filter_layers(len(counts), filter_layers)].tolist())
 
 
 def kv_cache_bytes(cfg: LlavaConfig, tokens_per_layer: Counts, batch: int = 1,
@@ -338,6 +368,8 @@ def request_cost(cfg: LlavaConfig, plan, num_text_tokens: int, vision_tokens: in
   count; each filter computes text rows × all keys of logits. KV cache: layers before
   the first filter hold the post-merge tokens, later ones the last filter's survivors.
   (`plan_cost` on such a plan gives the upper bound: every capacity full.)
+  `equivalent_tokens` counts each layer as it ran, `equivalent_tokens_official` as the
+  official script does (a filter layer after its filter).
   """
   red = plan.reduction
   layers = cfg.text.num_layers
@@ -359,4 +391,6 @@ def request_cost(cfg: LlavaConfig, plan, num_text_tokens: int, vision_tokens: in
   cached = [llm_tokens[0] if l < first else llm_tokens[-1] for l in range(layers)]
   kv = kv_cache_bytes(cfg, [c + new_tokens for c in cached], 1, bytes_per_element)
   return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
-              equivalent_tokens=equivalent_visual_tokens(visual))
+              equivalent_tokens=equivalent_visual_tokens(visual),
+              equivalent_tokens_official=equivalent_visual_tokens_official(
+                  visual, red.filter_layers))

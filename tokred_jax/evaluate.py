@@ -21,7 +21,10 @@ Per setting (`SettingResult`):
                   MustDrop the upper bound, every capacity full).
   KV cache        bytes the prompt leaves in the KV cache after prefill, at the same
                   exact counts (the allocated cache also has room for the new tokens).
-  equivalent visual tokens  the mean visual-token count over LLM layers.
+  equivalent visual tokens  the mean visual-token count over LLM layers, each layer
+                  counted with the tokens it processed. For MustDrop also
+                  `equivalent_visual_tokens_official`, the official script's count (a
+                  filter layer counted with its post-filter tokens, so it is lower).
   latency         median over batches of the prefill + decode wall time (each phase
                   ended by `jax.block_until_ready`), divided by the batch size. Every new
                   input shape is run once untimed first, so compilation is not timed
@@ -274,6 +277,7 @@ class SettingResult:
   flops_compiled: float | None = None
   kv_bytes: float | None = None
   equivalent_visual_tokens: float | None = None
+  equivalent_visual_tokens_official: float | None = None  # MustDrop only
   latency_s: float | None = None
   predictions: list[str] = dataclasses.field(default_factory=list)
 
@@ -338,9 +342,10 @@ def model_summary(pipe: Pipeline) -> dict[str, Any]:
 
 
 def _costs(pipe: Pipeline, plan: reduction.Plan, batch: dict[str, np.ndarray], rows: int
-           ) -> list[tuple[float, float, float]]:
-  """(FLOPs, KV bytes, equivalent visual tokens) of the first `rows` samples at the
-  method's exact counts and each sample's real prompt length."""
+           ) -> list[tuple[float, float, float, float]]:
+  """(FLOPs, KV bytes, equivalent visual tokens, the official MustDrop count of them)
+  of the first `rows` samples at the method's exact counts and each sample's real
+  prompt length (the last entry equals the third for other methods)."""
   text = np.sum(batch["attention_mask"][:rows], axis=1) - plan.num_visual
   item = jnp.dtype(pipe.dtype).itemsize
   if plan.reduction.data_dependent:  # MustDrop: the counts each sample really got
@@ -351,7 +356,8 @@ def _costs(pipe: Pipeline, plan: reduction.Plan, batch: dict[str, np.ndarray], r
   else:
     costs = [cost.plan_cost(pipe.cfg, plan, int(n), bytes_per_element=item, exact=True)
              for n in text]
-  return [(c["flops"].total, c["kv_bytes"].total, c["equivalent_tokens"]) for c in costs]
+  return [(c["flops"].total, c["kv_bytes"].total, c["equivalent_tokens"],
+           c.get("equivalent_tokens_official", c["equivalent_tokens"])) for c in costs]
 
 
 def _run_setting(pipe: Pipeline, plan: reduction.Plan, examples: Sequence[Example],
@@ -379,9 +385,11 @@ def _run_setting(pipe: Pipeline, plan: reduction.Plan, examples: Sequence[Exampl
     result.total_by_type[e.question_type] += 1
     result.correct_by_type[e.question_type] += is_correct(prediction, e.answer)
   result.accuracy = sum(result.correct_by_type.values()) / len(examples)
-  flops, kv, equivalent = np.mean(np.asarray(costs, np.float64), axis=0)
+  flops, kv, equivalent, official = np.mean(np.asarray(costs, np.float64), axis=0)
   result.flops, result.kv_bytes = float(flops), float(kv)
   result.equivalent_visual_tokens = float(equivalent)
+  if plan.reduction.data_dependent:
+    result.equivalent_visual_tokens_official = float(official)
   result.flops_compiled = compiled / len(examples)
   result.latency_s = statistics.median(times)
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, mustdrop, pmod, reduction, sharding, tokens
+from tokred_jax import cost, layers, mustdrop, pmod, reduction, sharding, tokens
 from tokred_jax.config import LlavaConfig
 from tokred_jax.llama import Decoder, LayerCache
 from tokred_jax.vit import VisionTower
@@ -34,12 +34,15 @@ class DecodeState(NamedTuple):
 
   caches: LayerCache per layer, k/v f32[B, S_l, K, h]; valid: bool[B, S_l] per layer
   (which cache slots hold a live token); lengths: i32[] per layer, the next free slot;
-  positions: i32[B], the position id the next token gets.
+  positions: i32[B] per layer, the position id the next token gets in that layer. It is
+  the same in every layer (the prompt's last position + 1) except in MustDrop's
+  reference mode, where each layer continues from its own cache as the official code
+  does (`decode_positions`).
   """
   caches: tuple[LayerCache, ...]
   valid: tuple[jax.Array, ...]
   lengths: tuple[jax.Array, ...]
-  positions: jax.Array
+  positions: tuple[jax.Array, ...]
 
 
 class Projector(nn.Module):
@@ -263,7 +266,10 @@ class Llava(nn.Module):
     (zeros at positions a fast-mode method pruned). With return_aux also a dict:
     `sources` i32[B, P] patch -> visual slot, `live` bool[L, B, N_v] visual slots each
     LLM layer processed, and `visual_per_layer` i32[L, B] and `equivalent_tokens` f32[B]
-    (their mean over layers) from it: the counts each sample really got."""
+    (their mean over layers) from it: the counts each sample really got; MustDrop adds
+    `equivalent_tokens_official` f32[B] (a filter layer counted after its filter, as
+    the official script does)."""
+    plan = self._plan(plan)
     stream, _, visual, live = self._prefill_stream(input_ids, pixel_values, attention_mask,
                                                    positions, plan, counts, rng)
     logits = self.llm.logits(stream.x)
@@ -272,7 +278,7 @@ class Llava(nn.Module):
       logits = jnp.zeros(input_ids.shape + logits.shape[-1:], logits.dtype).at[
           jnp.arange(b)[:, None], stream.index].set(logits)
     if return_aux:
-      return logits, visual_aux(visual.sources, live)
+      return logits, visual_aux(visual.sources, live, _filter_layers(plan))
     return logits
 
   def prefill(self, input_ids, pixel_values, attention_mask, positions, max_new_tokens: int,
@@ -282,6 +288,7 @@ class Llava(nn.Module):
     Returns (logits of the last position f32[B, V], DecodeState). Each layer's cache
     holds the tokens that layer processed, so pruned layers have shorter caches.
     """
+    plan = self._plan(plan)
     stream, caches, _, _ = self._prefill_stream(input_ids, pixel_values, attention_mask,
                                                 positions, plan, counts, rng)
     logits = self.llm.logits(stream.x[:, -1:])[:, 0]
@@ -290,26 +297,59 @@ class Llava(nn.Module):
         tuple(LayerCache(grow(c.k), grow(c.v)) for c, _ in caches),
         tuple(grow(valid) for _, valid in caches),
         tuple(jnp.asarray(c.k.shape[1], jnp.int32) for c, _ in caches),
-        stream.positions[:, -1] + 1)
+        decode_positions(plan, stream.positions[:, -1] + 1, [v for _, v in caches]))
     return logits, state
 
   def decode(self, tokens_, state: DecodeState):
     """One step. tokens_: i32[B] -> (logits f32[B, V], the state advanced by one)."""
     x = self.llm.embed_tokens(tokens_[:, None])
     valid = tuple(v.at[:, n].set(True) for v, n in zip(state.valid, state.lengths))
-    masks = [v[:, None, :] for v in valid]
-    x, caches = self.llm(x, state.positions[:, None], masks, state.caches, state.lengths)
+    caches = []
+    # Decoder.__call__'s loop, with each layer's own position.
+    for layer, position, v, cache, n in zip(self.llm.layers, state.positions, valid,
+                                            state.caches, state.lengths):
+      x, cache, _ = layer(x, position[:, None], v[:, None, :], cache, n)
+      x = sharding.constrain(x, sharding.STREAM)
+      caches.append(cache)
     logits = self.llm.logits(x)[:, 0]
     lengths = tuple(n + 1 for n in state.lengths)
-    return logits, DecodeState(caches, valid, lengths, state.positions + 1)
+    return logits, DecodeState(tuple(caches), valid, lengths,
+                               tuple(p + 1 for p in state.positions))
 
 
-def visual_aux(sources, live) -> dict:
-  """The aux dict of a forward: sources i32[B, P]; live: L masks bool[B, N_v]."""
+def decode_positions(plan, next_position, cache_valid) -> tuple[jax.Array, ...]:
+  """The position id the first decoded token gets in each LLM layer, i32[B] per layer.
+
+  next_position: i32[B] the prompt's last position + 1; cache_valid: bool[B, S_l] per
+  layer, the cache slots holding a token after prefill. Every layer uses next_position,
+  except in MustDrop's reference mode: there the official code gives the new token, in
+  each layer, that layer's cache length (its live entries: it removes what we mask),
+  so layers before the first filter, which keep the whole prompt, continue from the
+  prompt's length and the later ones from the last filter's survivors.
+  """
+  if plan.reduction.data_dependent and plan.reduction.mode == "reference":
+    return tuple(jnp.sum(v, axis=1, dtype=jnp.int32) for v in cache_valid)
+  return (next_position,) * len(cache_valid)
+
+
+def visual_aux(sources, live, filter_layers=None) -> dict:
+  """The aux dict of a forward: sources i32[B, P]; live: L masks bool[B, N_v];
+  filter_layers: MustDrop's (None for other methods), which adds
+  `equivalent_tokens_official` f32[B], the official script's count (a filter layer
+  counted after its filter)."""
   live = jnp.stack(live)
   per_layer = jnp.sum(live, axis=-1, dtype=jnp.int32)
-  return {"sources": sources, "live": live, "visual_per_layer": per_layer,
-          "equivalent_tokens": jnp.mean(per_layer.astype(jnp.float32), axis=0)}
+  aux = {"sources": sources, "live": live, "visual_per_layer": per_layer,
+         "equivalent_tokens": jnp.mean(per_layer.astype(jnp.float32), axis=0)}
+  if filter_layers is not None:
+    official = per_layer[cost.post_filter_layers(per_layer.shape[0], filter_layers)]
+    aux["equivalent_tokens_official"] = jnp.mean(official.astype(jnp.float32), axis=0)
+  return aux
+
+
+def _filter_layers(plan):
+  """MustDrop's filter layers for `visual_aux`, None for other plans."""
+  return plan.reduction.filter_layers if plan.reduction.data_dependent else None
 
 
 def init_params(cfg: LlavaConfig, rng: jax.Array, dtype=jnp.float32) -> Any:

@@ -46,21 +46,25 @@ cfg)` or `methods.get("mustdrop", cfg, gamma=..., alpha=...)`):
   LLM layers really run on fewer tokens, and each layer >= the first filter keeps a KV
   cache of the text and the last filter's survivors only. Every sample keeps its own
   counts. Positions: the visual tokens leaving the tower are numbered consecutively (as
-  the official code does), and the in-LLM drops keep every token's position.
+  the official code does), and the in-LLM drops keep every token's position, so every
+  layer decodes from the prompt's last position (a deviation: see reference mode).
 - reference mode runs in one program and masks: dropped tokens stay in the arrays,
   positions are renumbered contiguously after each filter (`renumber_positions`), and
-  layers >= the first filter mask their caches to the survivors. It matches the
-  official code at batch size 1 (the official window merge takes the minimum count
-  over a batch); at larger batches every sample is treated as it would be alone.
-  Deviation kept: while decoding, every layer gives the new token the same position
-  (the last renumbered one + 1), where the official code uses each layer's own cache
-  length, so its layers 0-1 disagree with the rest.
+  layers >= the first filter mask their caches to the survivors. While decoding, each
+  layer gives the new token its own position, the live entries of its cache plus the
+  step, as the official code does (`llava.decode_positions`: layers before the first
+  filter continue from the whole prompt, the later ones from the last filter's
+  survivors). It matches the official code at batch size 1 (the official window merge
+  takes the minimum count over a batch); at larger batches every sample is treated as
+  it would be alone.
 - The same one-program path with fast mode (what `Llava.__call__` computes under one
   jit) masks with original positions: it equals the segmented fast mode wherever both
   hold a token, and saves nothing.
-- "Equivalent tokens" (aux `equivalent_tokens`) count each layer with the visual tokens
-  it processed, so a filter layer counts its pre-filter count; the official script
-  counts it with its post-filter count.
+- "Equivalent tokens" come in both conventions: aux `equivalent_tokens` counts each
+  layer with the visual tokens it processed, so a filter layer counts its pre-filter
+  count; aux `equivalent_tokens_official` counts a filter layer with its post-filter
+  count, as the official script does (`cost.equivalent_visual_tokens_official`; lower
+  by the filters' drops / L).
 
 Axis letters as in layers.py: B batch, T tokens, H query heads, K key/value heads,
 h head dim; N tokens of the vision tower, W windows, M patches per window.
@@ -385,7 +389,8 @@ def renumber_positions(valid: jax.Array) -> jax.Array:
   prompt put them. Fast mode (the default) keeps every token's ORIGINAL position id,
   as for FastV and AIM; reference mode masks instead of removing and uses these.
   (In decoding the official code uses each layer's cache length as the new token's
-  position: `output_aware_keep` sizes those caches.)
+  position: `output_aware_keep` sizes those caches, `llava.decode_positions` counts
+  them.)
 
   Args:
     valid: bool[B, T] live tokens, in sequence order (padding False).

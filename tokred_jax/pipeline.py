@@ -282,15 +282,26 @@ class Pipeline:
   def token_counts(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
                    new_tokens: int = 0) -> dict[str, Any]:
     """Token counts of the first sample: real text tokens, the visual tokens the plan
-    hands the LLM and its equivalent tokens (mean over LLM layers), the bucket length."""
+    hands the LLM and its equivalent tokens (mean over LLM layers), the bucket length.
+    MustDrop's counts depend on the image, so they are the ones the sample really got
+    (one more prefill), its equivalent tokens in both conventions: each layer with the
+    tokens it processed, and the official script's (a filter layer after its filter)."""
     plan = self.plan(plan)
     mask = np.asarray(batch["attention_mask"][0])
     slots = int(np.sum(np.asarray(batch["input_ids"][0]) == self.cfg.image_token_id))
-    return {"visual tokens before reduction": self.cfg.num_image_tokens,
-            "visual tokens into the LLM": plan.exact.visual,
-            "equivalent visual tokens": round(
-                cost.equivalent_visual_tokens(plan.visual_per_layer), 1),
-            "text tokens": int(mask.sum()) - slots,
+    data_dependent = plan.reduction.data_dependent
+    into_llm, per_layer = plan.exact.visual, plan.visual_per_layer
+    if data_dependent:
+      _, aux = self.forward(batch, plan, return_aux=True)
+      per_layer = np.asarray(aux["visual_per_layer"])[:, 0].tolist()
+      into_llm = per_layer[0]
+    counts = {"visual tokens before reduction": self.cfg.num_image_tokens,
+              "visual tokens into the LLM": into_llm,
+              "equivalent visual tokens": round(cost.equivalent_visual_tokens(per_layer), 1)}
+    if data_dependent:
+      counts["equivalent visual tokens, official MustDrop count"] = round(
+          cost.equivalent_visual_tokens_official(per_layer, plan.reduction.filter_layers), 1)
+    return {**counts, "text tokens": int(mask.sum()) - slots,
             "bucket length": mask.shape[0], "new tokens": new_tokens}
 
   def cost(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,

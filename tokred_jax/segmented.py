@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from tokred_jax import reduction, tokens
 from tokred_jax.llama import LayerCache
-from tokred_jax.llava import DecodeState, Llava, visual_aux
+from tokred_jax.llava import DecodeState, Llava, decode_positions, visual_aux
 
 
 def _grow(a, n: int):
@@ -145,7 +145,7 @@ class SegmentedPrefill:
         capacities.append(capacity)
         visual_slots = capacity
         inputs = (stream, key, carried)
-    aux = visual_aux(ts.sources, live)
+    aux = visual_aux(ts.sources, live, self.plan.reduction.filter_layers)
     aux["vision_tokens"] = merged
     state = None
     if max_new_tokens is not None:
@@ -156,7 +156,7 @@ class SegmentedPrefill:
       state = DecodeState(
           tuple(c for c, _ in layers), tuple(v for _, v in layers),
           tuple(jnp.asarray(v.shape[1] - max_new_tokens, jnp.int32) for _, v in layers),
-          stream.positions[:, -1] + 1)
+          decode_positions(self.plan, stream.positions[:, -1] + 1, [v for _, v in layers]))
     return dict(logits=logits, state=state, aux=aux, capacities=tuple(capacities))
 
 
