@@ -15,11 +15,18 @@ model. `data.batch_size` is per host: on H hosts set it to 128 / H. Raise
 `optim.accum_steps` where 128 sequences of 2048 tokens do not fit in one step.
 """
 
+import os
+
 from configs import train_tiny
 
 
 def get_config(arg=None):
-  """arg: the LLaVA-1.5 checkpoint directory (Hugging Face layout)."""
+  """arg: the LLaVA-1.5 checkpoint directory (Hugging Face layout); without it, set
+  --config.model.checkpoint."""
+  if arg is not None and not os.path.isdir(arg):
+    raise ValueError(f"configs/train_pmod_llava15.py:{arg}: no such directory; give the "
+                     "LLaVA-1.5 checkpoint directory, e.g. "
+                     "--config=configs/train_pmod_llava15.py:/path/to/llava-1.5-7b-hf.")
   config = train_tiny.get_config()
   config.model.checkpoint = arg
   config.model.dtype = "bfloat16"
