@@ -25,7 +25,7 @@ import pytest
 from configs import glyph_llava, train_pmod_llava15, train_tiny
 from tests import faults
 from tests.test_trainer import CFG, OVERRIDES, random_params
-from tokred_jax import checkpoint, cli, train_checkpoint, trainer
+from tokred_jax import checkpoint, cli, train_checkpoint, train_checks, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -215,6 +215,10 @@ def test_data_refused_before_tfds(model_dir, tmp_path, monkeypatch, no_heavy_wor
                   before="data load", intact="data_dir (nothing downloaded or generated)")
   assert sorted(p.name for p in data_dir.rglob("*")) == sorted(
       ["llava_conversations", "mix", "1.0.0", "dataset_info.json"])
+  # The data set that is there passes.
+  config = make_config(model_dir, **{"data.dataset": "llava_conversations/mix",
+                                     "data.data_dir": str(data_dir)})
+  assert train_checks.check_data(config) is None
 
 
 # ------------------------------------------------------------------- the lock
