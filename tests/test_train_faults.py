@@ -147,7 +147,8 @@ def test_layout_refused_before_weights_load(model_dir, tmp_path, no_heavy_work, 
   # 8 devices on the batch axes (fsdp=-1).
   message = refused(trainer.train, make_config(model_dir, **{field: value}),
                     str(tmp_path / "run"), match=match)
-  faults.record("train.py", f"--config.{field}={value} (8 devices)", message,
+  devices = " (8 devices)" if field in ("data.batch_size", "optim.accum_steps") else ""
+  faults.record("train.py", f"--config.{field}={value}{devices}", message,
                 before="weights load")
 
 
@@ -163,7 +164,8 @@ def test_workdir_and_export_dir_refused(model_dir, tmp_path, no_heavy_work):
            ("/proc/tokred-run", "cannot create --workdir /proc/tokred-run")]
   for workdir, match in cases:
     message = refused(trainer.train, config, workdir, match=match)
-    faults.record("train.py", f"--workdir={workdir}", message, before="weights load",
+    case = workdir.replace(str(file), "A_FILE")
+    faults.record("train.py", f"--workdir={case}", message, before="weights load",
                   intact="the file")
   assert file.read_text() == "keep me"
 
@@ -337,13 +339,14 @@ def damage_non_finite(workdir, model_dir):
   manager.close()
 
 
-@pytest.mark.parametrize("damage, match", [
-    (damage_bytes, "cannot be read|is damaged|holds NaN"),
-    (damage_digest, r"is damaged: \['params/llm/layers_0/mlp/up/kernel'\] differ"),
-    (damage_non_finite, "holds NaN or infinite values"),
+@pytest.mark.parametrize("damage, match, case", [
+    (damage_bytes, "cannot be read|is damaged|holds NaN", "random bytes in its data files"),
+    (damage_digest, r"is damaged: \['params/llm/layers_0/mlp/up/kernel'\] differ",
+     "a changed value (its checksum)"),
+    (damage_non_finite, "holds NaN or infinite values", "NaN params, no checksums"),
 ], ids=["random-bytes", "changed-checksum", "nan-params-without-digest"])
 def test_damaged_checkpoint_refused_and_kept(saved_run, model_dir, tmp_path, monkeypatch,
-                                             damage, match):
+                                             damage, match, case):
   workdir = copy_run(saved_run, tmp_path)
   damage(workdir, model_dir)
   before = snapshot(workdir / "checkpoints")
@@ -354,11 +357,10 @@ def test_damaged_checkpoint_refused_and_kept(saved_run, model_dir, tmp_path, mon
   message_export = refused(trainer.export, config, str(workdir), match=match)
   assert snapshot(workdir / "checkpoints") == before
   assert not (workdir / "export").exists()
-  case = damage.__doc__.split(" (")[0].rstrip(".")
-  faults.record("train.py", case, message, before="compile",
-                intact="checkpoints byte-identical, nothing exported")
-  faults.record("train.py", f"--export_only: {case}", message_export, before="export",
-                intact="checkpoints byte-identical, nothing exported")
+  faults.record("train.py", f"resume from a checkpoint with {case}", message,
+                before="compile", intact="checkpoints byte-identical, nothing exported")
+  faults.record("train.py", f"--export_only of a checkpoint with {case}", message_export,
+                before="export", intact="checkpoints byte-identical, nothing exported")
 
 
 def test_resume_under_another_config_refused(saved_run, model_dir, tmp_path, monkeypatch):
