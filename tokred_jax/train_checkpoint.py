@@ -244,8 +244,10 @@ def workdir_lock(workdir: str):
 class StopSignals:
   """While entered, the first SIGTERM or SIGINT is recorded in `received` (its number)
   instead of ending the process, so the loop can save and stop; the handlers then revert,
-  and a second signal acts at once. Outside the main thread, where Python cannot take
-  signals, nothing is installed."""
+  and a second signal acts at once. Nothing is installed outside the main thread (Python
+  cannot take signals there) or on several hosts: there each host's signal comes at its
+  own step while saving is collective, so the trainer asks JAX's preemption sync point
+  (`CheckpointManager.reached_preemption`), which picks one step for all."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -264,7 +266,8 @@ class StopSignals:
     self._previous = {}
 
   def __enter__(self) -> StopSignals:
-    if threading.current_thread() is threading.main_thread():
+    if (threading.current_thread() is threading.main_thread()
+        and jax.process_count() == 1):
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
