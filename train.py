@@ -6,14 +6,20 @@ r"""Train a LLaVA model: the run is described by a config file (see configs/trai
 
 Rerunning with the same --workdir resumes from its latest complete checkpoint. With
 --export_only, writes that checkpoint's params as a Hugging Face directory and exits.
+
+SIGTERM or SIGINT (a preempted VM, Ctrl-C) saves the step in progress and exits with
+128 + the signal's number; a NaN or infinite loss stops the run (exit 1) before that
+step is saved. One run at a time holds a workdir (WORKDIR/.lock).
 """
+
+import os
+import sys
 
 from absl import flags, logging
 
 from tokred_jax import cli, trainer
 
-_CONFIG = cli.define_config("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the "
                                "exported model go here.", required=True)
 _EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the latest checkpoint and "
@@ -26,8 +32,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if _EXPORT_ONLY.value:
     print(f"exported to {trainer.export(_CONFIG.value, _WORKDIR.value)}")
-  else:
+    return
+  try:
     trainer.train(_CONFIG.value, _WORKDIR.value)
+  except trainer.Stopped as e:
+    print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

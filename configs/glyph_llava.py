@@ -37,6 +37,8 @@ reach (below 2/6: layers 0 and 1 stay dense) routes every layer.
 import ml_collections
 
 from configs import train_tiny
+from tokred_jax import pmod
+from tokred_jax.cli import closest
 
 STAGES = ("tower", "align", "instruct", "finetune", "pmod")
 # A stage's steps at batch 64; see the README for the time each took.
@@ -65,9 +67,13 @@ def get_config(arg="instruct"):
   mean kept ratio (default PMOD_RETENTION)."""
   head, _, mean = arg.partition("@")
   stage, _, schedule = head.partition("-")
-  if stage not in STAGES or (mean and stage != "pmod"):
+  if stage not in STAGES or ((mean or schedule) and stage != "pmod"):
     raise ValueError(f"unknown stage {arg!r}; use one of {STAGES} (pmod-linear, "
                      "pmod-constant@0.25, ...).")
+  if schedule and schedule not in pmod.SCHEDULES:
+    raise ValueError(f"{arg!r}: unknown p-MoD schedule {schedule!r}"
+                     f"{closest(schedule, pmod.SCHEDULES)}; choose from {pmod.SCHEDULES}, "
+                     "e.g. pmod-linear.")
   try:
     retention = float(mean) if mean else PMOD_RETENTION
   except ValueError:

@@ -44,8 +44,11 @@ TEMPLATE = "vicuna_v1"
 
 
 def get_config(arg=None):
-  """arg: unused (the parts are `model.llm`, `model.vision_tower`, `model.projector`)."""
-  del arg
+  """No arg: the parts are `model.llm`, `model.vision_tower` and `model.projector`."""
+  if arg is not None:
+    raise ValueError(f"configs/train_pmod_llava15.py takes no argument (got {arg!r}); give "
+                     "the parts as --config.model.llm=DIR --config.model.vision_tower=DIR "
+                     "--config.model.projector=FILE.")
   config = train_tiny.get_config()
   config.model.llm = config_dict.placeholder(str)
   config.model.vision_tower = config_dict.placeholder(str)

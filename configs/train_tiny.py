@@ -19,8 +19,14 @@ import ml_collections
 from ml_collections import config_dict
 
 
+ARGS = ("synthetic",)
+
+
 def get_config(arg=None):
   """arg: "synthetic" trains on the built-in toy set (else set config.data.dataset)."""
+  if arg not in (None, *ARGS):
+    raise ValueError(f"configs/train_tiny.py takes no argument or one of {ARGS}, not "
+                     f"{arg!r}: e.g. --config=configs/train_tiny.py:synthetic.")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_steps = 300

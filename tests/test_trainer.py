@@ -1,5 +1,6 @@
 """Training: accumulation and sharding leave the step unchanged, the loss falls, frozen
-parameters stay put, and a run killed mid-way resumes to bit-identical parameters.
+parameters stay put, and a run killed (SIGKILL) or stopped (SIGTERM, which saves first)
+mid-way resumes to bit-identical parameters.
 
 One uninterrupted `python train.py` run (`reference`) serves several tests and is what
 the killed-and-resumed run must match bit for bit. It starts in the background with the
@@ -24,6 +25,7 @@ from flax import traverse_util
 
 from configs import train_tiny
 from tokred_jax import checkpoint, llava, sharding, trainer
+from tests import faults
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -242,6 +244,19 @@ def test_metrics_in_tensorboard(reference):
   assert lr[5] == pytest.approx(3e-3, rel=0.03) and lr[40] < 1e-5  # 2 warmup steps
 
 
+def test_export_has_normal_permissions(reference):
+  """Files 0644 and directories 0755 under the usual umask 022 (not tempfile's 0700 or
+  safetensors' 0600): whoever shares the machine can read the model."""
+  umask = os.umask(0)
+  os.umask(umask)
+  export = reference / "export"
+  assert export.stat().st_mode & 0o777 == 0o777 & ~umask
+  files = list(export.iterdir())
+  assert {f.name for f in files} >= {"config.json", "model.safetensors"}
+  for f in files:
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
 def test_export_on_demand_equals_the_runs_export(reference, model_dir, tmp_path):
   config = train_tiny.get_config("synthetic")
   config.model.checkpoint = model_dir
@@ -290,5 +305,34 @@ def test_killed_run_resumes_bit_exact(reference, model_dir, cache_env, tmp_path)
   got = safetensors.numpy.load_file(workdir / "export" / "model.safetensors")
   want = safetensors.numpy.load_file(reference / "export" / "model.safetensors")
   assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_terminated_run_saves_resumes_bit_exact(reference, model_dir, cache_env, tmp_path):
+  """SIGTERM (a preempted VM) saves the step in progress, whatever the interval, and
+  exits 128 + 15 with one line; the rerun resumes there and ends as the reference."""
+  workdir = tmp_path / "run"
+  proc = start_run(model_dir, workdir, cache_env)
+  deadline = time.time() + 300
+  while not finished_steps(workdir) and time.time() < deadline:
+    assert proc.poll() is None, pathlib.Path(f"{workdir}.log").read_text()[-3000:]
+    time.sleep(0.01)
+  assert proc.poll() is None, "the run ended before it could be stopped"
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+  log = pathlib.Path(f"{workdir}.log").read_text()
+  assert "Traceback" not in log
+  (line,) = [l for l in log.splitlines() if "stopped by SIGTERM" in l]
+  stopped_at = int(line.split("after step ")[1].split(",")[0])
+  assert 10 <= stopped_at < 40 and max(finished_steps(workdir)) == stopped_at, log[-2000:]
+  assert not (workdir / "export").exists()
+  faults.record("train.py", "SIGTERM during training", line.strip(),
+                before="-", intact=f"step {stopped_at} saved, resumed bit-exact")
+
+  wait_for(start_run(model_dir, workdir, cache_env), workdir)
+  assert f"resumed from step {stopped_at}" in pathlib.Path(f"{workdir}.log").read_text()
+  got = safetensors.numpy.load_file(workdir / "export" / "model.safetensors")
+  want = safetensors.numpy.load_file(reference / "export" / "model.safetensors")
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -598,6 +598,8 @@ def save_checkpoint(path: str | os.PathLike, cfg: LlavaConfig, params: Params,
       shutil.copyfile(tokenizer_json_path, tmp / TOKENIZER_FILE)
     # transformers refuses safetensors files whose metadata lacks the format tag.
     safetensors.numpy.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors creates the file 0600; give it the mode (umask) every other file gets.
+    shutil.copymode(tmp / CONFIG_FILE, tmp / WEIGHTS_FILE)
     _replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -72,6 +72,17 @@ def _check_config_files():
         raise fail(f"--{flag.name}: cannot load the config file: {cause}") from None
 
 
+def _config_file_error(error: flags.Error) -> str | None:
+  """ml_collections puts the traceback of a get_config() that raised into its flag error:
+  "flag --config=F:ARG: the exception's message", or None for other flag errors."""
+  text = str(error)
+  if "Traceback (most recent call last)" not in text:
+    return None
+  flag = text.split(": Error whilst parsing config file")[0]
+  last = [l for l in text.strip().splitlines() if l.strip()][-1]
+  return f"{flag}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last.strip())}"
+
+
 def parse_flags(argv):
   """absl's flag parser (`app.run(..., flags_parser=parse_flags)`) with one-line errors."""
   try:
@@ -79,7 +90,7 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:  # ml_collections: an override of no field
     raise fail(_unknown_field(e, argv)) from None
   except flags.Error as e:
-    raise fail(f"{e} (see --helpshort)") from None
+    raise fail(f"{_config_file_error(e) or e} (see --helpshort)") from None
   except USER_ERRORS as e:  # a config file's get_config() refusing its argument
     raise fail(e) from None
   _check_config_files()

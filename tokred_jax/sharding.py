@@ -35,6 +35,8 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tokred_jax.cli import closest
+
 log = logging.getLogger(__name__)
 
 # Logical name -> mesh axes: a name, a tuple of names (sharded over their product) or
@@ -53,6 +55,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("norm", None),
 )
+
+# The mesh axes DEFAULT_RULES map to.
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # Parameter path (keys joined by "/", full match) -> logical axes, first match wins. The
 # vision tower shares the LLM's names: its heads and MLP split over the same tensor axis.
@@ -116,18 +121,33 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
                        devices=devices)
 
 
-def parse_mesh(text: str) -> dict[str, int] | None:
-  """"data=2,fsdp=1,tensor=4" -> {"data": 2, "fsdp": 1, "tensor": 4}; "" -> None."""
+def parse_mesh(text: str, axes: Sequence[str] = MESH_AXES) -> dict[str, int] | None:
+  """"data=2,fsdp=1,tensor=4" -> {"data": 2, "fsdp": 1, "tensor": 4}; "" -> None.
+
+  Every name must be one of `axes` (a misspelt axis would match no rule and leave
+  everything replicated), at most once; sizes are positive or -1 (the rest).
+  """
   if not text.strip():
     return None
+  example = "write it as name=size pairs, e.g. 'data=2,fsdp=1,tensor=4'"
   shape = {}
   for item in text.split(","):
-    name, _, size = item.partition("=")
+    name, _, text_size = (part.strip() for part in item.partition("="))
     try:
-      shape[name.strip()] = int(size)
+      size = int(text_size)
     except ValueError:
-      raise ValueError(f"mesh {text!r}: write it as name=size pairs, e.g. "
-                       "'data=2,fsdp=1,tensor=4'.") from None
+      raise ValueError(f"mesh {text!r}: {example}.") from None
+    if name not in axes:
+      raise ValueError(f"mesh {text!r}: unknown axis {name!r}{closest(name, axes)}; the "
+                       f"axes are {', '.join(axes)}.")
+    if name in shape:
+      raise ValueError(f"mesh {text!r}: axis {name!r} is given twice; {example}.")
+    if size < 1 and size != -1:
+      raise ValueError(f"mesh {text!r}: {name}={size}; a size is positive, or -1 "
+                       "for all the devices the other axes leave.")
+    shape[name] = size
+  if list(shape.values()).count(-1) > 1:
+    raise ValueError(f"mesh {text!r}: at most one axis may be -1.")
   return shape
 
 

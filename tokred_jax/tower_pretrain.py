@@ -14,7 +14,10 @@ the items, which MustDrop's key-token selection reads.
       --workdir=/tmp/glyph/tower --config.data.data_dir=/tmp/tfds
 
 writes WORKDIR/export: a whole LLaVA checkpoint in Hugging Face format (the trained
-tower, a new projector and LLM, the glyph tokenizer) that the next stage loads.
+tower, a new projector and LLM, the glyph tokenizer) that the next stage loads. The
+config is checked as train.py checks it before anything is built; a non-finite loss
+stops the run (exit status 1) without writing the export; one run at a time holds
+WORKDIR.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
-from ml_collections import config_flags
 
-from tokred_jax import checkpoint, llava, processing
+from tokred_jax import checkpoint, cli, llava, processing, train_checks
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.train_checkpoint import Diverged, workdir_lock
 from tokred_jax.vit import VisionTower
 
 NUM_DIGITS, NUM_COLOURS = 11, 7  # classes per cell, "empty" last
@@ -110,8 +113,16 @@ def losses(tower, heads, params, batch):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Pretrains the tower; writes and returns WORKDIR/export (a new LLaVA checkpoint)."""
-  os.makedirs(workdir, exist_ok=True)
+  """Pretrains the tower; writes and returns WORKDIR/export (a new LLaVA checkpoint).
+  ValueError for bad input, before anything is built; `Diverged` for a non-finite loss."""
+  train_checks.check_config(config, ("float32",))
+  train_checks.check_workdir(workdir, create=True)
+  train_checks.check_data(config)
+  with workdir_lock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> str:
   tok_path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
   # Byte-level BPE on glyph_vqa's sentences: every word becomes one token.
   ids = processing.train_tokenizer(glyphs.corpus(), config.arch.vocab_size, tok_path)
@@ -144,6 +155,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
   for i in bar:
     trainable, opt_state, metrics = step(trainable, opt_state, next(data))
     if i % config.log_every == 0 or i == config.num_steps:
+      loss = float(metrics["digit"] + metrics["colour"] + metrics["counts"])
+      if not np.isfinite(loss):
+        raise Diverged(f"step {i}: the loss is not finite ({loss}); stopped without "
+                       "writing the export: lower optim.learning_rate.")
       bar.set_postfix({k: f"{float(v):.3f}" for k, v in metrics.items() if "acc" in k})
   minutes = (time.perf_counter() - start) / 60
 
@@ -160,12 +175,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def main(argv):
   del argv
-  print(f"wrote {train(_CONFIG.value, _WORKDIR.value)}")
+  try:
+    print(f"wrote {train(_CONFIG.value, _WORKDIR.value)}")
+  except Diverged as e:
+    raise cli.fail(e) from None
 
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/glyph_llava.py:tower",
-                                            lock_config=True)
+  _CONFIG = cli.define_config("config", None, "configs/glyph_llava.py:tower",
+                              lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "The checkpoint goes to WORKDIR/export.",
                                  required=True)
-  app.run(main)
+  flags.mark_flags_as_required(["config"])
+  cli.run(main)

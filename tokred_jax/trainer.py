@@ -29,6 +29,11 @@ Choices, and why:
   * The data iterator's position is saved in the same Orbax step as the train state
     (see `train_checkpoint`), so a resumed run draws exactly the batches it would have
     drawn.
+  * Nothing bad is kept: the whole config is checked before anything loads
+    (`train_checks`); restored state is verified against a digest saved with it; a
+    non-finite loss or gradient stops the run (`Diverged`) before its state is saved,
+    so the last good checkpoint stays; SIGTERM/SIGINT save the current step and stop
+    (`Interrupted`); a lock on the workdir keeps a second run out.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import dataclasses
 import math
 import os
 import re
+import signal
 import time
 from typing import Any, Protocol
 
@@ -46,17 +52,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from flax import struct, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokred_jax import (checkpoint, cost, data, llava, methods, parts, pmod, processing,
-                        reduction, sharding)
+                        reduction, sharding, train_checks)
 from tokred_jax.config import LlavaConfig
 from tokred_jax.pipeline import TINY_CHECKPOINT
-from tokred_jax.train_checkpoint import IteratorStateSave, checkpoint_manager, restore
+# Diverged and Stopped too: what `train` raises, so callers find them here.
+from tokred_jax.train_checkpoint import (Diverged, Interrupted, NonFiniteState,  # noqa: F401
+                                         Stopped, StopSignals, check_finite,
+                                         checkpoint_manager, diverged, restore, save,
+                                         workdir_lock)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The batch contract: key -> rank. Every batch is sharded on its leading axis.
@@ -276,9 +285,7 @@ def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
                    out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
 
-  axes = batch_shardings["input_ids"].spec[0] or ()
-  split = accum_steps * math.prod(mesh.shape[a] for a in
-                                  ((axes,) if isinstance(axes, str) else axes))
+  split = accum_steps * train_checks.batch_devices(mesh, rules)
 
   def run(state: TrainState, batch: Batch):
     if batch["input_ids"].shape[0] % split:
@@ -399,10 +406,7 @@ def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: redu
   if config.data.dataset == "synthetic":
     return synthetic_dataset(cfg, plan.num_visual, config.data.batch_size,
                              config.data.max_length, config.seed + jax.process_index())
-  if not config.data.dataset:
-    raise ValueError("no training data: set config.data.dataset (a TFDS name from "
-                     "tokred_jax.data.build_dataset) and config.data.data_dir, or "
-                     "dataset='synthetic'.")
+  train_checks.check_data(config)
   tokenizer = model_tokenizer(config, cfg)
   fields = config.data.to_dict()
   split = fields.pop("split", "train")
@@ -488,13 +492,20 @@ class _Meter:
 
 def _run_setup(config: ml_collections.ConfigDict, cfg: LlavaConfig):
   """What `train` and `export` share: (mesh, optimizer, its schedule, the step-0 state
-  builder, the state's abstract shapes, its shardings)."""
+  builder, the state's abstract shapes, its shardings). Checks the freeze pattern and
+  the batch layout against the model (nothing loaded or compiled yet)."""
   mesh = sharding.make_mesh(sharding.parse_mesh(config.mesh) or {"data": -1})
+  paths = list(traverse_util.flatten_dict(param_shapes(cfg), sep="/"))
+  train_checks.check_layout(config, mesh, paths, jax.process_count())
   tx, schedule = make_optimizer(config.optim, config.num_steps)
   build = state_builder(tx, config.seed, config.optim.freeze)
   abstract = jax.eval_shape(build, param_shapes(cfg))
   shardings = state_shardings(abstract, config.optim.freeze, mesh, sharding.DEFAULT_RULES)
   return mesh, tx, schedule, build, abstract, shardings
+
+
+def _export_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.export_dir or os.path.join(workdir, "export")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -505,7 +516,23 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   params as a Hugging Face directory (`config.export_dir`, default WORKDIR/export).
   `dataset` replaces the iterator `config.data` names. Returns the final state and the
   logged metrics (one dict per log point, with its "step").
+
+  Raises ValueError for bad input (before anything loads), `Diverged` when a step's
+  loss or gradient is not finite, `Interrupted` after saving on SIGTERM/SIGINT.
   """
+  train_checks.check_config(config, DTYPES)
+  train_checks.check_workdir(workdir, create=True)
+  if dataset is None:
+    train_checks.check_data(config)
+  if config.export:
+    train_checks.check_export_dir(_export_path(config, workdir))
+  with workdir_lock(workdir):
+    return _train(config, workdir, dataset)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           dataset: CheckpointableIterator | None) -> tuple[TrainState, list[dict]]:
+  """`train` once its input is checked and the workdir locked."""
   # Mesh, optimizer and the state's layout.
   cfg = model_config(config)
   mesh, tx, schedule, build, abstract, shardings = _run_setup(config, cfg)
@@ -515,7 +542,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   dataset = dataset if dataset is not None else make_dataset(config, cfg, plan)
   # Model.
   model = make_model(config, cfg)
-  # Restore the latest complete checkpoint, or start from the model checkpoint.
+  # Restore the latest complete checkpoint (verified), or start from the model checkpoint.
   manager = checkpoint_manager(workdir, config)
   if manager.latest_step() is not None:
     state, data_state = restore(manager, manager.latest_step(), abstract, shardings)
@@ -540,28 +567,50 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   done = int(state.step)
   bar = tqdm.tqdm(range(done + 1, config.num_steps + 1), initial=done,
                   total=config.num_steps, desc="train", disable=jax.process_index() != 0)
-  for step in bar:
-    batch = next(dataset)
-    data_state = dataset.get_state()  # the position after this step's batch
-    state, metrics = step_fn(state, put_batch(batch, mesh, rules))
-    meter.add(metrics, int(np.sum(batch["attention_mask"])) * jax.process_count())
-    # Async: returns once the state is copied off the devices, so donating it to the
-    # next step is safe; only steps the options select (and the last) are saved.
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=IteratorStateSave(data_state)),
-                 force=step == config.num_steps)
-    if step % config.log_every == 0 or step == config.num_steps:
-      logged = meter.flush()
-      history.append(dict(logged, step=step))
-      bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['learning_rate']:.2e}",
-                      tok_s=f"{logged.get('tokens_per_s', 0):.0f}")
-      if writer is not None:
-        for name, value in logged.items():
-          writer.add_scalar(f"train/{name}", value, step)
-  manager.wait_until_finished()
-  manager.close()
-  if writer is not None:
-    writer.close()
+  unchecked = []  # (step, metrics) not yet checked finite
+  try:
+    with StopSignals() as signals:
+      for step in bar:
+        batch = next(dataset)
+        data_state = dataset.get_state()  # the position after this step's batch
+        state, metrics = step_fn(state, put_batch(batch, mesh, rules))
+        unchecked.append((step, metrics))
+        meter.add(metrics, int(np.sum(batch["attention_mask"])) * jax.process_count())
+        stop = signals.received or (jax.process_count() > 1 and
+                                    manager.reached_preemption(step))
+        log = step % config.log_every == 0 or step == config.num_steps
+        saving = manager.should_save(step) or step == config.num_steps or stop
+        # Reading the previous step's metrics lets this one run meanwhile; before a save
+        # or a log point this step's are read too (that waits for it).
+        check_finite(unchecked if saving or log else unchecked[:-1], manager)
+        unchecked = [] if saving or log else unchecked[-1:]
+        if saving:
+          # Async: returns once the state is copied off the devices, so donating it to
+          # the next step is safe.
+          try:
+            save(manager, step, state, data_state)
+          except NonFiniteState as e:
+            raise diverged(manager, str(e)) from None
+        if log:
+          logged = meter.flush()
+          history.append(dict(logged, step=step))
+          bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['learning_rate']:.2e}",
+                          tok_s=f"{logged.get('tokens_per_s', 0):.0f}")
+          if writer is not None:
+            for name, value in logged.items():
+              writer.add_scalar(f"train/{name}", value, step)
+        if stop:
+          manager.wait_until_finished()
+          name = signal.Signals(signals.received or signal.SIGTERM).name
+          raise Interrupted(f"stopped by {name} after step {step}, which is saved in "
+                            f"{manager.directory / str(step)}; rerun the same command to "
+                            "resume.", signals.received or signal.SIGTERM)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    if writer is not None:
+      writer.close()
   if config.export:
     export_params(config, workdir, trained_config(cfg, plan), state.params)
   return state, history
@@ -579,7 +628,7 @@ def export_params(config: ml_collections.ConfigDict, workdir: str, cfg: LlavaCon
                   params: Params) -> str:
   """Writes `params` as a Hugging Face LLaVA directory (with the model checkpoint's
   tokenizer.json, if it has one) to `config.export_dir` or WORKDIR/export; returns it."""
-  path = config.export_dir or os.path.join(workdir, "export")
+  path = _export_path(config, workdir)
   host = multihost_utils.process_allgather(params, tiled=True)  # whole arrays, every host
   if jax.process_index() == 0:
     checkpoint.save_checkpoint(path, cfg, host, _export_tokenizer(config, cfg, workdir))
@@ -588,12 +637,19 @@ def export_params(config: ml_collections.ConfigDict, workdir: str, cfg: LlavaCon
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Exports the params of WORKDIR's latest complete checkpoint (see `export_params`)."""
-  cfg = model_config(config)
-  _, _, _, _, abstract, shardings = _run_setup(config, cfg)
-  manager = checkpoint_manager(workdir, config)
-  if manager.latest_step() is None:
-    raise ValueError(f"no complete checkpoint in {workdir}/checkpoints to export.")
-  state, _ = restore(manager, manager.latest_step(), abstract, shardings)
-  manager.close()
-  return export_params(config, workdir, trained_config(cfg, make_plan(config, cfg)),
-                       state.params)
+  train_checks.check_config(config, DTYPES)
+  train_checks.check_workdir(workdir, create=False)
+  train_checks.check_export_dir(_export_path(config, workdir))
+  with workdir_lock(workdir):
+    cfg = model_config(config)
+    _, _, _, _, abstract, shardings = _run_setup(config, cfg)
+    manager = checkpoint_manager(workdir, config)
+    try:
+      if manager.latest_step() is None:
+        raise ValueError(f"no complete checkpoint in {workdir}/checkpoints to export; "
+                         "train first (the same command without --export_only).")
+      state, _ = restore(manager, manager.latest_step(), abstract, shardings)
+    finally:
+      manager.close()
+    return export_params(config, workdir, trained_config(cfg, make_plan(config, cfg)),
+                         state.params)
