@@ -47,7 +47,7 @@ def get_config(arg=None):
   config.model.add_routers = ""
 
   # The fields of tokred_jax.data.DataConfig; dataset "synthetic" is a toy counting task
-  # that needs no files (tokred_jax.trainer.synthetic_dataset).
+  # that needs no files (tokred_jax.train_setup.synthetic_dataset).
   config.data = ml_collections.ConfigDict()
   config.data.dataset = "synthetic" if arg == "synthetic" else config_dict.placeholder(str)
   config.data.data_dir = config_dict.placeholder(str)

@@ -13,7 +13,7 @@ import transformers
 
 from configs import train_pmod_llava15
 from tests import faults, hf_fixtures
-from tokred_jax import checkpoint, llava_original, parts, pmod, processing, trainer
+from tokred_jax import checkpoint, llava_original, parts, pmod, processing, train_setup, trainer
 from tokred_jax.checkpoint import CheckpointError
 from tokred_jax.config import ConfigError
 
@@ -168,10 +168,10 @@ def test_a_non_llama_llm_is_refused(part_dirs, tmp_path):
 def test_the_tokenizer_gets_the_image_alias_or_a_clear_error(part_dirs, tmp_path):
   config = recipe(part_dirs)
   cfg = trainer.model_config(config)
-  tok = trainer.model_tokenizer(config, cfg)  # the LLM directory's tokenizer.json
+  tok = train_setup.model_tokenizer(config, cfg)  # the LLM directory's tokenizer.json
   assert tok.encode("<image>")[1:] == [llava_original.IMAGE_PLACEHOLDER_ID]
   config.model.tokenizer = str(tmp_path / "tokenizer.json")
   with pytest.raises(CheckpointError, match="tokenizer.model") as e:
-    trainer.model_tokenizer(config, cfg)
+    train_setup.model_tokenizer(config, cfg)
   faults.record("train.py (model from parts)", "model.tokenizer=<missing file>", str(e.value),
                 before="weights load")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import train_pmod_llava15, train_tiny
-from tokred_jax import llava, reduction, sharding, trainer
+from tokred_jax import llava, reduction, sharding, train_setup, trainer
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 # Layer 0 dense, layers 1 and 2 routed (p-MoD calls their attention block and MLP branch
@@ -42,7 +42,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def batch():
-  return next(trainer.synthetic_dataset(CFG, CFG.num_image_tokens, 2, 28, seed=0))
+  return next(train_setup.synthetic_dataset(CFG, CFG.num_image_tokens, 2, 28, seed=0))
 
 
 def loss_fn(remat, batch):

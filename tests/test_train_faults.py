@@ -25,7 +25,7 @@ import pytest
 from configs import glyph_llava, train_pmod_llava15, train_tiny
 from tests import faults
 from tests.test_trainer import CFG, OVERRIDES, random_params
-from tokred_jax import checkpoint, cli, train_checkpoint, train_checks, trainer
+from tokred_jax import checkpoint, cli, train_checkpoint, train_checks, train_setup, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def refused(fn, *args, match: str) -> str:
 
 @pytest.mark.parametrize("get_config, arg, match", [
     (train_tiny.get_config, "nope", r"no argument or one of \('synthetic',\)"),
-    (train_pmod_llava15.get_config, "/no/such/llava", "no such directory"),
+    (train_pmod_llava15.get_config, "/some/llava", "takes no argument"),
     (glyph_llava.get_config, "pmod-cosin", "did you mean 'cosine'"),
     (glyph_llava.get_config, "tower-linear", "unknown stage"),
 ])
@@ -268,7 +268,7 @@ def saved_run(model_dir, tmp_path_factory):
   _, _, _, build, _, shardings = trainer._run_setup(config, cfg)  # pylint: disable=protected-access
   state = jax.jit(build, out_shardings=shardings)(
       jax.device_put(trainer.load_params(config, cfg), shardings.params))
-  data_state = trainer.synthetic_dataset(CFG, CFG.num_image_tokens, 8, 16, 0).get_state()
+  data_state = train_setup.synthetic_dataset(CFG, CFG.num_image_tokens, 8, 16, 0).get_state()
   manager = train_checkpoint.checkpoint_manager(str(workdir), config)
   for step in (10, 20):
     train_checkpoint.save(manager, step, state.replace(step=jnp.int32(step)), data_state)
@@ -384,7 +384,7 @@ class PoisonedData:
   """Synthetic batches; the one for step `at` has NaN pixels (a broken image)."""
 
   def __init__(self, at):
-    self.data = trainer.synthetic_dataset(CFG, CFG.num_image_tokens, 8, 16, 0)
+    self.data = train_setup.synthetic_dataset(CFG, CFG.num_image_tokens, 8, 16, 0)
     self.at, self.drawn = at, 0
 
   def __next__(self):

@@ -24,7 +24,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from configs import train_tiny
-from tokred_jax import checkpoint, llava, sharding, trainer
+from tokred_jax import checkpoint, llava, sharding, train_setup, trainer
 from tests import faults
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
@@ -143,7 +143,7 @@ def one_step(mesh, accum_steps=1):
   state, shardings = trainer.init_state(random_params(), tx, 0, OPTIM.freeze, mesh)
   step = trainer.make_train_step(llava.Llava(CFG), tx, schedule, shardings, mesh,
                                  freeze=OPTIM.freeze, accum_steps=accum_steps)
-  batch = next(trainer.synthetic_dataset(CFG, CFG.num_image_tokens, 8, 16, seed=1))
+  batch = next(train_setup.synthetic_dataset(CFG, CFG.num_image_tokens, 8, 16, seed=1))
   batch["loss_mask"][:3] = False  # micro-batches with different token counts
   state, metrics = step(state, trainer.put_batch(batch, mesh))
   return flat(state.params), jax.device_get(metrics)
@@ -202,7 +202,7 @@ def test_add_routers_to_a_dense_checkpoint():
   cfg = trainer.model_config(config)
   assert cfg.text.router_layers == (1, 2, 3)  # PRD keeps layer 0 dense
   params = flat(trainer.load_params(config, cfg))
-  _, dense = checkpoint.load_checkpoint(trainer.TINY_CHECKPOINT)
+  _, dense = checkpoint.load_checkpoint(train_setup.TINY_CHECKPOINT)
   for k, v in flat(dense).items():
     np.testing.assert_array_equal(params[k], v, err_msg=k)
   routers = sorted(k for k in params if "/router/" in k)
