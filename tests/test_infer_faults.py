@@ -9,10 +9,8 @@ import os
 import pathlib
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import PIL.Image
@@ -22,20 +20,11 @@ import infer
 import tokred_jax
 from configs import default
 from tests import faults
+from tests.test_processing import _png_header
 from tokred_jax import checkpoint, cli, pipeline, report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")
-
-
-def _png_header(width: int, height: int) -> bytes:
-  """A PNG whose header promises width x height RGB pixels (its data is a few bytes)."""
-  def chunk(kind, data):
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(
-        ">I", zlib.crc32(kind + data))
-  header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-          + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
 @pytest.fixture
