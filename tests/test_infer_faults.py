@@ -85,7 +85,7 @@ CASES = [
      "needs 3 devices, but there are 8"),
     ("--config.mesh=data:2", dict(mesh="data:2"), None, None, "name=size pairs"),
     ("--config.mesh=data=2,fsdp=-1,tensor=-1", dict(mesh="data=2,fsdp=-1,tensor=-1"),
-     None, None, "at most one -1"),
+     None, None, "at most one axis may be -1"),
     ("--config.temperature=-1", dict(temperature=-1.0), None, None,
      "temperature must be a finite number >= 0"),
     ("--config.temperature=nan", dict(temperature=float("nan")), None, None,
