@@ -27,7 +27,7 @@ class Fault:
 
 def record(where: str, case: str, message: str, *, before: str, intact: str = "-"):
   """Adds one row; `message` is what the user saw (an exception's text or stderr)."""
-  test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+  test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
   lines = [l for l in str(message).strip().splitlines() if l.strip()]
   assert lines, f"{where}: {case!r} gave no message"
   assert not any("Traceback" in l for l in lines), f"{where}: {case!r} printed a traceback"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests import faults
 from tokred_jax import cost, generate, llava, methods, reduction
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
@@ -197,23 +198,32 @@ def test_scoring_inside_a_bucket_is_compiled_and_counted():
   assert abs(xla / analytic - 1) < 0.01 < abs(xla / (analytic - scorers) - 1)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: methods.get("aim", CFG, retention=0.0),
-    lambda: methods.get("aim", CFG, retention=0.25, l1=2),
-    lambda: methods.get("fastv", CFG, retention=1.5),
-    lambda: methods.get("pooling", CFG, retention=0.3),
-    lambda: methods.get("nonsense", CFG),
-    lambda: reduction.make_plan(reduction.Reduction(merge_r=(40,)), CFG),
-    lambda: reduction.make_plan(reduction.Reduction(tome_r=(40, 0)), CFG),
-    lambda: reduction.make_plan(reduction.Reduction(tome_r=(1,)), CFG),
-    lambda: reduction.make_plan(
-        reduction.Reduction(scorer="pagerank", layer_ratios=(1.0,) * 9), CFG),
-    lambda: reduction.make_plan(
-        reduction.Reduction(scorer="fastv", layer_ratios=(1.0, 0.5, 0.7) + (0.5,) * 5), CFG),
-    lambda: reduction.Reduction(scorer="pagerank", layer_ratios=(1.0, 1.2)),
-    lambda: reduction.Reduction(keep_visual=0),
-    lambda: reduction.Reduction(mode="eager"),
-])
-def test_config_mistakes_are_named(make):
-  with pytest.raises(ConfigError):
-    make()
+R = reduction.Reduction
+CONFIG_MISTAKES = {  # as a user writes them -> the call
+    'methods.get("aim", cfg, retention=0.0)': lambda: methods.get("aim", CFG, retention=0.0),
+    'methods.get("aim", cfg, retention=0.25, l1=2)':
+        lambda: methods.get("aim", CFG, retention=0.25, l1=2),
+    'methods.get("fastv", cfg, retention=1.5)': lambda: methods.get("fastv", CFG, retention=1.5),
+    'methods.get("pooling", cfg, retention=0.3)':
+        lambda: methods.get("pooling", CFG, retention=0.3),
+    'methods.get("nonsense", cfg)': lambda: methods.get("nonsense", CFG),
+    "Reduction(merge_r=(40,))": lambda: reduction.make_plan(R(merge_r=(40,)), CFG),
+    "Reduction(tome_r=(40, 0))": lambda: reduction.make_plan(R(tome_r=(40, 0)), CFG),
+    "Reduction(tome_r=(1,))": lambda: reduction.make_plan(R(tome_r=(1,)), CFG),
+    'Reduction(scorer="pagerank", layer_ratios=(1.0,) * 9)': lambda: reduction.make_plan(
+        R(scorer="pagerank", layer_ratios=(1.0,) * 9), CFG),
+    'Reduction(scorer="fastv", layer_ratios=(1.0, 0.5, 0.7) + (0.5,) * 5)':
+        lambda: reduction.make_plan(
+            R(scorer="fastv", layer_ratios=(1.0, 0.5, 0.7) + (0.5,) * 5), CFG),
+    'Reduction(scorer="pagerank", layer_ratios=(1.0, 1.2))':
+        lambda: R(scorer="pagerank", layer_ratios=(1.0, 1.2)),
+    "Reduction(keep_visual=0)": lambda: R(keep_visual=0),
+    'Reduction(mode="eager")': lambda: R(mode="eager"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_MISTAKES)
+def test_config_mistakes_are_named(case):
+  with pytest.raises(ConfigError) as e:
+    CONFIG_MISTAKES[case]()
+  faults.record("methods / reduction", case, f"ConfigError: {e.value}", before="compile")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests import faults
 from tokred_jax import llava, presets, sharding
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
@@ -72,8 +73,10 @@ def test_make_mesh_fills_the_remaining_axis():
     ({"data": -1, "tensor": -1}, "at most one -1"),
 ])
 def test_make_mesh_rejects_shapes_that_do_not_fit_the_devices(shape, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as e:
     sharding.make_mesh(shape)
+  faults.record("sharding.make_mesh", f"make_mesh({shape}) on 8 devices",
+                f"ValueError: {e.value}", before="weights load")
 
 
 def test_logical_axes_name_every_dimension(params):
