@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 ROWS: list["Fault"] = []
 
@@ -32,7 +33,9 @@ def record(where: str, case: str, message: str, *, before: str, intact: str = "-
   assert lines, f"{where}: {case!r} gave no message"
   assert not any("Traceback" in l for l in lines), f"{where}: {case!r} printed a traceback"
   assert len(lines) == 1, f"{where}: {case!r} gave {len(lines)} lines, not one: {lines}"
-  ROWS.append(Fault(where, case, lines[0], before, intact, test))
+  # pytest's temporary folders differ from run to run: the table shows <tmp>.
+  tmp = lambda text: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s'\"]+", "<tmp>", text)
+  ROWS.append(Fault(where, tmp(case), tmp(lines[0]), before, intact, test))
 
 
 def _cell(s: str) -> str:

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers
 
+from tests import faults
 from tokred_jax import processing
 from tokred_jax.config import from_hf_dict
 from tokred_jax.data import (BadSample, DataConfig, build_dataset, encode_example,
@@ -156,8 +157,10 @@ def test_builder_skips_each_bad_kind_and_reports_ids(built, tmp_path, caplog):
 @pytest.mark.parametrize("reason", sorted(BUILD_BAD))
 def test_builder_error_mode_names_the_bad_sample(reason, tmp_path):
   bad = BUILD_BAD[reason]
-  with pytest.raises(BadSample, match=f"'{bad['id']}': {reason}"):
+  with pytest.raises(BadSample, match=f"'{bad['id']}': {reason}") as e:
     _build(tmp_path, GOOD[:1] + [bad], name="strict", on_bad_sample="error")
+  faults.record("data set build (on_bad_sample='error')", f"a sample with {reason}",
+                f"BadSample: {e.value}", before="training")
 
 
 # Tokens and targets.

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import faults
 from tokred_jax import generate, llava
 from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
 
@@ -101,5 +102,8 @@ def test_sampling_is_seeded(params):
 @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1.0),
                                     dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_config(kwargs):
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError) as e:
     generate.SamplingConfig(**kwargs)
+  args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+  faults.record("SamplingConfig", f"SamplingConfig({args})", f"ValueError: {e.value}",
+                before="compile")

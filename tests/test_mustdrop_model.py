@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import faults
 from tokred_jax import cost, generate, llava, methods, mustdrop, reduction, segmented, sharding
 from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
@@ -310,12 +311,17 @@ def test_presets_and_config_errors():
   assert (red.gamma, red.alpha) == (0.011, 0.01)
   assert methods.get("mustdrop", CFG, gamma=0.3, alpha=0.2).gamma == 0.3
   assert methods.mustdrop_filter_layers(32) == (2, 6, 10, 14)
-  with pytest.raises(ConfigError, match="retention"):
-    methods.get("mustdrop", CFG, retention=0.5)
-  with pytest.raises(ConfigError, match="divide"):
-    reduction.make_plan(methods.get("mustdrop", CFG, window=2), CFG)
-  with pytest.raises(ConfigError, match="outside"):
-    reduction.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG)
+  for case, call, match in [
+      ('methods.get("mustdrop", cfg, retention=0.5)',
+       lambda: methods.get("mustdrop", CFG, retention=0.5), "retention"),
+      ('methods.get("mustdrop", cfg, window=2) on a 9x9 grid',
+       lambda: reduction.make_plan(methods.get("mustdrop", CFG, window=2), CFG), "divide"),
+      ('methods.get("mustdrop", cfg, filter_layers=(5,)) on 6 layers',
+       lambda: reduction.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG),
+       "outside")]:
+    with pytest.raises(ConfigError, match=match) as e:
+      call()
+    faults.record("methods / reduction", case, f"ConfigError: {e.value}", before="compile")
 
 
 def _step(params, token, state):
