@@ -14,6 +14,7 @@ import os
 import re
 
 ROWS: list["Fault"] = []
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,10 @@ def record(where: str, case: str, message: str, *, before: str, intact: str = "-
   assert lines, f"{where}: {case!r} gave no message"
   assert not any("Traceback" in l for l in lines), f"{where}: {case!r} printed a traceback"
   assert len(lines) == 1, f"{where}: {case!r} gave {len(lines)} lines, not one: {lines}"
-  # pytest's temporary folders differ from run to run: the table shows <tmp>.
-  tmp = lambda text: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s'\"]+", "<tmp>", text)
+  # Paths differ from run to run: pytest's temporary folders show as <tmp>, the
+  # checkout's files relative to it.
+  tmp = lambda text: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s'\"]+", "<tmp>",
+                            text).replace(ROOT, "")
   ROWS.append(Fault(where, tmp(case), tmp(lines[0]), before, intact, test))
 
 
