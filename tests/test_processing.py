@@ -307,8 +307,10 @@ def test_default_buckets():
 
 
 @pytest.mark.parametrize("prompts, buckets, max_length, message", [
-    (["USER: hello ASSISTANT:"], (64,), 64, "prompt 0: the token ids hold 0 <image> tokens.*exactly one"),
-    (["<image>", "<image> and <image>"], (64,), 64, "prompt 1: the token ids hold 2 <image> tokens"),
+    (["USER: hello ASSISTANT:"], (64,), 64,
+     "prompt 0: the token ids hold 0 <image> tokens.*exactly one"),
+    (["<image>", "<image> and <image>"], (64,), 64,
+     "prompt 1: the token ids hold 2 <image> tokens"),
     (["<image>", "  "], (64,), 64, "prompt 1 is empty"),
     (["<image> " + "word " * 40], (256,), 40,
      r"prompt 0 is \d+ tokens long \(9 of them for the image\) but at most 40 fit; shorten"),

@@ -104,7 +104,8 @@ def losses(tower, heads, params, batch):
   hidden = tower.apply({"params": params["vision"]}, batch["pixels"])
   digit, colour, counts = heads.apply({"params": params["heads"]}, hidden)
   ce = optax.softmax_cross_entropy_with_integer_labels
-  terms = {"digit": ce(digit, batch["digits"]).mean(), "colour": ce(colour, batch["colours"]).mean(),
+  terms = {"digit": ce(digit, batch["digits"]).mean(),
+           "colour": ce(colour, batch["colours"]).mean(),
            "counts": ce(counts, batch["counts"]).mean()}
   correct = {"digit_acc": (digit.argmax(-1) == batch["digits"]).mean(),
              "colour_acc": (colour.argmax(-1) == batch["colours"]).mean(),
