@@ -135,6 +135,15 @@ def forward(cfg, params, image_id, seed=0):
   return np.asarray(logits)[mask]  # Padding (different pad ids) is left out.
 
 
+def _assert_same_params(params, src_params):
+  """The same tree, every tensor equal to the letter."""
+  flat = jax.tree_util.tree_leaves_with_path
+  got, want = dict(flat(params)), dict(flat(src_params))
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=jax.tree_util.keystr(key))
+
+
 @pytest.mark.filterwarnings("ignore:.*tokenizer.model")
 @pytest.mark.parametrize("tower", ["inside", "separate"])
 def test_load_matches_source(layouts, source, tower):
@@ -150,11 +159,7 @@ def test_load_matches_source(layouts, source, tower):
   assert cfg.image_token_id == llava_original.IMAGE_PLACEHOLDER_ID != cfg.pad_token_id
   assert cfg.text == src_cfg.text
   assert dataclasses.replace(cfg.vision, pad_to_square=False) == src_cfg.vision
-  flat = jax.tree_util.tree_leaves_with_path
-  got, want = dict(flat(params)), dict(flat(src_params))
-  assert got.keys() == want.keys()
-  for key, value in want.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=jax.tree_util.keystr(key))
+  _assert_same_params(params, src_params)
   np.testing.assert_allclose(forward(cfg, params, cfg.image_token_id),
                              forward(src_cfg, src_params, src_cfg.image_token_id),
                              rtol=1e-5, atol=1e-5)
@@ -190,11 +195,7 @@ def test_clip_model_tower_directory(layouts, source, clip_model_dir):
   cfg, params, _ = llava_original.load_original(layouts["separate"],
                                                 vision_tower_path=clip_model_dir)
   assert dataclasses.replace(cfg.vision, pad_to_square=False) == src_cfg.vision
-  flat = jax.tree_util.tree_leaves_with_path
-  got, want = dict(flat(params)), dict(flat(src_params))
-  assert got.keys() == want.keys()
-  for key, value in want.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=jax.tree_util.keystr(key))
+  _assert_same_params(params, src_params)
   # Also as mm_vision_tower names it, with no vision_tower_path.
   d = json.loads((layouts["separate"] / "config.json").read_text())
   named = llava_original.original_config(dict(d, mm_vision_tower=str(clip_model_dir)))
