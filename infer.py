@@ -18,7 +18,10 @@ from absl import flags
 from matplotlib.figure import Figure
 
 import tokred_jax
-from tokred_jax import cli, methods, pipeline, report, sharding, visualize
+from tokred_jax import cli, methods
+from tokred_jax.core import sharding
+from tokred_jax.engine import pipeline, report
+from tokred_jax.eval import visualize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -50,8 +50,11 @@ matplotlib.use("Agg")  # Headless: the plot only goes to a file.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from benchmarks import outputs
-from tokred_jax import cli, cost, llava, methods, mustdrop, reduction, segmented
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import cli, methods
+from tokred_jax.engine import cost, segmented
+from tokred_jax.methods import mustdrop, reduction
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Methods in table order: (method, mode). AIM in reference mode shows that masking the

@@ -3,8 +3,12 @@
 import pytest
 
 import tokred_jax
-from tokred_jax import checkpoint, cost, evaluate, methods, pmod
-from tokred_jax.config import ConfigError, from_hf_dict, to_hf_dict
+from tokred_jax import methods
+from tokred_jax.engine import cost
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint
+from tokred_jax.methods import pmod
+from tokred_jax.models.config import ConfigError, from_hf_dict, to_hf_dict
 from configs import glyph_llava
 
 NUM_QUESTIONS = 32  # 8 of each type; the full test split is in BENCHMARKS.md
@@ -55,7 +59,7 @@ def test_quarter_variant_keeps_36_tokens_in_every_layer():
 
 
 def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
-  from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tokred_jax.train import trainer  # pylint: disable=g-import-not-at-top
   plans = {}
   for schedule in ("cosine", "linear", "constant"):
     config = glyph_llava.get_config(f"pmod-{schedule}")
@@ -72,7 +76,7 @@ def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
 
 
 def test_a_mean_below_what_layers_2_to_5_reach_routes_every_layer():
-  from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tokred_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = glyph_llava.get_config("pmod-constant@0.25")
   config.model.checkpoint = tokred_jax.DEFAULT_CHECKPOINT
   cfg = trainer.model_config(config)

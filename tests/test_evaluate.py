@@ -18,10 +18,13 @@ import pytest
 from benchmarks import evaluate as bench
 from benchmarks import outputs
 from tests import faults
-from tokred_jax import checkpoint, evaluate, llava, methods, processing
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
-from tokred_jax.data import glyph_vqa, glyphs
-from tokred_jax.pipeline import Pipeline
+from tokred_jax import methods
+from tokred_jax.engine.pipeline import Pipeline
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint, processing
+from tokred_jax.models import llava
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
 
 LIMIT = 16
 WEIGHT_STD = 0.1  # O(1) activations, so answers differ between prompts

@@ -14,10 +14,12 @@ import pytest
 import safetensors.numpy
 
 from tests import faults
-from tokred_jax import (checkpoint, config as config_lib, llava, llava_original, methods, pmod,
-                        processing, reduction)
-from tokred_jax.checkpoint import CheckpointError
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.io import checkpoint, llava_original, processing
+from tokred_jax.io.checkpoint import CheckpointError
+from tokred_jax.methods import pmod, reduction
+from tokred_jax.models import config as config_lib, llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 MOD_LAYERS = (1,)
 TOWER_NAMES = re.compile(r"^vision_tower\.")

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from tests import faults
-from tokred_jax import cost, llava, mustdrop, tokens
+from tokred_jax.core import tokens
+from tokred_jax.engine import cost
+from tokred_jax.methods import mustdrop
+from tokred_jax.models import llava
 
 # Jitted once for the module: eager dispatch op by op is what makes tests slow.
 _merge = jax.jit(mustdrop.window_merge, static_argnames=("grid", "window"))

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from tests import faults
-from tokred_jax import cost, generate, llava, methods, mustdrop, reduction, segmented, sharding
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.core import sharding
+from tokred_jax.engine import cost, generate, segmented
+from tokred_jax.methods import mustdrop, reduction
+from tokred_jax.models import llava
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 # A 9x9 patch grid (3x3 windows tile it); filter layers (1, 3) of a 6-layer LLM.
 CFG = LlavaConfig(

@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokred_jax import checkpoint, llava, methods, presets, reduction
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
-from tokred_jax.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
+from tokred_jax import methods
+from tokred_jax.engine.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
+from tokred_jax.io import checkpoint
+from tokred_jax.methods import reduction
+from tokred_jax.models import llava, presets
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 RETENTIONS = tuple(i / 100 for i in range(5, 100))
 # MustDrop is left out of every count property here: its counts depend on the image and

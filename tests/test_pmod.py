@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokred_jax import cost, generate, llava, methods, pmod, presets, reduction
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.engine import cost, generate
+from tokred_jax.methods import pmod, reduction
+from tokred_jax.models import llava, presets
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,

@@ -9,8 +9,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests import faults
-from tokred_jax import cost, generate, llava, methods, reduction
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.engine import cost, generate
+from tokred_jax.methods import reduction
+from tokred_jax.models import llava
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,

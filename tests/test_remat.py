@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from configs import train_pmod_llava15, train_tiny
-from tokred_jax import llava, reduction, sharding, train_setup, trainer
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.core import sharding
+from tokred_jax.methods import reduction
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.train import setup as train_setup, trainer
 
 # Layer 0 dense, layers 1 and 2 routed (p-MoD calls their attention block and MLP branch
 # on the routed tokens only); 16 visual tokens.

@@ -5,7 +5,7 @@
 #   bash tools/train_default_model.sh RUN_DIR [extra flags for every stage]
 #
 # glyph_vqa is generated on the fly (no build step); set DATA_DIR to read a TFDS copy
-# built by `python -m tokred_jax.data.glyph_vqa --data_dir=DIR` instead. WORKERS sets
+# built by `python -m tokred_jax.proj.glyph_vqa.dataset --data_dir=DIR` instead. WORKERS sets
 # grain's data worker processes (default 8). The dense model ends in RUN_DIR/finetune/export,
 # the p-MoD variants in RUN_DIR/pmod/export (PRD cosine, mean kept ratio 0.5, from stage 3)
 # and RUN_DIR/pmod-quarter/export (constant, mean 0.25 on every layer, from stage 4).
@@ -20,7 +20,7 @@ stage() {  # name, then the command; prints the stage's wall time
   "$@" "${data[@]}" --workdir="$run/$name"
   echo "stage $name: $((SECONDS - start)) s"
 }
-stage tower python -m tokred_jax.tower_pretrain --config=configs/glyph_llava.py:tower "$@"
+stage tower python -m tokred_jax.proj.glyph_vqa.tower_pretrain --config=configs/glyph_llava.py:tower "$@"
 stage align python train.py --config=configs/glyph_llava.py:align \
   --config.model.checkpoint="$run/tower/export" "$@"
 stage instruct python train.py --config=configs/glyph_llava.py:instruct \

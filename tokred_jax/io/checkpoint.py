@@ -35,9 +35,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from tokred_jax import config as config_lib
-from tokred_jax import templates
-from tokred_jax.config import LlavaConfig
+from tokred_jax.io import templates
+from tokred_jax.models import config as config_lib
+from tokred_jax.models.config import LlavaConfig
 
 Params = dict[str, Any]
 

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, sharding
-from tokred_jax.config import TextConfig
+from tokred_jax.core import sharding
+from tokred_jax.models import layers
+from tokred_jax.models.config import TextConfig
 
 
 class LayerCache(NamedTuple):

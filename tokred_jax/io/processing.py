@@ -2,7 +2,7 @@
 
 Images are preprocessed as transformers' PIL-based CLIP and SigLIP image processors do
 (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`), in NHWC layout. Prompts are
-rendered with a chat template (tokred_jax.templates) and tokenized with the
+rendered with a chat template (tokred_jax.io.templates) and tokenized with the
 checkpoint's tokenizer.json, the single `<image>` token is expanded into one slot per
 visual token, and the batch is left-padded to a length bucket so that each bucket
 compiles once.
@@ -22,8 +22,8 @@ import numpy as np
 import PIL.Image
 import tokenizers
 
-from tokred_jax import templates
-from tokred_jax.config import LlavaConfig, VisionConfig
+from tokred_jax.io import templates
+from tokred_jax.models.config import LlavaConfig, VisionConfig
 
 IMAGE_TOKEN = templates.IMAGE_TOKEN
 
@@ -118,7 +118,7 @@ def train_tokenizer(lines: Sequence[str], vocab_size: int, path: str | os.PathLi
 
 def build_prompt(question: str, template: str | templates.Template = "tokred") -> str:
   """The chat prompt for one question about one image, in `template`
-  (tokred_jax.templates; "tokred" and "llava-hf" give "USER: <image>\\nQ ASSISTANT:").
+  (tokred_jax.io.templates; "tokred" and "llava-hf" give "USER: <image>\\nQ ASSISTANT:").
 
   A question that already holds `<image>` keeps it where it is; otherwise the image
   goes first, on its own line, as llava-hf's chat template puts it.

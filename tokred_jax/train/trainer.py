@@ -56,13 +56,18 @@ from flax import struct, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tokred_jax import checkpoint, cost, llava, reduction, sharding, train_checks
-from tokred_jax.config import LlavaConfig
-from tokred_jax.train_setup import (DTYPES, Batch, CheckpointableIterator, Params,
+from tokred_jax.core import sharding
+from tokred_jax.engine import cost
+from tokred_jax.io import checkpoint
+from tokred_jax.methods import reduction
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig
+from tokred_jax.train import checks as train_checks
+from tokred_jax.train.setup import (DTYPES, Batch, CheckpointableIterator, Params,
                                     export_tokenizer, load_params, make_dataset, make_model,
                                     make_plan, model_config, param_shapes)
 # Diverged and Stopped too: what `train` raises, so callers find them here.
-from tokred_jax.train_checkpoint import (Diverged, Interrupted, NonFiniteState,  # noqa: F401
+from tokred_jax.train.checkpoint import (Diverged, Interrupted, NonFiniteState,  # noqa: F401
                                          Stopped, StopSignals, check_finite,
                                          checkpoint_manager, diverged, restore, save,
                                          workdir_lock)

@@ -12,7 +12,7 @@ greedily, normalised (`normalize`) and scored by exact match against the referen
 
 Per setting (`SettingResult`):
   accuracy        overall and per question type.
-  FLOPs           analytic prefill matmul FLOPs per example (`tokred_jax.cost`) at the
+  FLOPs           analytic prefill matmul FLOPs per example (`tokred_jax.engine.cost`) at the
                   method's exact counts and each example's real prompt length: for
                   static plans `cost.plan_cost(exact=True)`; for MustDrop, whose counts
                   depend on the data, `cost.request_cost` at the counts each example got.
@@ -52,11 +52,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import cost, fastv, methods, reduction
-from tokred_jax.config import ConfigError, LlavaConfig
-from tokred_jax.data import glyph_vqa, glyphs
-from tokred_jax.generate import SamplingConfig
-from tokred_jax.pipeline import Pipeline
+from tokred_jax import methods
+from tokred_jax.engine import cost
+from tokred_jax.engine.generate import SamplingConfig
+from tokred_jax.engine.pipeline import Pipeline
+from tokred_jax.methods import fastv, reduction, registry
+from tokred_jax.models.config import ConfigError, LlavaConfig
+from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
 
 RETENTIONS = (0.5, 0.25, 0.125)
 SWEPT_METHODS = ("aim", "fastv", "tome", "random", "pooling")
@@ -125,7 +127,7 @@ def setting_plan(cfg: LlavaConfig, setting: Setting) -> reduction.Plan:
   """The setting's plan for a model of `cfg` (its config alone: no weights needed).
   ConfigError says why the model cannot run it, an option its method lacks included."""
   options = dict(setting.options)
-  builder = methods._BUILDERS.get(setting.base_method)  # pylint: disable=protected-access
+  builder = registry._BUILDERS.get(setting.base_method)  # pylint: disable=protected-access
   takes = inspect.signature(builder).parameters if builder else {}
   if not any(p.kind == p.VAR_KEYWORD for p in takes.values()):
     known = [n for n in takes if n not in ("cfg", "retention", "mode")]
@@ -220,7 +222,7 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
   # TFDS would try to build a missing data set (and fail without TensorFlow): say how.
   elif not os.path.isdir(os.path.join(data_dir, *dataset.split(":")[0].split("/"))):
     raise ValueError(f"{dataset} is not built in {data_dir}; build it with `python -m "
-                     f"tokred_jax.data.glyph_vqa --data_dir={data_dir}` (add "
+                     f"tokred_jax.proj.glyph_vqa.dataset --data_dir={data_dir}` (add "
                      "--config=small for the small one), or leave out data_dir.")
   else:
     try:

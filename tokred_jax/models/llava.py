@@ -23,10 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import cost, layers, mustdrop, pmod, reduction, sharding, tokens
-from tokred_jax.config import LlavaConfig
-from tokred_jax.llama import Decoder, LayerCache
-from tokred_jax.vit import VisionTower
+from tokred_jax.core import sharding, tokens
+from tokred_jax.engine import cost
+from tokred_jax.methods import mustdrop, pmod, reduction
+from tokred_jax.models import layers
+from tokred_jax.models.config import LlavaConfig
+from tokred_jax.models.decoder import Decoder, LayerCache
+from tokred_jax.models.vit import VisionTower
 
 
 class DecodeState(NamedTuple):

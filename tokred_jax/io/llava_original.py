@@ -53,9 +53,10 @@ import numpy as np
 import safetensors
 import tokenizers
 
-from tokred_jax import checkpoint, config as config_lib, processing
-from tokred_jax.checkpoint import CheckpointError
-from tokred_jax.config import LlavaConfig
+from tokred_jax.io import checkpoint, processing
+from tokred_jax.io.checkpoint import CheckpointError
+from tokred_jax.models import config as config_lib
+from tokred_jax.models.config import LlavaConfig
 
 IMAGE_PLACEHOLDER_ID = 0
 MODEL_TYPES = ("llava_llama", "pmod_llava_llama")

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tokred_jax.config import LlavaConfig
+from tokred_jax.models.config import LlavaConfig
 
 Counts = int | Sequence[int]
 

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import reduction, segmented
-from tokred_jax.llava import DecodeState, Llava
+from tokred_jax.engine import segmented
+from tokred_jax.methods import reduction
+from tokred_jax.models.llava import DecodeState, Llava
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,14 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import (checkpoint, cost, methods, processing, reduction, segmented, sharding,
-                        templates)
-from tokred_jax.config import LlavaConfig
-from tokred_jax.generate import Generator, SamplingConfig
-from tokred_jax.llava import Llava
+from tokred_jax import methods
+from tokred_jax.core import sharding
+from tokred_jax.engine import cost, segmented
+from tokred_jax.engine.generate import Generator, SamplingConfig
+from tokred_jax.io import checkpoint, processing, templates
+from tokred_jax.methods import reduction
+from tokred_jax.models.config import LlavaConfig
+from tokred_jax.models.llava import Llava
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 # The default model, trained on glyph_vqa (configs/glyph_llava.py), and its p-MoD
 # variants: PRD's cosine at a mean kept ratio of 0.5, and a constant 0.25 on every layer.
 DEFAULT_CHECKPOINT = os.path.join(_ASSETS, "glyph-llava")
@@ -123,7 +126,7 @@ class Pipeline:
     mesh_shape: e.g. {"data": 2, "fsdp": 1, "tensor": 4} (-1: the remaining devices)
     shards the parameters by logical axis over a device mesh; batches must then be a
     multiple of data x fsdp.
-    template: the chat template prompts are written in (tokred_jax.templates); None:
+    template: the chat template prompts are written in (tokred_jax.io.templates); None:
     the checkpoint's (see checkpoint.read_config).
     weights=False reads only config.json and the tokenizer and makes the mesh: that
     pipeline plans and prepares batches, so every input is checked before the weights

@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from tokred_jax import layers, mustdrop, sharding, tokens
-from tokred_jax.config import VisionConfig
+from tokred_jax.core import sharding, tokens
+from tokred_jax.methods import mustdrop
+from tokred_jax.models import layers
+from tokred_jax.models.config import VisionConfig
 
 
 class Attention(nn.Module):

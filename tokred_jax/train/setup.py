@@ -18,10 +18,13 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from tokred_jax import (checkpoint, data, llava, methods, parts, pmod, processing, reduction,
-                        train_checks)
-from tokred_jax.config import LlavaConfig
-from tokred_jax.pipeline import TINY_CHECKPOINT
+from tokred_jax import data, methods
+from tokred_jax.engine.pipeline import TINY_CHECKPOINT
+from tokred_jax.io import checkpoint, parts, processing
+from tokred_jax.methods import pmod, reduction
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig
+from tokred_jax.train import checks as train_checks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Batch = dict[str, np.ndarray]
@@ -47,7 +50,7 @@ def param_shapes(cfg: LlavaConfig) -> Params:
 
 def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
   """The config of `model.checkpoint`, or of the parts `model.llm`, `model.vision_tower`
-  and `model.projector` (tokred_jax.parts: LLaVA-1.5 before its stage 2); with
+  and `model.projector` (tokred_jax.io.parts: LLaVA-1.5 before its stage 2); with
   `model.add_routers` (a p-MoD schedule name) and a dense model, p-MoD routers on
   `model.router_layers` if set, else on the layers that schedule routes."""
   from_parts = parts.from_model_config(config.model)

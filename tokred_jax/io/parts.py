@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from tokred_jax import checkpoint, llava_original, processing
-from tokred_jax.checkpoint import CheckpointError
-from tokred_jax.config import ConfigError, LlavaConfig
+from tokred_jax.io import checkpoint, llava_original, processing
+from tokred_jax.io.checkpoint import CheckpointError
+from tokred_jax.models.config import ConfigError, LlavaConfig
 
 # Where LLaVA-1.5's stage 1 projector lives: liuhaotian/llava-v1.5-mlp2x-336px-pretrain-
 # vicuna-7b-v1.5 (and the p-MoD scripts' pretrain folder) hold mm_projector.bin.

@@ -31,9 +31,10 @@ import collections
 import jax
 import jax.numpy as jnp
 
-from tokred_jax import reduction, tokens
-from tokred_jax.llama import LayerCache
-from tokred_jax.llava import DecodeState, Llava, decode_positions, visual_aux
+from tokred_jax.core import tokens
+from tokred_jax.methods import reduction
+from tokred_jax.models.decoder import LayerCache
+from tokred_jax.models.llava import DecodeState, Llava, decode_positions, visual_aux
 
 
 def _grow(a, n: int):

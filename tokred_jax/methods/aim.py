@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from tokred_jax import layers
+from tokred_jax.models import layers
 
 # Presets (METHODS.md §1, the official scripts).
 # Bipartite merge steps: the r tokens removed by each step, chained.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tokred_jax import templates
+from tokred_jax.io import templates
 
 # Defaults of the transformers config classes, for the fields a sparse config.json omits.
 _VISION_DEFAULTS = {
@@ -163,7 +163,7 @@ class LlavaConfig:
   vision_feature_select: str = "default"
   projector_hidden_act: str = "gelu"
   projector_bias: bool = True
-  # The chat template prompts and training data are written in (tokred_jax.templates);
+  # The chat template prompts and training data are written in (tokred_jax.io.templates);
   # config.json's "conversation_template". None: not known (see checkpoint.read_config).
   template: str | None = None
 

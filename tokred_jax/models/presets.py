@@ -7,7 +7,7 @@ reads from the published checkpoint's `config.json` (tests/test_cost.py checks i
 
 from __future__ import annotations
 
-from tokred_jax.config import CLIP_MEAN, CLIP_STD, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.models.config import CLIP_MEAN, CLIP_STD, LlavaConfig, TextConfig, VisionConfig
 
 # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px, 2-layer GELU projector, Vicuna-7B v1.5.
 LLAVA15_7B = LlavaConfig(

@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import mustdrop, tokens
-from tokred_jax.config import ConfigError, LlavaConfig
+from tokred_jax.core import tokens
+from tokred_jax.methods import mustdrop
+from tokred_jax.models.config import ConfigError, LlavaConfig
 
 SCORERS = ("pagerank", "fastv")
 MODES = ("fast", "reference")
@@ -362,7 +363,7 @@ class Stream(NamedTuple):
 def score_visual(plan: Plan, stream: Stream, q: jax.Array, k: jax.Array) -> jax.Array:
   """The plan's scorer on one layer's rotated queries f32[B, T, H, h] and keys
   f32[B, T, K, h] -> f32[B, T] (only visual entries are read)."""
-  from tokred_jax import aim, fastv  # the methods import this module
+  from tokred_jax.methods import aim, fastv  # the methods import this module
   red = plan.reduction
   if red.scorer == "pagerank":
     query_valid = stream.valid if red.mode == "reference" else stream.keys_valid

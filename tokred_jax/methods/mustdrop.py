@@ -79,7 +79,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import layers, tokens
+from tokred_jax.core import tokens
+from tokred_jax.models import layers
 
 # Presets (official scripts/v1_5/eval/textvqa_*.sh): (gamma, alpha) = the global and
 # individual thresholds. The labels are the AVERAGE visual-token count over the 32

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 
-from tokred_jax import aim, fastv, mustdrop, pmod
-from tokred_jax.config import ConfigError, LlavaConfig
-from tokred_jax.reduction import Reduction
+from tokred_jax.methods import aim, fastv, mustdrop, pmod
+from tokred_jax.methods.reduction import Reduction
+from tokred_jax.models.config import ConfigError, LlavaConfig
 
 METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "pmod", "mustdrop")
 # Presets by name: (method, keyword arguments of the method's builder).

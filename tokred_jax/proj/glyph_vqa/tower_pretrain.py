@@ -10,7 +10,7 @@ Patch labels keep each item's identity in its own patches, which is what makes t
 choice of kept tokens matter downstream; the CLS target makes the CLS token attend to
 the items, which MustDrop's key-token selection reads.
 
-  python -m tokred_jax.tower_pretrain --config=configs/glyph_llava.py:tower \
+  python -m tokred_jax.proj.glyph_vqa.tower_pretrain --config=configs/glyph_llava.py:tower \
       --workdir=/tmp/glyph/tower --config.data.data_dir=/tmp/tfds
 
 writes WORKDIR/export: a whole LLaVA checkpoint in Hugging Face format (the trained
@@ -36,11 +36,14 @@ import tqdm
 from absl import flags
 from flax import linen as nn
 
-from tokred_jax import checkpoint, cli, llava, processing, train_checks
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
-from tokred_jax.data import glyph_vqa, glyphs
-from tokred_jax.train_checkpoint import Diverged, workdir_lock
-from tokred_jax.vit import VisionTower
+from tokred_jax import cli
+from tokred_jax.io import checkpoint, processing
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.models.vit import VisionTower
+from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
+from tokred_jax.train import checks as train_checks
+from tokred_jax.train.checkpoint import Diverged, workdir_lock
 
 NUM_DIGITS, NUM_COLOURS = 11, 7  # classes per cell, "empty" last
 
