@@ -4,7 +4,7 @@ Five stages, as LLaVA and p-MoD train theirs; each reads the previous stage's ex
 `tools/train_default_model.sh` runs them all; one by one (DATA: a TFDS data dir, RUN:
 a work dir; every run resumes from its latest checkpoint when rerun):
 
-  python -m tokred_jax.proj.glyph_vqa.dataset --data_dir=$DATA
+  python -m tokred_jax.data.glyph_vqa --data_dir=$DATA
   # 1. tower: the vision tower learns each cell's digit and colour (dense labels).
   python -m tokred_jax.proj.glyph_vqa.tower_pretrain --config=configs/glyph_llava.py:tower \
       --workdir=$RUN/tower --config.data.data_dir=$DATA
@@ -37,7 +37,7 @@ reach (below 2/6: layers 0 and 1 stay dense) routes every layer.
 import ml_collections
 
 from configs import train_tiny
-from tokred_jax.cli import closest
+from tokred_jax.core.suggest import closest
 from tokred_jax.methods import pmod
 
 STAGES = ("tower", "align", "instruct", "finetune", "pmod")

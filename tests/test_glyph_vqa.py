@@ -7,8 +7,8 @@ import tensorflow_datasets as tfds
 
 import tokred_jax
 from tokred_jax.data import DataConfig, make_dataset
+from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.io import checkpoint, processing
-from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
 from tokred_jax.proj.glyph_vqa.tower_pretrain import NUM_DIGITS, patch_labels
 
 

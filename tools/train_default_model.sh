@@ -5,7 +5,7 @@
 #   bash tools/train_default_model.sh RUN_DIR [extra flags for every stage]
 #
 # glyph_vqa is generated on the fly (no build step); set DATA_DIR to read a TFDS copy
-# built by `python -m tokred_jax.proj.glyph_vqa.dataset --data_dir=DIR` instead. WORKERS sets
+# built by `python -m tokred_jax.data.glyph_vqa --data_dir=DIR` instead. WORKERS sets
 # grain's data worker processes (default 8). The dense model ends in RUN_DIR/finetune/export,
 # the p-MoD variants in RUN_DIR/pmod/export (PRD cosine, mean kept ratio 0.5, from stage 3)
 # and RUN_DIR/pmod-quarter/export (constant, mean 0.25 on every layer, from stage 4).

@@ -35,7 +35,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tokred_jax.cli import closest
+from tokred_jax.core.suggest import closest
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def _batch_count(count, batch: int, upper) -> jax.Array:
   return jnp.broadcast_to(count, (batch,))[:, None]
 
 
-def _remap(sources: jax.Array, slot_map: jax.Array) -> jax.Array:
+def remap(sources: jax.Array, slot_map: jax.Array) -> jax.Array:
   """Follows each patch through a slot renumbering.
 
   sources: i32[B, P] old slots (-1: dropped); slot_map: i32[B, N] new slot of each old
@@ -123,7 +123,7 @@ def gather(ts: TokenSet, index: jax.Array, valid: jax.Array) -> TokenSet:
   target = jnp.where(valid, index, n)
   slot_map = _scatter(jnp.full((b, n + 1), -1, jnp.int32), target,
                       jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m)), "max")
-  return _finish(features, valid, sizes, _remap(ts.sources, slot_map[:, :n]))
+  return _finish(features, valid, sizes, remap(ts.sources, slot_map[:, :n]))
 
 
 def _check_capacity(capacity: int, n: int) -> None:
@@ -239,7 +239,7 @@ def pool(ts: TokenSet, grid: tuple[int, int], stride: int) -> TokenSet:
   slot_map = jnp.broadcast_to(jnp.asarray((row // s) * wo + col // s, jnp.int32), (b, n))
   slot_map = jnp.where(jnp.take_along_axis(valid, slot_map, 1), slot_map, -1)
   return _finish(features.astype(ts.features.dtype), valid, sizes,
-                 _remap(ts.sources, slot_map))
+                 remap(ts.sources, slot_map))
 
 
 def proportional_attention_bias(sizes: jax.Array,
@@ -363,7 +363,7 @@ def bipartite_merge(ts: TokenSet, metric: jax.Array, r, *, weighted: bool,
   map_b = jnp.where(vb, u + jnp.arange(nb, dtype=jnp.int32), -1)
   slot_map = jnp.zeros((b, n), jnp.int32).at[:, 0::2].set(map_a).at[:, 1::2].set(map_b)
   return _finish(features.astype(ts.features.dtype), out_valid, out_sizes,
-                 _remap(ts.sources, slot_map))
+                 remap(ts.sources, slot_map))
 
 
 def bipartite_merge_static(ts: TokenSet, metric: jax.Array, r: int, *, weighted: bool,
@@ -407,6 +407,35 @@ def join_frames(ts: TokenSet, frames: int) -> TokenSet:
   sources = jnp.where(sources >= 0, sources + offset, -1).reshape(b, -1)
   rows = lambda a: a.reshape((b, frames * per) + a.shape[2:])
   return TokenSet(rows(ts.features), rows(ts.valid), rows(ts.sizes), sources)
+
+
+def drop_first(ts: TokenSet) -> TokenSet:
+  """The set without slot 0 (e.g. the CLS token, which stays in slot 0) and without its
+  source: P shrinks by one, the other patches keep their slots minus one."""
+  sources = ts.sources[:, 1:]
+  return TokenSet(ts.features[:, 1:], ts.valid[:, 1:], ts.sizes[:, 1:],
+                  jnp.where(sources > 0, sources - 1, -1))
+
+
+def split_first(ts: TokenSet) -> tuple[jax.Array, TokenSet]:
+  """(slot 0's features f32[B, 1, D], the other slots as a set of their own), so that a
+  function of the rest (a merge) leaves slot 0 alone; `join_first` undoes it. The rest
+  keeps all P sources; the first slot's patches read -1 in it."""
+  sources = ts.sources
+  rest = TokenSet(ts.features[:, 1:], ts.valid[:, 1:], ts.sizes[:, 1:],
+                  jnp.where(sources > 0, sources - 1, -1))
+  return ts.features[:, :1], rest
+
+
+def join_first(first: jax.Array, rest: TokenSet, first_sources: jax.Array) -> TokenSet:
+  """Slot 0 = `first` f32[B, 1, D] (valid, size 1) followed by `rest`; first_sources:
+  bool[B, P] the patches slot 0 holds (those `split_first` took from it)."""
+  b = first.shape[0]
+  sources = jnp.where(first_sources, 0, jnp.where(rest.sources >= 0, rest.sources + 1, -1))
+  return TokenSet(jnp.concatenate([first, rest.features.astype(first.dtype)], axis=1),
+                  jnp.concatenate([jnp.ones((b, 1), bool), rest.valid], axis=1),
+                  jnp.concatenate([jnp.ones((b, 1), rest.sizes.dtype), rest.sizes], axis=1),
+                  sources)
 
 
 def bucket_up(n: int, buckets: int | Sequence[int]) -> int:

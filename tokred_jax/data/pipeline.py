@@ -36,7 +36,7 @@ class DataConfig:
 
   Attributes:
     dataset: the TFDS name, "llava_conversations/NAME" as `build_dataset` returns it,
-      or "glyph_vqa/CONFIG" (tokred_jax.proj.glyph_vqa.dataset).
+      or "glyph_vqa/CONFIG" (tokred_jax.data.glyph_vqa).
     data_dir: the TFDS data directory it was built in; None for glyph_vqa generates
       its examples on the fly (the same examples).
     batch_size: B, examples per batch (per host when sharded over hosts).
@@ -151,10 +151,10 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   template.end_token(tokenizer)  # The tokenizer can end replies as the template does.
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
-  # Imported here so that `python -m tokred_jax.proj.glyph_vqa.dataset`, which imports this
+  # Imported here so that `python -m tokred_jax.data.glyph_vqa`, which imports this
   # package first, does not register its builder twice.
   # pylint: disable-next=g-import-not-at-top
-  from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
+  from tokred_jax.data import glyph_vqa, glyphs
   if config.dataset.split("/")[0] == glyph_vqa.NAME:
     source = glyph_vqa.source(config.dataset, split, config.data_dir)
     _check_size(glyphs.IMAGE_SIZE, model_cfg.vision, config.dataset)

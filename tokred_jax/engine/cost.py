@@ -247,32 +247,6 @@ def equivalent_visual_tokens(visual_tokens_per_layer: Sequence[int]) -> float:
   return sum(counts) / len(counts)
 
 
-def post_filter_layers(num_layers: int, filter_layers: Sequence[int]):
-  """Which layer's processed count MustDrop's official script records for each layer:
-  i32[L], a filter layer f reads f + 1 (what survives its filter enters the next
-  layer), every other layer itself. Index a per-layer count array [L, ...] with it."""
-  bad = [f for f in filter_layers if not 0 <= f < num_layers - 1]
-  if bad:
-    raise ValueError(f"filter layers {bad} are outside [0, {num_layers - 1}): the layer "
-                     "after a filter must exist to hold its survivors.")
-  index = np.arange(num_layers)
-  index[list(filter_layers)] = np.asarray(filter_layers, int) + 1
-  return index
-
-
-def equivalent_visual_tokens_official(visual_tokens_per_layer: Sequence[int],
-                                      filter_layers: Sequence[int]) -> float:
-  """MustDrop's official script's "equivalent tokens": as `equivalent_visual_tokens`,
-  but a filter layer counts the tokens that survive its filter (the next layer's
-  count). visual_tokens_per_layer: what each layer processed (the forward's aux
-  `visual_per_layer`)."""
-  counts = np.asarray(tuple(visual_tokens_per_layer))
-  if not counts.size:
-    raise ValueError("equivalent_visual_tokens_official needs at least one layer's count.")
-  return equivalent_visual_tokens(
-      counts[post_filter_layers(len(counts), filter_layers)].tolist())
-
-
 def kv_cache_bytes(cfg: LlavaConfig, tokens_per_layer: Counts, batch: int = 1,
                    bytes_per_element: int = 2) -> KvBytes:
   """Bytes of the keys and values each decoder layer caches.
@@ -293,63 +267,49 @@ def kv_cache_bytes(cfg: LlavaConfig, tokens_per_layer: Counts, batch: int = 1,
   return KvBytes(tuple(n * per_token for n in counts))
 
 
-def scorer_flops(cfg: LlavaConfig, red, num_tokens: int) -> int:
-  """Matmul FLOPs of one scoring layer's scorer on `num_tokens` tokens: PageRank
-  recomputes the full attention logits and walks them `iterations` times; FastV
-  computes the last query's row only."""
-  t = cfg.text
-  if red.scorer == "pagerank":
-    return (2 * num_tokens * num_tokens * t.num_heads * t.head_dim
-            + red.pagerank_iterations * 2 * t.num_heads * num_tokens * num_tokens)
-  if red.scorer == "fastv":
-    return 2 * num_tokens * t.num_heads * t.head_dim
-  return 0
+def _stage_extras(cfg: LlavaConfig, plan, num_text: int, visual_in, processed) -> dict:
+  """The stages' own FLOPs per sample (scorers, routers, key projections), by stage."""
+  extra = {"vision": 0, "llm": 0}
+  for stage in plan.stages:
+    for where, flops in stage.extra_flops(cfg, num_text, visual_in, processed).items():
+      extra[where] += flops
+  return extra
 
 
 def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
               new_tokens: int = 0, bytes_per_element: int = 2, exact: bool = False
               ) -> dict:
-  """Prefill FLOPs per stage, KV-cache bytes and equivalent tokens of a reduction plan.
+  """Prefill FLOPs per stage, KV-cache bytes and equivalent tokens of a plan.
 
-  plan: a `reduction.Plan`. num_text_tokens: the prompt's non-image slots (with the
+  plan: a `methods.base.Plan`. num_text_tokens: the prompt's non-image slots (with the
   padding, to predict the compiled program). exact=False counts the plan's static
   capacities, i.e. what the compiled program computes; exact=True the exact counts
   (the method's ideal). Reference mode only masks, so its LLM layers and caches keep
-  every token whatever the plan prunes.
+  every token whatever the plan prunes. Each stage adds its own FLOPs
+  (`StagePlan.extra_flops`).
   """
-  red = plan.reduction
   ex = plan.exact
-  has_cls = cfg.vision.has_cls and cfg.vision_feature_select == "default"
   if exact:
-    vision_in, n = [], cfg.vision.seq_len
-    for r in ex.tome_r:
-      vision_in.append(n)
-      n -= r
-    vision_mlp = vision_in[1:] + [n]
-    visual, llm_visual, mod_visual = ex.visual, ex.llm_visual, ex.mod_visual
+    vision_in, vision_mlp = ex.vision_tokens, plan.exact_vision_mlp
+    visual, projector_in = ex.visual, plan.exact_projector
+    llm_visual, mod_visual = ex.llm_visual, ex.mod_visual
   else:
-    vision_in = list(plan.vision_tokens)
-    vision_mlp = vision_in[1:] + [plan.num_visual + int(has_cls)]
-    visual, llm_visual, mod_visual = plan.num_visual, plan.llm_visual, plan.mod_visual
-  vision = vision_flops(cfg, batch, vision_in or None, vision_mlp if ex.tome_r else None)
-  if ex.merge_r and red.merge_metric == "keys":  # the last layer's key projection
-    d = cfg.vision.hidden_size
-    vision = dataclasses.replace(vision, extra=vision.extra + 2 * cfg.num_image_tokens * d * d)
-  # Pooling and feature-metric merging run after the projector; the others before.
-  after_projector = red.pool_stride > 1 or (ex.merge_r and red.merge_metric == "features")
-  projector = projector_flops(cfg, cfg.num_image_tokens if after_projector else visual, batch)
+    vision_in, vision_mlp = plan.vision_tokens, plan.vision_mlp
+    visual, projector_in = plan.num_visual, plan.projector_tokens
+    llm_visual, mod_visual = plan.llm_visual, plan.mod_visual
+  vision = vision_flops(cfg, batch, vision_in, vision_mlp)
+  projector = projector_flops(cfg, projector_in, batch)
   layers = cfg.text.num_layers
-  if red.mode == "reference":
+  if plan.mode == "reference":
     llm_tokens = (num_text_tokens + visual,) * layers
+    visual_in = (visual,) * layers
   else:
     llm_tokens = tuple(num_text_tokens + (v if m is None else m)
                        for v, m in zip(llm_visual, mod_visual))
-  llm = llm_flops(cfg, llm_tokens, batch=batch)
-  extra = sum(scorer_flops(cfg, red, llm_tokens[layer]) for layer in plan.score_layers)
-  # A p-MoD router reads every token of its layer's input: Linear(D -> 1).
-  extra += sum(2 * (num_text_tokens + llm_visual[l]) * cfg.text.hidden_size
-               for l, m in enumerate(mod_visual) if m is not None)
-  llm = dataclasses.replace(llm, extra=extra)
+    visual_in = llm_visual
+  extra = _stage_extras(cfg, plan, num_text_tokens, visual_in, llm_tokens)
+  vision = dataclasses.replace(vision, extra=vision.extra + extra["vision"])
+  llm = dataclasses.replace(llm_flops(cfg, llm_tokens, batch=batch), extra=extra["llm"])
   flops = PrefillFlops(vision, projector, llm, lm_head_flops(cfg, 1, batch))
   kv = kv_cache_bytes(cfg, [n + new_tokens for n in llm_tokens], batch, bytes_per_element)
   return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
@@ -363,34 +323,31 @@ def request_cost(cfg: LlavaConfig, plan, num_text_tokens: int, vision_tokens: in
   really got (the forward's aux: `vision_tokens`, `visual_per_layer`), as `plan_cost`.
 
   Vision: layer 0 on the whole sequence, the later layers on CLS + the `vision_tokens`
-  left after the window merge, plus the key set's CLS row of the last layer (its q for
-  one token, k for all, one row of logits). LLM: each layer on the text and its visual
-  count; each filter computes text rows × all keys of logits. KV cache: layers before
-  the first filter hold the post-merge tokens, later ones the last filter's survivors.
-  (`plan_cost` on such a plan gives the upper bound: every capacity full.)
-  `equivalent_tokens` counts each layer as it ran, `equivalent_tokens_official` as the
-  official script does (a filter layer after its filter).
+  left after the vision cut. LLM: each layer on the text and its visual count. The
+  data-dependent stages add their own FLOPs, say which tokens each layer caches and
+  what else to report (`request_extras`, e.g. MustDrop's key set and filters, its
+  output-aware cache and `equivalent_tokens_official`). (`plan_cost` on such a plan
+  gives the upper bound: every capacity full.)
   """
-  red = plan.reduction
   layers = cfg.text.num_layers
   visual = _per_layer(tuple(int(v) for v in visual_per_layer), layers, "visual_per_layer")
-  n = 1 + int(vision_tokens)
+  n = int(cfg.vision.has_cls) + int(vision_tokens)
   run = cfg.vision_layers_used
-  vision = vision_flops(cfg, 1, (cfg.vision.seq_len,) + (n,) * (run - 1))
-  d = cfg.vision.hidden_size
-  key_set = 2 * d * d + 2 * n * d * d + 2 * n * d if red.window else 0
-  vision = dataclasses.replace(vision, extra=vision.extra + key_set)
+  cut = any(kind == "vision" for kind, _ in plan.cuts)
+  vision = vision_flops(cfg, 1, (cfg.vision.seq_len,) + (n if cut else cfg.vision.seq_len,)
+                        * (run - 1))
   projector = projector_flops(cfg, int(vision_tokens))
   llm_tokens = tuple(num_text_tokens + v for v in visual)
-  t = cfg.text
-  extra = sum(2 * num_text_tokens * llm_tokens[l] * t.num_heads * t.head_dim
-              for l in red.filter_layers)
-  llm = dataclasses.replace(llm_flops(cfg, llm_tokens), extra=extra)
+  extra, cached, report = {"vision": 0, "llm": 0}, list(llm_tokens), {}
+  for stage in plan.stages:
+    if hasattr(stage, "request_extras"):
+      got = stage.request_extras(cfg, num_text_tokens, vision_tokens, llm_tokens)
+      extra["vision"] += got["vision"]
+      extra["llm"] += got["llm"]
+      cached, report = got["cached"], {**report, **got["report"]}
+  vision = dataclasses.replace(vision, extra=vision.extra + extra["vision"])
+  llm = dataclasses.replace(llm_flops(cfg, llm_tokens), extra=extra["llm"])
   flops = PrefillFlops(vision, projector, llm, lm_head_flops(cfg, 1))
-  first = red.filter_layers[0] if red.filter_layers else layers
-  cached = [llm_tokens[0] if l < first else llm_tokens[-1] for l in range(layers)]
   kv = kv_cache_bytes(cfg, [c + new_tokens for c in cached], 1, bytes_per_element)
   return dict(flops=flops, kv_bytes=kv, llm_tokens=llm_tokens,
-              equivalent_tokens=equivalent_visual_tokens(visual),
-              equivalent_tokens_official=equivalent_visual_tokens_official(
-                  visual, red.filter_layers))
+              equivalent_tokens=equivalent_visual_tokens(visual), **report)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax.engine import segmented
-from tokred_jax.methods import reduction
+from tokred_jax.methods.base import Plan, Recipe, make_plan
 from tokred_jax.models.llava import DecodeState, Llava
 
 
@@ -73,19 +73,19 @@ class Generator:
 
   def __init__(self, model: Llava, sampling: SamplingConfig = SamplingConfig(),
                pad_token_id: int = 0, eos_ids: tuple[int, ...] | None = None,
-               plan: reduction.Plan | None = None):
+               plan: Plan | None = None):
     """eos_ids: tokens that end a sample (default: the model config's); () never stops.
     plan: the token reduction (default: none)."""
     self.model = model
     self.sampling = sampling
-    self.plan = plan or reduction.make_plan(reduction.Reduction(), model.cfg)
+    self.plan = plan or make_plan(Recipe(), model.cfg)
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else eos_ids
     self.eos_ids = jnp.asarray(eos_ids or (-1,), jnp.int32)
     self.pad_token_id = pad_token_id
     self.trace_counts = collections.Counter()
     self._prefill = jax.jit(self._prefill_impl)
     self._segmented = None
-    if self.plan.reduction.data_dependent and self.plan.reduction.mode == "fast":
+    if self.plan.data_dependent and self.plan.mode == "fast":
       self._segmented = segmented.SegmentedPrefill(model, self.plan, self.trace_counts)
     self._decode = jax.jit(self._decode_impl)
 
@@ -129,7 +129,7 @@ class Generator:
     carry = (jnp.int32(1), token, state, rng, out, done)
     return jax.lax.while_loop(cond, body, carry)[4]
 
-  def prefill(self, params, batch, counts: reduction.Counts | None = None):
+  def prefill(self, params, batch, counts: tuple | None = None):
     """batch: dict with input_ids, attention_mask, positions (i32/bool[B, T]) and
     pixel_values f32[B, S, S, C]; counts: the exact counts (default: the plan's) ->
     (logits f32[B, V] of the last position, DecodeState)."""

@@ -24,7 +24,7 @@ from tokred_jax.core import sharding
 from tokred_jax.engine import cost, segmented
 from tokred_jax.engine.generate import Generator, SamplingConfig
 from tokred_jax.io import checkpoint, processing, templates
-from tokred_jax.methods import reduction
+from tokred_jax.methods.base import Plan, Recipe, make_plan
 from tokred_jax.models.config import LlavaConfig
 from tokred_jax.models.llava import Llava
 
@@ -114,8 +114,8 @@ class Pipeline:
             {"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"],
             b["positions"], plan=plan, counts=counts, return_aux=aux),
         static_argnames=("plan", "aux"))
-    self._generators: dict[tuple[SamplingConfig, reduction.Plan], Generator] = {}
-    self._segmented: dict[reduction.Plan, segmented.SegmentedPrefill] = {}
+    self._generators: dict[tuple[SamplingConfig, Plan], Generator] = {}
+    self._segmented: dict[Plan, segmented.SegmentedPrefill] = {}
 
   @classmethod
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
@@ -156,19 +156,20 @@ class Pipeline:
                    else sharding.shard_params(params, self.mesh, self.rules))
     return self
 
-  def plan(self, method: str | reduction.Reduction | reduction.Plan | None = None,
-           retention: float | None = None, mode: str = "fast", **kwargs) -> reduction.Plan:
+  def plan(self, method: str | Recipe | Plan | None = None, retention: float | None = None,
+           mode: str = "fast", **kwargs) -> Plan:
     """The static plan of a token-reduction method for this model: a name from
-    `methods.METHODS` / `methods.PRESETS` (optionally at a retention level), a
-    `Reduction`, or a plan already made. None: no reduction."""
-    if isinstance(method, reduction.Plan):
+    `methods.METHODS` / `methods.PRESETS` / `methods.PARTS`, or several joined with "+"
+    (optionally at a retention level), a `Recipe`, or a plan already made. None: no
+    reduction."""
+    if isinstance(method, Plan):
       return method
     if method is None or isinstance(method, str):
       method = methods.get(method or "none", self.cfg, retention, mode, **kwargs)
-    return reduction.make_plan(method, self.cfg)
+    return make_plan(method, self.cfg)
 
   def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int = 0,
-              chat_template: bool = True, plan: reduction.Plan | None = None,
+              chat_template: bool = True, plan: Plan | None = None,
               template: str | None = None) -> dict[str, np.ndarray]:
     """Images (paths, PIL images or uint8 arrays) and prompts -> padded model inputs,
     with as many image-token slots as the plan has visual tokens.
@@ -200,7 +201,7 @@ class Pipeline:
       raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt: the "
                        f"model holds {positions} positions in all; ask for fewer new tokens.")
 
-  def _validate(self, batch: dict[str, np.ndarray], plan: reduction.Plan):
+  def _validate(self, batch: dict[str, np.ndarray], plan: Plan):
     """Checks a batch and places it on the mesh, split on the batch axis."""
     if self.params is None:
       raise ValueError("this pipeline has no weights yet (Pipeline.load(..., "
@@ -230,7 +231,7 @@ class Pipeline:
       return contextlib.nullcontext()
     return sharding.activation_sharding(self.mesh, self.rules)
 
-  def forward(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
+  def forward(self, batch: dict[str, np.ndarray], plan: Plan | None = None,
               return_aux: bool = False):
     """Logits f32[B, T, V] for every position of a prepared batch (zeros where a
     fast-mode method pruned the token); with return_aux also which visual tokens
@@ -238,15 +239,15 @@ class Pipeline:
     plan = self.plan(plan)
     batch = self._validate(batch, plan)
     with self._sharded():
-      if plan.reduction.data_dependent and plan.reduction.mode == "fast":
-        # MustDrop: segments compacted to bucketed counts, so the savings are real.
+      if plan.data_dependent and plan.mode == "fast":
+        # Data-dependent counts: segments compacted to bucketed counts, real savings.
         if plan not in self._segmented:
           self._segmented[plan] = segmented.SegmentedPrefill(self.model, plan)
         out = self._segmented[plan](self.params, batch, plan.counts())
         return (out["logits"], out["aux"]) if return_aux else out["logits"]
       return self._forward(self.params, batch, plan, plan.counts(), return_aux)
 
-  def generator(self, sampling: SamplingConfig, plan: reduction.Plan | None = None
+  def generator(self, sampling: SamplingConfig, plan: Plan | None = None
                 ) -> Generator:
     plan = self.plan(plan)
     if (sampling, plan) not in self._generators:
@@ -255,7 +256,7 @@ class Pipeline:
     return self._generators[sampling, plan]
 
   def generate_tokens(self, batch: dict[str, np.ndarray], sampling: SamplingConfig,
-                      rng: jax.Array | None = None, plan: reduction.Plan | None = None
+                      rng: jax.Array | None = None, plan: Plan | None = None
                       ) -> tuple[np.ndarray, Timings]:
     """New tokens i32[B, max_new_tokens] for a prepared batch, and how long it took."""
     _check_sampling(sampling, rng)
@@ -274,7 +275,7 @@ class Pipeline:
 
   def generate(self, images: Sequence[Any], prompts: Sequence[str],
                sampling: SamplingConfig = SamplingConfig(), rng: jax.Array | None = None,
-               plan: reduction.Plan | str | None = None) -> list[str]:
+               plan: Plan | str | None = None) -> list[str]:
     """Answers, one string per prompt, with the token reduction `plan` (see `plan`)."""
     _check_sampling(sampling, rng)
     plan = self.plan(plan)
@@ -282,7 +283,7 @@ class Pipeline:
     tokens, _ = self.generate_tokens(batch, sampling, rng, plan)
     return [self.tokenizer.decode(row) for row in tokens]
 
-  def token_counts(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
+  def token_counts(self, batch: dict[str, np.ndarray], plan: Plan | None = None,
                    new_tokens: int = 0) -> dict[str, Any]:
     """Token counts of the first sample: real text tokens, the visual tokens the plan
     hands the LLM and its equivalent tokens (mean over LLM layers), the bucket length.
@@ -292,22 +293,21 @@ class Pipeline:
     plan = self.plan(plan)
     mask = np.asarray(batch["attention_mask"][0])
     slots = int(np.sum(np.asarray(batch["input_ids"][0]) == self.cfg.image_token_id))
-    data_dependent = plan.reduction.data_dependent
-    into_llm, per_layer = plan.exact.visual, plan.visual_per_layer
-    if data_dependent:
+    into_llm, per_layer, aux = plan.exact.visual, plan.visual_per_layer, {}
+    if plan.data_dependent:
       _, aux = self.forward(batch, plan, return_aux=True)
       per_layer = np.asarray(aux["visual_per_layer"])[:, 0].tolist()
       into_llm = per_layer[0]
     counts = {"visual tokens before reduction": self.cfg.num_image_tokens,
               "visual tokens into the LLM": into_llm,
               "equivalent visual tokens": round(cost.equivalent_visual_tokens(per_layer), 1)}
-    if data_dependent:
+    if "equivalent_tokens_official" in aux:
       counts["equivalent visual tokens, official MustDrop count"] = round(
-          cost.equivalent_visual_tokens_official(per_layer, plan.reduction.filter_layers), 1)
+          float(aux["equivalent_tokens_official"][0]), 1)
     return {**counts, "text tokens": int(mask.sum()) - slots,
             "bucket length": mask.shape[0], "new tokens": new_tokens}
 
-  def cost(self, batch: dict[str, np.ndarray], plan: reduction.Plan | None = None,
+  def cost(self, batch: dict[str, np.ndarray], plan: Plan | None = None,
            new_tokens: int = 0) -> dict[str, Any]:
     """Analytic prefill FLOPs per stage and KV-cache bytes of what the compiled program
     computes for a prepared batch (padding and bucket capacities included)."""

@@ -53,12 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax import methods
+from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.engine import cost
 from tokred_jax.engine.generate import SamplingConfig
 from tokred_jax.engine.pipeline import Pipeline
-from tokred_jax.methods import fastv, reduction, registry
+from tokred_jax.methods import fastv, registry
+from tokred_jax.methods.base import Plan, make_plan
 from tokred_jax.models.config import ConfigError, LlavaConfig
-from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
 
 RETENTIONS = (0.5, 0.25, 0.125)
 SWEPT_METHODS = ("aim", "fastv", "tome", "random", "pooling")
@@ -66,18 +67,24 @@ SWEPT_METHODS = ("aim", "fastv", "tome", "random", "pooling")
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """A method (see `methods.METHODS`) or preset (`methods.PRESETS`), with an optional
-  retention level in (0, 1] for methods. Checked when made."""
+  """A method (see `methods.METHODS`), a preset (`methods.PRESETS`) or a composed recipe
+  ("tome+fastv", parts joined with "+", see `methods.registry`), with an optional
+  retention level in (0, 1] for methods and recipes. Checked when made."""
   method: str
   retention: float | None = None
   # Keyword arguments of the method's builder, e.g. (("k", 1),) for FastV.
   options: tuple[tuple[str, int | float], ...] = ()
 
   def __post_init__(self):
-    known = set(methods.METHODS) | set(methods.PRESETS)
-    if self.method not in known:
+    known = set(methods.METHODS) | set(methods.PRESETS) | set(methods.PARTS)
+    parts = self.method.split("+")
+    if any(p not in known for p in parts) or len(parts) == 1 and self.method in methods.PARTS:
       raise ConfigError(f"unknown method {self.method!r}; choose from {methods.METHODS} or "
-                        f"the presets {sorted(methods.PRESETS)}.")
+                        f"the presets {sorted(methods.PRESETS)} (or join methods, presets "
+                        f"and the parts {sorted(methods.PARTS)} with '+').")
+    if len(parts) > 1 and self.options:
+      raise ConfigError(f"setting {self.method}: a composed recipe takes no options here; "
+                        "set them in a config file (methods.get(name, cfg, part={...})).")
     if self.method == "none" and self.retention == 1:
       object.__setattr__(self, "retention", None)  # one dense setting, however written
     if self.retention is None:
@@ -123,11 +130,11 @@ def parse_settings(spec: str) -> list[Setting]:
   return out
 
 
-def setting_plan(cfg: LlavaConfig, setting: Setting) -> reduction.Plan:
+def setting_plan(cfg: LlavaConfig, setting: Setting) -> Plan:
   """The setting's plan for a model of `cfg` (its config alone: no weights needed).
   ConfigError says why the model cannot run it, an option its method lacks included."""
   options = dict(setting.options)
-  builder = registry._BUILDERS.get(setting.base_method)  # pylint: disable=protected-access
+  builder = registry.BUILDERS.get(setting.base_method)
   takes = inspect.signature(builder).parameters if builder else {}
   if not any(p.kind == p.VAR_KEYWORD for p in takes.values()):
     known = [n for n in takes if n not in ("cfg", "retention", "mode")]
@@ -138,8 +145,7 @@ def setting_plan(cfg: LlavaConfig, setting: Setting) -> reduction.Plan:
                         + (f"its options are {', '.join(known)}." if known else
                            "it takes none."))
   try:
-    return reduction.make_plan(methods.get(setting.method, cfg, setting.retention,
-                                           **options), cfg)
+    return make_plan(methods.get(setting.method, cfg, setting.retention, **options), cfg)
   except TypeError as e:  # an option that a schedule behind **kwargs does not take
     raise ConfigError(f"setting {setting.label}: {e}.") from None
 
@@ -222,7 +228,7 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
   # TFDS would try to build a missing data set (and fail without TensorFlow): say how.
   elif not os.path.isdir(os.path.join(data_dir, *dataset.split(":")[0].split("/"))):
     raise ValueError(f"{dataset} is not built in {data_dir}; build it with `python -m "
-                     f"tokred_jax.proj.glyph_vqa.dataset --data_dir={data_dir}` (add "
+                     f"tokred_jax.data.glyph_vqa --data_dir={data_dir}` (add "
                      "--config=small for the small one), or leave out data_dir.")
   else:
     try:
@@ -343,16 +349,17 @@ def model_summary(pipe: Pipeline) -> dict[str, Any]:
       params={**params, "total": sum(params.values())})
 
 
-def _costs(pipe: Pipeline, plan: reduction.Plan, batch: dict[str, np.ndarray], rows: int
+def _costs(pipe: Pipeline, plan: Plan, batch: dict[str, np.ndarray], rows: int
            ) -> list[tuple[float, float, float, float]]:
   """(FLOPs, KV bytes, equivalent visual tokens, the official MustDrop count of them)
   of the first `rows` samples at the method's exact counts and each sample's real
   prompt length (the last entry equals the third for other methods)."""
   text = np.sum(batch["attention_mask"][:rows], axis=1) - plan.num_visual
   item = jnp.dtype(pipe.dtype).itemsize
-  if plan.reduction.data_dependent:  # MustDrop: the counts each sample really got
+  if plan.data_dependent:  # MustDrop: the counts each sample really got
     _, aux = pipe.forward(batch, plan, return_aux=True)
-    merged, per_layer = np.asarray(aux["vision_tokens"]), np.asarray(aux["visual_per_layer"])
+    per_layer = np.asarray(aux["visual_per_layer"])
+    merged = np.asarray(aux.get("vision_tokens", np.full(rows, pipe.cfg.num_image_tokens)))
     costs = [cost.request_cost(pipe.cfg, plan, int(n), int(merged[i]), per_layer[:, i],
                                bytes_per_element=item) for i, n in enumerate(text)]
   else:
@@ -362,7 +369,7 @@ def _costs(pipe: Pipeline, plan: reduction.Plan, batch: dict[str, np.ndarray], r
            c.get("equivalent_tokens_official", c["equivalent_tokens"])) for c in costs]
 
 
-def _run_setting(pipe: Pipeline, plan: reduction.Plan, examples: Sequence[Example],
+def _run_setting(pipe: Pipeline, plan: Plan, examples: Sequence[Example],
                  batch_size: int, sampling: SamplingConfig, result: SettingResult,
                  progress: Callable[[str, int], None]):
   """Fills `result` (its per-type counts at zero) with the setting's predictions, scores,
@@ -390,7 +397,7 @@ def _run_setting(pipe: Pipeline, plan: reduction.Plan, examples: Sequence[Exampl
   flops, kv, equivalent, official = np.mean(np.asarray(costs, np.float64), axis=0)
   result.flops, result.kv_bytes = float(flops), float(kv)
   result.equivalent_visual_tokens = float(equivalent)
-  if plan.reduction.data_dependent:
+  if plan.data_dependent:
     result.equivalent_visual_tokens_official = float(official)
   result.flops_compiled = compiled / len(examples)
   result.latency_s = statistics.median(times)

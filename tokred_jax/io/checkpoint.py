@@ -288,6 +288,8 @@ def read_config(path: str | os.PathLike) -> LlavaConfig:
                           "the config.json of the checkpoint.")
   try:
     cfg = config_lib.from_hf_dict(d)
+    if cfg.template is not None:
+      templates.get(cfg.template)
   except (ValueError, TypeError, KeyError, AttributeError) as e:  # ConfigError included.
     raise CheckpointError(f"{file} does not describe a supported LLaVA model: {e}") from e
   if cfg.template is None:

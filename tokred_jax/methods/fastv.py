@@ -14,10 +14,17 @@ h head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+
+from tokred_jax.core import attention
+from tokred_jax.methods import prune
+from tokred_jax.methods.base import Recipe, check_retention
+from tokred_jax.models.config import ConfigError, LlavaConfig
 
 # Presets (paper and official scripts): prune after 2 layers, drop half the visual tokens.
 FASTV_K = 2
@@ -45,12 +52,8 @@ def last_token_scores(q_last: jax.Array, k: jax.Array, key_valid: jax.Array) -> 
     never picks a masked slot.
   """
   b, num_heads, head_dim = q_last.shape
-  t, num_kv = k.shape[1], k.shape[2]
-  if k.shape != (b, t, num_kv, head_dim):
-    raise ValueError(f"keys {k.shape} do not match the query {q_last.shape}: expected "
-                     f"[{b}, T, K, {head_dim}].")
-  if num_heads % num_kv:
-    raise ValueError(f"{num_heads} query heads do not group evenly over {num_kv} kv heads.")
+  t = k.shape[1]
+  num_kv = attention.check_grouped_heads(q_last[:, None], k)
   groups = num_heads // num_kv
   q32 = q_last.astype(jnp.float32).reshape(b, num_kv, groups, head_dim)
   logits = jnp.einsum("bkgd,btkd->bkgt", q32, k.astype(jnp.float32), precision=_HIGHEST)
@@ -85,3 +88,43 @@ def layer_ratios(num_layers: int, k: int = FASTV_K, r: float = FASTV_R) -> tuple
   if not 0 <= r <= 1:
     raise ValueError(f"FastV drop ratio r must lie in [0, 1], got {r}.")
   return tuple(1.0 if layer < k else 1.0 - r for layer in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LastTokenPlan(prune.PrunePlan):
+  name: ClassVar[str] = "FastV"
+
+  def score(self, run, stream, q, k):
+    return last_token_scores(q[:, -1], k, stream.keys_valid)
+
+  def scorer_flops(self, cfg, num_tokens):
+    return 2 * num_tokens * cfg.text.num_heads * cfg.text.head_dim  # one row of logits
+
+
+@dataclasses.dataclass(frozen=True)
+class LastToken(prune.Prune):
+  """FastV's pruning: layer ℓ keeps ⌊N_v · ratios[ℓ]⌋ visual tokens, ranked by the last
+  token's attention in layer ℓ − 1 (`layer_ratios` makes FastV's (K, R) schedule)."""
+  name: ClassVar[str] = "FastV"
+  plan_class: ClassVar[type] = LastTokenPlan
+
+
+def build(cfg: LlavaConfig, retention: float | None = None, k: int = FASTV_K,
+          r: float = FASTV_R, mode: str = "fast") -> Recipe:
+  """FastV: layers 0..k−1 see every visual token; layer k−1's last-token attention
+  drops the fraction r for the rest. With `retention`, r is solved from
+  (k + (L − k)(1 − r)) / L = retention."""
+  n_layers = cfg.text.num_layers
+  if retention is not None:
+    check_retention(retention)
+    r = 1 - (retention * n_layers - k) / (n_layers - k)
+    if r > 1:
+      raise ConfigError(f"FastV with k={k} keeps every visual token in its first {k} of "
+                        f"{n_layers} layers, so it cannot retain less than "
+                        f"{k / n_layers:.3f} on average; ask for more or lower k.")
+    r = max(r, 0.0)
+  try:
+    ratios = layer_ratios(n_layers, k, r)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return Recipe((LastToken(ratios),), "fastv", mode)

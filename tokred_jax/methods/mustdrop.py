@@ -38,25 +38,27 @@ What the official code does beyond METHODS.md (files under llava/model/):
   cut to the tokens that survived layer 14. In decoding the new token's position id in
   each layer is that layer's cache length (so layers 0–1 and the others disagree).
 
-In the model (llava.py, vit.py, reduction.py, segmented.py; `methods.get("mustdrop-64",
-cfg)` or `methods.get("mustdrop", cfg, gamma=..., alpha=...)`):
+In the model two stages carry it (`build`; `methods.get("mustdrop-64", cfg)` or
+`methods.get("mustdrop", cfg, gamma=..., alpha=...)`): `Window`, the window merge after
+tower layer 0, and `KeyFilter`, the key set, the filters, the output-aware cache and
+the official decode positions.
 - fast mode (default) runs the prefill in segments cut at the data-dependent points
-  (segmented.py): after the window merge and after every filter the stream is compacted
-  to the largest count over the batch rounded up to `token_bucket`, so later ViT and
-  LLM layers really run on fewer tokens, and each layer >= the first filter keeps a KV
-  cache of the text and the last filter's survivors only. Every sample keeps its own
-  counts. Positions: the visual tokens leaving the tower are numbered consecutively (as
-  the official code does), and the in-LLM drops keep every token's position, so every
-  layer decodes from the prompt's last position (a deviation: see reference mode).
+  (engine/segmented.py): after the window merge and after every filter the stream is
+  compacted to the largest count over the batch rounded up to `token_bucket`, so later
+  ViT and LLM layers really run on fewer tokens, and each layer >= the first filter
+  keeps a KV cache of the text and the last filter's survivors only. Every sample keeps
+  its own counts. Positions: the visual tokens leaving the tower are numbered
+  consecutively (as the official code does), and the in-LLM drops keep every token's
+  position, so every layer decodes from the prompt's last position (a deviation: see
+  reference mode).
 - reference mode runs in one program and masks: dropped tokens stay in the arrays,
   positions are renumbered contiguously after each filter (`renumber_positions`), and
   layers >= the first filter mask their caches to the survivors. While decoding, each
   layer gives the new token its own position, the live entries of its cache plus the
-  step, as the official code does (`llava.decode_positions`: layers before the first
-  filter continue from the whole prompt, the later ones from the last filter's
-  survivors). It matches the official code at batch size 1 (the official window merge
-  takes the minimum count over a batch); at larger batches every sample is treated as
-  it would be alone.
+  step, as the official code does (layers before the first filter continue from the
+  whole prompt, the later ones from the last filter's survivors). It matches the
+  official code at batch size 1 (the official window merge takes the minimum count
+  over a batch); at larger batches every sample is treated as it would be alone.
 - The same one-program path with fast mode (what `Llava.__call__` computes under one
   jit) masks with original positions: it equals the segmented fast mode wherever both
   hold a token, and saves nothing.
@@ -72,15 +74,18 @@ h head dim; N tokens of the vision tower, W windows, M patches per window.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax.core import tokens
-from tokred_jax.models import layers
+from tokred_jax.core import attention, tokens
+from tokred_jax.methods.base import Flow, Recipe, Stage, StagePlan
+from tokred_jax.models.config import ConfigError, LlavaConfig
 
 # Presets (official scripts/v1_5/eval/textvqa_*.sh): (gamma, alpha) = the global and
 # individual thresholds. The labels are the AVERAGE visual-token count over the 32
@@ -141,13 +146,6 @@ def window_scores(features: jax.Array, grid: int, window: int = WINDOW) -> jax.A
   return jnp.sum(jnp.where(off_diagonal, sims, 0.0), axis=(-2, -1)) / (m * (m - 1))
 
 
-def _follow(sources: jax.Array, slot_map: jax.Array) -> jax.Array:
-  """Patches' slots after a renumbering: sources i32[B, P] (-1 dropped), slot_map
-  i32[B, N] new slot of each old slot -> i32[B, P]."""
-  new = jnp.take_along_axis(slot_map, jnp.maximum(sources, 0), axis=1)
-  return jnp.where(sources >= 0, new, -1)
-
-
 def window_merge(ts: tokens.TokenSet, grid: int, window: int = WINDOW,
                  threshold: float = MERGE_THRESHOLD) -> tokens.TokenSet:
   """MustDrop's local spatial merge (after ViT layer 0).
@@ -195,7 +193,7 @@ def window_merge(ts: tokens.TokenSet, grid: int, window: int = WINDOW,
       features=jnp.concatenate([ts.features, means.astype(ts.features.dtype)], axis=1),
       valid=jnp.concatenate([unmerged, merged], axis=1),
       sizes=jnp.concatenate([ts.sizes, sums], axis=1),
-      sources=_follow(ts.sources, slot_map))
+      sources=tokens.remap(ts.sources, slot_map))
   # Sort keys: group (merged windows, unmerged patches, empty), then -score within the
   # merged group, then slot (raster order for patches, window index on score ties).
   group = jnp.concatenate([jnp.where(unmerged, 1, 2), jnp.where(merged, 0, 2)], axis=1)
@@ -290,7 +288,7 @@ def dual_attention_stats(q: jax.Array, k: jax.Array, text_query: jax.Array,
     (g, m), each f32[B, T]: the statistics at live visual slots, 0 elsewhere.
   """
   b, t, num_heads, head_dim = q.shape
-  num_kv = layers.check_grouped_heads(q, k)
+  num_kv = attention.check_grouped_heads(q, k)
   capacity = t if text_capacity is None else text_capacity
   rows, row_ok = tokens.compact_indices(text_query, capacity)  # [B, Q]
   groups = num_heads // num_kv
@@ -390,8 +388,8 @@ def renumber_positions(valid: jax.Array) -> jax.Array:
   prompt put them. Fast mode (the default) keeps every token's ORIGINAL position id,
   as for FastV and AIM; reference mode masks instead of removing and uses these.
   (In decoding the official code uses each layer's cache length as the new token's
-  position: `output_aware_keep` sizes those caches, `llava.decode_positions` counts
-  them.)
+  position: `output_aware_keep` sizes those caches, `KeyFilterPlan.decode_positions`
+  counts them.)
 
   Args:
     valid: bool[B, T] live tokens, in sequence order (padding False).
@@ -401,3 +399,237 @@ def renumber_positions(valid: jax.Array) -> jax.Array:
     rank of the last live token before it (0 before any), never read.
   """
   return jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+
+
+# --- The stages ----------------------------------------------------------------------
+
+def post_filter_layers(num_layers: int, filter_layers: Sequence[int]) -> np.ndarray:
+  """Which layer's processed count the official script records for each layer: i32[L],
+  a filter layer f reads f + 1 (what survives its filter enters the next layer), every
+  other layer itself. Index a per-layer count array [L, ...] with it."""
+  bad = [f for f in filter_layers if not 0 <= f < num_layers - 1]
+  if bad:
+    raise ValueError(f"filter layers {bad} are outside [0, {num_layers - 1}): the layer "
+                     "after a filter must exist to hold its survivors.")
+  index = np.arange(num_layers)
+  index[list(filter_layers)] = np.asarray(filter_layers, int) + 1
+  return index
+
+
+def equivalent_tokens_official(visual_per_layer: Sequence[int],
+                               filter_layers: Sequence[int]) -> float:
+  """The official script's "equivalent tokens": the mean visual-token count over the
+  layers, a filter layer counted with the tokens that survive its filter (the next
+  layer's count). visual_per_layer: what each layer processed."""
+  counts = np.asarray(tuple(visual_per_layer))
+  if not counts.size:
+    raise ValueError("equivalent_tokens_official needs at least one layer's count.")
+  return float(np.mean(counts[post_filter_layers(len(counts), filter_layers)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan(StagePlan):
+  """The window merge after tower layer 0; threshold (traced)."""
+  name: ClassVar[str] = "MustDrop's window merge"
+  cuts: ClassVar[tuple] = (("vision", 0),)
+  window: int
+  grid: int
+  has_cls: bool
+  threshold: float = dataclasses.field(compare=False)
+
+  def traced(self):
+    return jnp.asarray(self.threshold, jnp.float32)
+
+  def vision_layer(self, run, c, index, layer, ts, next):
+    ts = next(ts)
+    if index != 0:
+      return ts
+    run.vision_masked = True  # later layers mask the empty slots it leaves
+    if not self.has_cls:
+      return window_merge(ts, self.grid, self.window, c)
+    first, patches = tokens.split_first(ts)
+    return tokens.join_first(first, window_merge(patches, self.grid, self.window, c),
+                             ts.sources == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(Stage):
+  """Merges every window×window window of patches whose mean pairwise cosine similarity
+  after tower layer 0 is at least `threshold` into its mean (`window_merge`)."""
+  window: int = WINDOW
+  threshold: float = MERGE_THRESHOLD
+  point: ClassVar[str] = "vision"
+  name: ClassVar[str] = "MustDrop's window merge"
+
+  def plan(self, flow: Flow) -> WindowPlan:
+    if self.window < 2:
+      raise ConfigError(f"window must be 0 (no window merge) or >= 2, got {self.window}.")
+    grid = math.isqrt(flow.cfg.vision.num_patches)
+    if grid % self.window:
+      raise ConfigError(f"window {self.window} does not divide the {grid}x{grid} patch grid.")
+    if flow.vision[0][1].cap != flow.cfg.vision.seq_len:
+      raise ConfigError("MustDrop's window merge needs the whole patch grid after layer 0; "
+                        "put it before stages that merge inside the tower.")
+    flow.data_dependent = flow.data_dependent or self.name
+    return WindowPlan(self.window, grid, flow.cfg.vision.has_cls, threshold=self.threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyFilterPlan(StagePlan):
+  """The key set, the dual-attention filters after `filter_layers`, the output-aware
+  cache of the layers from the first filter on, and (reference mode) the official
+  positions; gamma, alpha (traced)."""
+  name: ClassVar[str] = "MustDrop's filter"
+  key_ratio: float
+  filter_layers: tuple[int, ...]
+  gamma: float = dataclasses.field(compare=False)
+  alpha: float = dataclasses.field(compare=False)
+
+  @property
+  def cuts(self):
+    return tuple(("llm", f) for f in self.filter_layers)
+
+  @property
+  def trim_caches_from(self) -> int | None:
+    """Layers from here on keep, for decoding, only the tokens that survive prefill."""
+    return self.filter_layers[0] if self.filter_layers else None
+
+  def traced(self):
+    return jnp.asarray([self.gamma, self.alpha], jnp.float32)
+
+  def tower_output(self, run, c, ts):
+    """The key set: the CLS row of the LAST tower layer's attention, run on the feature
+    layer's output (LLaVA's −2); only that row's logits are computed."""
+    last = run.model.vision.layers[-1]
+    h = last.ln1(ts.features)
+    weights = cls_attention(last.attn.q(h[:, 0]), last.attn.k(h), ts.valid)
+    run.carry["mustdrop.key"] = key_tokens(weights[..., 1:], ts.valid[:, 1:], self.key_ratio)
+    return ts
+
+  def after_llm_layer(self, run, c, index, q, k, stream):
+    if index not in self.filter_layers:
+      return stream
+    key = run.carry["mustdrop.key"]
+    key_token = stream.visual & jnp.take_along_axis(key, jnp.maximum(stream.vslot, 0), axis=1)
+    # The text after the image (question and assistant prefix), by prompt index: fast
+    # mode moves dead visual slots to the front of the stream.
+    last_visual = jnp.max(jnp.where(stream.visual, stream.index, -1), axis=1, keepdims=True)
+    text_query = stream.keys_valid & ~stream.visual & (stream.index > last_visual)
+    text_capacity = stream.visual.shape[1] - run.visual_slots
+    survive = dual_attention_drop(q, k, text_query, stream.visual & stream.alive,
+                                  stream.keys_valid, key_token, c[0], c[1],
+                                  max(text_capacity, 1))
+    # Dropped tokens are marked dead in both modes (the segmented prefill removes them
+    # between segments); reference mode renumbers the live ones, as the official code.
+    stream = stream._replace(alive=stream.alive & (~stream.visual | survive))
+    if run.mode == "reference":
+      stream = stream._replace(positions=renumber_positions(stream.keys_valid))
+    return stream
+
+  def prefill_caches(self, run, c, caches):
+    if not self.filter_layers:
+      return caches
+    keep = output_aware_keep([v for _, v in caches], None, self.filter_layers[0])
+    return [(cache, v) for (cache, _), v in zip(caches, keep)]
+
+  def decode_positions(self, run, c, cache_valid, positions):
+    """Reference mode: each layer continues from its own cache's live entries."""
+    if run.mode != "reference":
+      return positions
+    return tuple(jnp.sum(v, axis=1, dtype=jnp.int32) for v in cache_valid)
+
+  def aux(self, run, c, aux):
+    per_layer = aux["visual_per_layer"]
+    official = per_layer[post_filter_layers(per_layer.shape[0], self.filter_layers)]
+    return {**aux, "equivalent_tokens_official": jnp.mean(official.astype(jnp.float32),
+                                                          axis=0)}
+
+  def request_extras(self, cfg: LlavaConfig, num_text: int, vision_tokens: int,
+                     llm_tokens: Sequence[int]) -> dict:
+    """A request's cost beyond its layers (engine/cost.request_cost): the key set's CLS
+    row of the last tower layer (its q for one token, k for all, one row of logits),
+    each filter's text rows × all keys of logits; layers before the first filter cache
+    the post-merge tokens, later ones the last filter's survivors."""
+    d, t = cfg.vision.hidden_size, cfg.text
+    n = 1 + int(vision_tokens)
+    first = self.filter_layers[0] if self.filter_layers else t.num_layers
+    visual = [x - num_text for x in llm_tokens]
+    return dict(
+        vision=2 * d * d + 2 * n * d * d + 2 * n * d,
+        llm=sum(2 * num_text * llm_tokens[l] * t.num_heads * t.head_dim
+                for l in self.filter_layers),
+        cached=[llm_tokens[0] if l < first else llm_tokens[-1] for l in range(t.num_layers)],
+        report=dict(equivalent_tokens_official=equivalent_tokens_official(
+            visual, self.filter_layers)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyFilter(Stage):
+  """MustDrop's key set (top key_ratio by the CLS attention) and the dual-attention
+  filter after each of `filter_layers` with thresholds (gamma, alpha)."""
+  filter_layers: tuple[int, ...] = FILTER_LAYERS
+  gamma: float = PRESETS["192"][0]
+  alpha: float = PRESETS["192"][1]
+  key_ratio: float = KEY_RATIO
+  point: ClassVar[str] = "tower_output"
+  name: ClassVar[str] = "MustDrop's filter"
+
+  def plan(self, flow: Flow) -> KeyFilterPlan:
+    cfg = flow.cfg
+    if not 0 < self.key_ratio <= 1:
+      raise ConfigError(f"key_ratio must lie in (0, 1], got {self.key_ratio}.")
+    if list(self.filter_layers) != sorted(set(self.filter_layers)):
+      raise ConfigError(f"filter_layers must increase strictly, got {self.filter_layers}.")
+    if self.gamma < 0 or self.alpha < 0:
+      raise ConfigError(f"gamma and alpha must be >= 0, got {self.gamma}, {self.alpha}.")
+    if not (cfg.vision.has_cls and cfg.vision_feature_select == "default"):
+      raise ConfigError("MustDrop's key set is the CLS token's attention: it needs a tower "
+                        "with a CLS token (CLIP) and vision_feature_select 'default'.")
+    if cfg.vision_layers_used != cfg.vision.num_layers - 1:
+      raise ConfigError("MustDrop reads the CLS attention of the tower's last layer on the "
+                        "feature layer's output; it needs vision_feature_layer -2.")
+    layers = cfg.text.num_layers
+    bad = [l for l in self.filter_layers if not 0 <= l < layers - 1]
+    if bad:
+      raise ConfigError(f"filter layers {bad} are outside [0, {layers - 1}) for a "
+                        f"{layers}-layer LLM (a filter needs a later layer).")
+    flow.locked = "MustDrop's key set"
+    flow.data_dependent = flow.data_dependent or self.name
+    return KeyFilterPlan(self.key_ratio, tuple(self.filter_layers), gamma=self.gamma,
+                         alpha=self.alpha)
+
+
+def filter_layers_for(num_layers: int) -> tuple[int, ...]:
+  """The filter layers: the official (2, 6, 10, 14) for 32 layers, scaled to other
+  depths (distinct, each with a later layer)."""
+  if num_layers == 32:
+    return FILTER_LAYERS
+  scaled = {min(num_layers - 2, max(1, round(f * num_layers / 32))) for f in FILTER_LAYERS}
+  return tuple(sorted(l for l in scaled if l >= 0))
+
+
+def build(cfg: LlavaConfig, retention: float | None = None, gamma: float = PRESETS["192"][0],
+          alpha: float = PRESETS["192"][1], window: int = WINDOW,
+          threshold: float = MERGE_THRESHOLD, key_ratio: float = KEY_RATIO,
+          filter_layers: tuple[int, ...] | None = None, token_bucket: int = 16,
+          mode: str = "fast", parts=("window", "filter")) -> Recipe:
+  """MustDrop: window merge in the tower (window 0: none), the key set, the
+  dual-attention filter with (gamma, alpha) after `filter_layers` (default: the
+  official ones, scaled to the depth) and the output-aware KV cache. Its counts are
+  data-dependent, so it takes thresholds, not a retention level; each request's real
+  equivalent-token count is in the forward's aux (`equivalent_tokens`). parts: "window"
+  and/or "filter", for recipes that take one half."""
+  if retention is not None:
+    raise ConfigError("MustDrop's token counts depend on the image and the question; ask "
+                      "for a preset (mustdrop-192, -128, -64) or gamma and alpha instead "
+                      "of a retention level.")
+  if window < 0 or window == 1:
+    raise ConfigError(f"window must be 0 (no window merge) or >= 2, got {window}.")
+  if filter_layers is None:
+    filter_layers = filter_layers_for(cfg.text.num_layers)
+  stages = []
+  if "window" in parts and window:
+    stages.append(Window(window, threshold))
+  if "filter" in parts:
+    stages.append(KeyFilter(tuple(filter_layers), gamma, alpha, key_ratio))
+  return Recipe(tuple(stages), "mustdrop", mode, token_bucket)

@@ -13,15 +13,28 @@ Skipped tokens stay in the stream for the next layer, whose router picks again.
 Schedules give R_ℓ per layer, or None for an ordinary dense layer (no router). PRD is a
 shifted cosine, R̃_ℓ = ½·cos(π·ℓ/(L−1)) + shift; layers with R̃_ℓ > dense_above are
 dense, the others keep max(R̃_ℓ, floor) (the official code hard-codes L − 1 = 31).
+
+`Route` is the stage (around every routed decoder layer); `build` makes the recipe from
+the ratios a checkpoint was trained at, a schedule, or a retention level.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from tokred_jax.core import sharding
+from tokred_jax.core.stream import keep_chosen, take, top_visual
+from tokred_jax.methods.base import Count, Flow, Recipe, Stage, StagePlan, bucket, \
+    check_retention, floor_count
+from tokred_jax.models import layers as model_layers
+from tokred_jax.models.config import ConfigError, LlavaConfig
+from tokred_jax.models.llava import LayerOut
 
 Ratios = tuple[float | None, ...]
 SCHEDULES = ("cosine", "linear", "stepped", "constant", "interleaved")
@@ -80,6 +93,9 @@ def schedule(name: str, num_layers: int, **kwargs) -> Ratios:
   return builders[name](num_layers, **kwargs)
 
 
+_schedule = schedule  # for `build`, whose argument has the name
+
+
 def router_layers(ratios: Ratios) -> tuple[int, ...]:
   """The layers that have a router (a ratio rather than None)."""
   return tuple(l for l, r in enumerate(ratios) if r is not None)
@@ -131,8 +147,6 @@ def tanh_norm(router_logits: jax.Array, alpha: float) -> jax.Array:
 def add_routers(cfg, params, layers: Sequence[int]):
   """A dense model made ready for p-MoD fine-tuning: zero-initialised routers (w = 1
   at first, so the model starts as the dense one) in `layers`. Returns (cfg, params)."""
-  import dataclasses
-  import numpy as np
   text = dataclasses.replace(cfg.text, router_layers=tuple(sorted(set(layers))))
   params = jax.tree_util.tree_map(lambda a: a, params)  # a copy of the containers
   for l in text.router_layers:
@@ -145,3 +159,121 @@ def add_routers(cfg, params, layers: Sequence[int]):
 def _check_layers(num_layers: int):
   if num_layers < 2:
     raise ValueError(f"a p-MoD schedule needs at least 2 layers, got {num_layers}.")
+
+
+# --- The stage ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RoutePlan(StagePlan):
+  """capacities: visual tokens each layer routes through (static), None: a dense layer;
+  counts: the exact routed counts (traced); ratios: the R_ℓ they came from."""
+  name: ClassVar[str] = "p-MoD"
+  capacities: tuple[int | None, ...]
+  counts: tuple[int | None, ...] = dataclasses.field(compare=False)
+  ratios: tuple[float | None, ...] = dataclasses.field(compare=False)
+
+  def traced(self):
+    return jnp.asarray([-1 if k is None else k for k in self.counts], jnp.int32)
+
+  def llm_layer(self, run, c, index, layer, stream, next):
+    """The router picks the visual tokens the layer processes (text always is); the
+    layer's cache holds the text and those. Skipped visual tokens become w·x (STRing)."""
+    capacity = self.capacities[index]
+    if capacity is None:
+      return next(stream)
+    w = tanh_norm(layer.route(stream.x), run.model.cfg.text.router_alpha)  # [B, T]
+    chosen, kept = top_visual(stream, w, capacity, c[index])
+    # Text and the chosen visual slots, in original order (a fixed count per sample).
+    order = keep_chosen(stream, chosen, run.visual_slots, capacity)
+    sub_visual = take(stream.visual, order)
+    sub_valid = take(stream.keys_valid, order) & (~sub_visual | take(kept, order))
+    h, cache, q = layer.attention_block(take(stream.x, order), take(stream.positions, order),
+                                        model_layers.causal_mask(sub_valid))
+    scale = jnp.where(sub_visual, take(w, order), 1.0)[..., None].astype(h.dtype)
+    out = h + scale * layer.mlp_branch(h)
+    x = jnp.where(stream.visual[..., None], w[..., None].astype(stream.x.dtype) * stream.x,
+                  stream.x)
+    write = (~sub_visual | take(kept, order))[..., None]
+    rows = jnp.arange(x.shape[0])[:, None]
+    x = x.at[rows, order].set(jnp.where(write, out, take(x, order)))
+    stream = stream._replace(x=sharding.constrain(x, sharding.STREAM))
+    return LayerOut(stream, cache, sub_valid, q, kept)
+
+  def extra_flops(self, cfg, num_text, visual_in, processed):
+    del processed  # a router reads every token of its layer's input: Linear(D -> 1)
+    return {"llm": sum(2 * (num_text + visual_in[l]) * cfg.text.hidden_size
+                       for l, k in enumerate(self.capacities) if k is not None)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Route(Stage):
+  """Mixture-of-Depths on the visual tokens: a routed layer ℓ processes ⌊N_v · R_ℓ⌋ of
+  them (ratios[ℓ]; None: a dense layer). Needs a model trained with routers there."""
+  ratios: tuple[float | None, ...]
+  point: ClassVar[str] = "llm"
+  name: ClassVar[str] = "p-MoD"
+
+  def plan(self, flow: Flow) -> RoutePlan:
+    cfg = flow.cfg
+    layers = cfg.text.num_layers
+    if len(self.ratios) != layers:
+      raise ConfigError(f"mod_ratios has {len(self.ratios)} entries for a {layers}-layer "
+                        "LLM; give one per layer (None for a dense layer).")
+    bad = [r for r in self.ratios if r is not None and not 0 < r <= 1]
+    if bad:
+      raise ConfigError(f"mod_ratios must lie in (0, 1] (None: a dense layer); got {bad[:3]}.")
+    missing = [l for l, r in enumerate(self.ratios)
+               if r is not None and l not in cfg.text.router_layers]
+    if missing:
+      raise ConfigError(f"layers {missing} have no p-MoD router in this model (its routers: "
+                        f"{list(cfg.text.router_layers)}); p-MoD needs a model trained with "
+                        "routers, e.g. one made with pmod.add_routers and fine-tuned.")
+    scored = sorted(l for l in flow.score_layers if self.ratios[l] is not None)
+    if scored:
+      raise ConfigError(f"p-MoD routes layers {scored}, whose attention a pruning stage reads; "
+                        "route other layers or prune after dense ones.")
+    visual = flow.visual
+    routed = []
+    for l, r in enumerate(self.ratios):
+      if r is None:
+        routed.append(flow.routed[l])
+        continue
+      exact = min(flow.llm[l].exact, floor_count(visual.exact, r))
+      routed.append(Count(exact, min(flow.llm[l].cap, bucket(exact, flow.bucket, visual.cap))))
+    flow.routed = routed
+    return RoutePlan(tuple(None if k is None else k.cap for k in routed),
+                     counts=tuple(None if k is None else k.exact for k in routed),
+                     ratios=tuple(self.ratios))
+
+
+def trained_ratios(plan) -> tuple[float | None, ...] | None:
+  """The R_ℓ of a plan's p-MoD stage (what a fine-tuned checkpoint records), or None."""
+  stage = plan.find(RoutePlan)
+  return None if stage is None else stage.ratios
+
+
+def build(cfg: LlavaConfig, retention: float | None = None, schedule: str | None = None,
+          mode: str = "fast", **schedule_args) -> Recipe:
+  """p-MoD routing on the model's router layers with a schedule from SCHEDULES (default:
+  PRD's shifted cosine). With `retention`, the schedule is shifted so that the mean kept
+  ratio over all layers matches it (the paper's ablations compare schedules at the same
+  mean). With neither, the ratios the checkpoint was trained at, if it records them
+  (`TextConfig.router_ratios`)."""
+  router = cfg.text.router_layers
+  if not router:
+    raise ConfigError("this model has no p-MoD routers; add them with pmod.add_routers and "
+                      "fine-tune (train.py), or load a p-MoD checkpoint.")
+  if schedule is None and retention is None and not schedule_args and cfg.text.router_ratios:
+    return Recipe((Route(tuple(cfg.text.router_ratios)),), "pmod", mode)
+  schedule = schedule or "cosine"
+  n_layers = cfg.text.num_layers
+  try:
+    if retention is not None:
+      check_retention(retention)
+      ratios = fit_mean(schedule, n_layers, router, cfg.num_image_tokens, retention,
+                        **schedule_args)
+    else:
+      ratios = on_layers(_schedule(schedule, n_layers, **schedule_args), router)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return Recipe((Route(ratios),), "pmod", mode)

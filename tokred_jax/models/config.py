@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tokred_jax.io import templates
 
 # Defaults of the transformers config classes, for the fields a sparse config.json omits.
 _VISION_DEFAULTS = {
@@ -163,16 +162,12 @@ class LlavaConfig:
   vision_feature_select: str = "default"
   projector_hidden_act: str = "gelu"
   projector_bias: bool = True
-  # The chat template prompts and training data are written in (tokred_jax.io.templates);
-  # config.json's "conversation_template". None: not known (see checkpoint.read_config).
+  # The chat template prompts and training data are written in (tokred_jax.io.templates,
+  # which checks the name where it is used); config.json's "conversation_template".
+  # None: not known (see checkpoint.read_config).
   template: str | None = None
 
   def __post_init__(self):
-    if self.template is not None:
-      try:
-        templates.get(self.template)
-      except ValueError as e:
-        raise ConfigError(str(e)) from None
     if self.vision_feature_select not in ("default", "full"):
       raise ConfigError(f"vision_feature_select_strategy {self.vision_feature_select!r} is not "
                         "supported; use 'default' (drop CLS) or 'full'.")

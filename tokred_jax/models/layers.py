@@ -65,19 +65,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
   return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-def check_grouped_heads(q: jax.Array, k: jax.Array) -> int:
-  """Checks q: [B, T, H, h] against k: [B, T, K, h] with H % K == 0 (query head i reads
-  kv head i // (H / K)); returns K."""
-  b, t, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
-  if k.shape != (b, t, num_kv, head_dim):
-    raise ValueError(f"keys {k.shape} do not match queries {q.shape}: expected "
-                     f"[{b}, {t}, K, {head_dim}].")
-  if num_heads % num_kv:
-    raise ValueError(f"{num_heads} query heads do not group evenly over {num_kv} kv heads.")
-  return num_kv
-
-
 def causal_mask(valid: jax.Array) -> jax.Array:
   """valid: bool[B, T] -> bool[B, T, T]: query t sees valid keys at indices <= t.
 

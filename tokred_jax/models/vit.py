@@ -6,17 +6,13 @@ Hidden states are indexed as Hugging Face does: 0 is the embedding output (after
 CLIP's pre-LN), i the output of layer i. The tower runs only the `num_layers_run`
 layers needed for the selected feature layer.
 
-Token reduction hooks in here at two places: ToMe merges tokens between the attention
-and the MLP of every layer (with proportional attention: log token size added to the
-attention logits), and AIM reads the keys the LAST layer would compute, as its
-similarity metric. MustDrop splits the tower in two (`window_merge_stage`,
-`after_window_merge`): its window merge after layer 0 sets a data-dependent length,
-which the caller may cut to a bucketed capacity in between.
+Token reduction hooks in around every layer run (`run_layers`, the plan's
+`vision_layer` hooks): a stage may merge between a layer's attention and its MLP (ToMe),
+or change the token set after a layer (MustDrop's window merge); once the set may hold
+empty slots (`Run.vision_masked`), attention masks them.
 """
 
 from __future__ import annotations
-
-import math
 
 import einops
 import jax
@@ -24,7 +20,6 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tokred_jax.core import sharding, tokens
-from tokred_jax.methods import mustdrop
 from tokred_jax.models import layers
 from tokred_jax.models.config import VisionConfig
 
@@ -131,60 +126,24 @@ class VisionTower(nn.Module):
       self.post_ln(y)
     return x
 
-  def with_tome(self, pixels, capacities: tuple[int, ...], merge_r):
-    """The tower with ToMe: layer i merges `merge_r[i]` (traced i32) token pairs
-    between its attention and its MLP, by the similarity of its head-mean keys, with a
-    size-weighted mean; attention adds log(size) to each key's logits. `capacities[i]`
-    is the static token capacity entering layer i+1. The CLS token is never merged.
-
-    Returns the TokenSet of the selected hidden state (CLS in slot 0 if the tower has
-    one), with `sources` over the N tower tokens.
-    """
-    ts = tokens.from_features(self.embed(pixels))
-    for i, layer in enumerate(self.layers[:self.num_layers_run]):
-      x, k = layer.attention_block(ts.features, tokens.proportional_attention_bias(ts.sizes, ts.valid))
-      metric = jnp.mean(k.astype(jnp.float32), axis=2)
-      merged = tokens.bipartite_merge(ts._replace(features=x), metric, merge_r[i],
-                                      weighted=True, protect_first=self.cfg.has_cls)
-      ts = tokens.compact(merged, capacities[i])
-      ts = ts._replace(features=sharding.constrain(layer.mlp_block(ts.features),
-                                                   sharding.STREAM))
+  def run_layers(self, ts: tokens.TokenSet, run, start: int, stop: int) -> tokens.TokenSet:
+    """Layers start..stop−1 on a token set (features f32[B, N, D]), each wrapped by the
+    plan's `vision_layer` hooks (see models/hooks.py)."""
+    for index in range(start, stop):
+      layer = self.layers[index]
+      step = run.around("vision_layer", lambda ts, layer=layer: self.layer_step(layer, ts, run),
+                        index, layer)
+      ts = step(ts)
     return ts
 
-  def window_merge_stage(self, pixels, window: int, threshold):
-    """Embedding, layer 0 and MustDrop's window merge of the patch tokens.
-
-    Returns (CLS hidden state f32[B, 1, D], the merged patches: a TokenSet of length P
-    with the valid tokens a prefix, see `mustdrop.window_merge`). threshold may be traced.
-    """
-    x = sharding.constrain(self.layers[0](self.embed(pixels)), sharding.STREAM)
-    grid = math.isqrt(self.cfg.num_patches)
-    ts = mustdrop.window_merge(tokens.from_features(x[:, 1:]), grid, window, threshold)
-    return x[:, :1], ts
-
-  def after_window_merge(self, cls, ts: tokens.TokenSet, key_ratio: float):
-    """Layers 1.. on CLS + the merged patches (any capacity N), then MustDrop's key set.
-
-    Empty slots are masked as keys. The key set ranks the patches by the CLS row of
-    the tower's LAST layer, run on the feature layer's output (LLaVA's -2); only that
-    row's logits are computed.
-
-    Returns (the patch tokens at the feature layer, a TokenSet of length N; key tokens
-    bool[B, N]).
-    """
-    valid = jnp.concatenate([jnp.ones_like(ts.valid[:, :1]), ts.valid], axis=1)
-    x = jnp.concatenate([cls, ts.features.astype(cls.dtype)], axis=1)
-    # Finite, as tokens.py's masks: exp() of it is exactly 0.
-    bias = jnp.where(valid, 0.0, -1e30)
-    for layer in self.layers[1:self.num_layers_run]:
-      x = sharding.constrain(layer.mlp_block(layer.attention_block(x, bias)[0]),
-                             sharding.STREAM)
-    last = self.layers[-1]
-    h = last.ln1(x)
-    attention = mustdrop.cls_attention(last.attn.q(h[:, 0]), last.attn.k(h), valid)
-    key = mustdrop.key_tokens(attention[..., 1:], ts.valid, key_ratio)
-    features = jnp.where(ts.valid[..., None], x[:, 1:], jnp.zeros((), x.dtype))
-    return ts._replace(features=features), key
+  @staticmethod
+  def layer_step(layer: EncoderLayer, ts: tokens.TokenSet, run, bias=None) -> tokens.TokenSet:
+    """One layer on a token set; empty slots are masked as keys when the set may hold
+    some (`run.vision_masked`) or by `bias` f32[B, N] (added to every query's logits)."""
+    if bias is None and run.vision_masked:
+      bias = jnp.where(ts.valid, 0.0, -1e30)  # finite, as tokens.py's masks
+    x, _ = layer.attention_block(ts.features, bias)
+    return ts._replace(features=sharding.constrain(layer.mlp_block(x), sharding.STREAM))
 
   def last_layer_keys(self, hidden):
     """AIM's merge metric: the keys the tower's last layer computes from `hidden`

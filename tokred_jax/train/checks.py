@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 import ml_collections
 from jax.sharding import Mesh
 
-from tokred_jax.cli import closest
 from tokred_jax.core import sharding
+from tokred_jax.core.suggest import closest
 from tokred_jax.data import skips
 
 Check = tuple[str, Callable[[object], bool], str]
@@ -175,7 +175,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"no data set {name!r} in {data_dir}{closest(base, found)} (it holds "
                      f"{', '.join(found) or 'none'}); fix config.data.dataset or data_dir, "
                      "or build it with tokred_jax.data.build_dataset (glyph_vqa: python "
-                     "-m tokred_jax.proj.glyph_vqa.dataset).")
+                     "-m tokred_jax.data.glyph_vqa).")
   with open(infos[-1], encoding="utf-8") as f:
     splits = [s["name"] for s in json.load(f).get("splits", [])]
   split = config.data.get("split", "train")

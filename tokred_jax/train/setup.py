@@ -20,10 +20,11 @@ from flax import traverse_util
 
 from tokred_jax import data, methods
 from tokred_jax.engine.pipeline import TINY_CHECKPOINT
-from tokred_jax.io import checkpoint, parts, processing
-from tokred_jax.methods import pmod, reduction
+from tokred_jax.io import checkpoint, parts, processing, templates
+from tokred_jax.methods import pmod
+from tokred_jax.methods.base import Plan
 from tokred_jax.models import llava
-from tokred_jax.models.config import LlavaConfig
+from tokred_jax.models.config import ConfigError, LlavaConfig
 from tokred_jax.train import checks as train_checks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,6 +58,10 @@ def model_config(config: ml_collections.ConfigDict) -> LlavaConfig:
   cfg = (parts.check(*from_parts) if from_parts
          else checkpoint.read_config(_checkpoint_dir(config)))
   if config.data.get("template"):  # trained in it, so the export records it
+    try:
+      templates.get(config.data.template)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     cfg = dataclasses.replace(cfg, template=config.data.template)
   if config.model.add_routers and not cfg.text.router_layers:
     layers = config.model.get("router_layers") or pmod.router_layers(
@@ -109,15 +114,16 @@ def make_model(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> llava.Lla
   return llava.Llava(cfg, DTYPES[config.model.dtype], remat=config.model.get("remat", False))
 
 
-def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> reduction.Plan:
+def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Plan:
   # p-MoD trains at the schedule its routers were added for.
   kw = ({"schedule": config.model.add_routers, **config.model.get("schedule_args", {})}
         if config.model.method == "pmod" and config.model.add_routers else {})
-  red = methods.get(config.model.method, cfg, config.model.retention, config.model.mode, **kw)
-  return reduction.make_plan(red, cfg)
+  recipe = methods.get(config.model.method, cfg, config.model.retention, config.model.mode,
+                       **kw)
+  return methods.make_plan(recipe, cfg)
 
 
-def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: reduction.Plan
+def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: Plan
                  ) -> CheckpointableIterator:
   """This host's training iterator: `config.data` holds `data.DataConfig`'s fields;
   `data.dataset = "synthetic"` gives `synthetic_dataset` instead of a TFDS data set."""

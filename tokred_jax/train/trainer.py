@@ -59,7 +59,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tokred_jax.core import sharding
 from tokred_jax.engine import cost
 from tokred_jax.io import checkpoint
-from tokred_jax.methods import reduction
+from tokred_jax.methods import pmod
+from tokred_jax.methods.base import Plan
 from tokred_jax.models import llava
 from tokred_jax.models.config import LlavaConfig
 from tokred_jax.train import checks as train_checks
@@ -229,7 +230,7 @@ def _micro_batches(x: jax.Array, k: int, mesh: Mesh, rules: sharding.Rules) -> j
 def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, shardings: TrainState, mesh: Mesh,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, *, freeze: str = "",
-                    accum_steps: int = 1, plan: reduction.Plan | None = None):
+                    accum_steps: int = 1, plan: Plan | None = None):
   """The jitted step: fn(state, batch) -> (state, metrics), the state donated.
 
   `batch` follows `BATCH_NDIM` (numpy or arrays sharded on the batch axis), its size a
@@ -300,7 +301,7 @@ def put_batch(batch: Batch, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT
       for k, n in BATCH_NDIM.items()}
 
 
-def train_flops_per_step(cfg: LlavaConfig, plan: reduction.Plan, batch: int, length: int
+def train_flops_per_step(cfg: LlavaConfig, plan: Plan, batch: int, length: int
                          ) -> int:
   """Matmul FLOPs of one step, padding included: 3x the forward (the usual estimate,
   the backward costing twice the forward), with logits at every position.
@@ -478,12 +479,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   return state, history
 
 
-def trained_config(cfg: LlavaConfig, plan: reduction.Plan) -> LlavaConfig:
+def trained_config(cfg: LlavaConfig, plan: Plan) -> LlavaConfig:
   """`cfg` recording the p-MoD ratios it was trained at, so that inference uses them."""
-  if not (plan.reduction.name == "pmod" and cfg.text.router_layers):
+  ratios = pmod.trained_ratios(plan)
+  if ratios is None or not cfg.text.router_layers:
     return cfg
-  return dataclasses.replace(cfg, text=dataclasses.replace(
-      cfg.text, router_ratios=tuple(plan.reduction.mod_ratios)))
+  return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text,
+                                                           router_ratios=tuple(ratios)))
 
 
 def export_params(config: ml_collections.ConfigDict, workdir: str, cfg: LlavaConfig,

@@ -37,11 +37,11 @@ from absl import flags
 from flax import linen as nn
 
 from tokred_jax import cli
+from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.io import checkpoint, processing
 from tokred_jax.models import llava
 from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.models.vit import VisionTower
-from tokred_jax.proj.glyph_vqa import dataset as glyph_vqa, glyphs
 from tokred_jax.train import checks as train_checks
 from tokred_jax.train.checkpoint import Diverged, workdir_lock
 

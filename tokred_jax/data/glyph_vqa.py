@@ -1,9 +1,9 @@
 r"""glyph_vqa: the project's own visual QA data set, as a TFDS builder (no TensorFlow).
 
-  python -m tokred_jax.proj.glyph_vqa.dataset --data_dir=/tmp/tfds            # full size
-  python -m tokred_jax.proj.glyph_vqa.dataset --data_dir=/tmp/tfds --config=small
+  python -m tokred_jax.data.glyph_vqa --data_dir=/tmp/tfds            # full size
+  python -m tokred_jax.data.glyph_vqa --data_dir=/tmp/tfds --config=small
 
-Scenes and questions come from `tokred_jax.proj.glyph_vqa.glyphs` (coloured digits on a 6 x 6
+Scenes and questions come from `tokred_jax.data.glyphs` (coloured digits on a 6 x 6
 grid; reading / attribute / existence / counting questions). Every example is a pure
 function of (split, index), so the data set is the same wherever it is built. Splits:
 
@@ -32,8 +32,8 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tokred_jax.data import glyphs
 from tokred_jax.data.builder import conversation_features
-from tokred_jax.proj.glyph_vqa import glyphs
 
 NAME = "glyph_vqa"
 # One seed stream per split keeps splits disjoint and each independent of the others' size.
