@@ -21,8 +21,9 @@ def get_config(arg=None):
   if arg:
     config.checkpoint = arg
   config.dtype = "float32"
-  # Token reduction: a name from tokred_jax.methods (METHODS or PRESETS), and optionally
-  # the fraction of visual tokens to keep on average (None: the method's preset).
+  # Token reduction: a name from tokred_jax.methods (METHODS or PRESETS), or a recipe of
+  # several joined with "+" (e.g. "tome+fastv", "aim.merge+pmod"), and optionally the
+  # fraction of visual tokens to keep on average (None: the method's preset).
   config.method = "none"
   config.retention = config_dict.placeholder(float)
   config.mode = "fast"

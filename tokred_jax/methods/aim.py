@@ -189,7 +189,7 @@ class MergePlan(StagePlan):
   def before_projector(self, run, c, ts):
     if self.metric != "keys":
       return ts
-    keys = run.carry.pop("aim.keys")
+    keys = run.carry["aim.keys"]
     return self._merge(ts, keys[:, keys.shape[1] - ts.features.shape[1]:], c)
 
   def after_projector(self, run, c, ts):
@@ -220,8 +220,12 @@ class Merge(Stage):
   (the projected features, after the projector)."""
   steps: tuple[int, ...]
   metric: str = "keys"
-  point: ClassVar[str] = "tower_output"
   name: ClassVar[str] = "AIM's merge"
+
+  @property
+  def point(self) -> str:
+    """The keys are read at the tower's output; features after the projector."""
+    return "tower_output" if self.metric == "keys" else "after_projector"
 
   def plan(self, flow: Flow) -> MergePlan:
     if self.metric not in METRICS:
@@ -229,6 +233,10 @@ class Merge(Stage):
     if self.metric == "keys" and not last_layer_metric(flow.cfg):
       raise ConfigError("merge_metric='keys' uses the keys of the tower's last layer, which "
                         "needs vision_feature_layer -2; use merge_metric='features'.")
+    if self.metric == "keys" and flow.changed:
+      raise ConfigError(f"AIM's key metric is the tower's last-layer keys of its output "
+                        f"tokens, which {flow.changed} changed first; use "
+                        "merge_metric='features'.")
     if self.metric == "keys" and flow.data_dependent:
       raise ConfigError(f"AIM's key metric is computed on the tower's output, whose count "
                         f"{flow.data_dependent} makes data-dependent; use "
@@ -309,6 +317,23 @@ def merge_steps(num_visual: int, target: int) -> tuple[int, ...]:
   return tuple(steps)
 
 
+def _steepen(ratios: tuple[float, ...], retention: float) -> tuple[float, ...]:
+  """v ← max(0, 1 − c·(1 − v)) with c >= 1 found by bisection so that the mean is
+  `retention`: layers that see every token still do, the others drop faster."""
+  scaled = lambda c: tuple(max(0.0, 1 - (1 - v) * c) for v in ratios)
+  mean = lambda c: sum(scaled(c)) / len(ratios)
+  floor = sum(v == 1 for v in ratios) / len(ratios)
+  if retention < floor:
+    raise ConfigError(f"AIM's PageRank alone keeps every token in {floor:.3f} of the layers "
+                      f"(up to l1), so it cannot retain {retention}; lower l1 or add the "
+                      "merge.")
+  lo, hi = 1.0, 1e6
+  for _ in range(100):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if mean(mid) > retention else (lo, mid)
+  return scaled(hi)
+
+
 def build(cfg: LlavaConfig, retention: float | None = None,
           merge_r: tuple[int, ...] = LLAVA15_MERGE_252, schedule=None, mode: str = "fast",
           l1: int | None = None, l2: int | None = None, parts=("merge", "prune")) -> Recipe:
@@ -336,9 +361,12 @@ def build(cfg: LlavaConfig, retention: float | None = None,
   mean = sum(ratios) / n_layers if "prune" in parts else 1.0
   if retention is not None:
     check_retention(retention)
-    if "merge" not in parts or retention >= mean:
+    if retention >= mean:
       merge_r = ()
       ratios = tuple(1 - (1 - v) * (1 - retention) / (1 - mean) for v in ratios)
+    elif "merge" not in parts:  # PageRank alone, below its schedule's mean
+      merge_r = ()
+      ratios = _steepen(ratios, retention)
     else:
       merge_r = merge_steps(n_v, max(1, round(retention * n_v / mean)))
   elif sum(merge_r) >= n_v:

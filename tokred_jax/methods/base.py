@@ -62,7 +62,8 @@ class Flow:
   llm: visual tokens each decoder layer processes; routed: p-MoD's routed count of a
   layer (None: the layer is dense); score_layers: layers whose attention a stage reads
   to prune; data_dependent: the stage whose counts depend on the input (None: all are
-  exact); locked: a stage that needs the visual tokens unchanged until the LLM.
+  exact); locked: a stage that needs the visual tokens unchanged until the LLM;
+  changed: the first stage that changed the visual tokens after the tower.
   """
   cfg: LlavaConfig
   mode: str
@@ -76,6 +77,7 @@ class Flow:
   score_layers: set = dataclasses.field(default_factory=set)
   data_dependent: str | None = None
   locked: str | None = None
+  changed: str | None = None
 
   def __post_init__(self):
     n = Count(self.cfg.vision.seq_len, self.cfg.vision.seq_len)
@@ -118,6 +120,7 @@ class Flow:
     if self.locked:
       raise ConfigError(f"{stage} changes the visual tokens after {self.locked}, which needs "
                         "them unchanged until the LLM; put it earlier or drop one of them.")
+    self.changed = self.changed or stage
 
 
 class StagePlan:

@@ -38,35 +38,23 @@ What the official code does beyond METHODS.md (files under llava/model/):
   cut to the tokens that survived layer 14. In decoding the new token's position id in
   each layer is that layer's cache length (so layers 0–1 and the others disagree).
 
-In the model two stages carry it (`build`; `methods.get("mustdrop-64", cfg)` or
-`methods.get("mustdrop", cfg, gamma=..., alpha=...)`): `Window`, the window merge after
-tower layer 0, and `KeyFilter`, the key set, the filters, the output-aware cache and
-the official decode positions.
-- fast mode (default) runs the prefill in segments cut at the data-dependent points
-  (engine/segmented.py): after the window merge and after every filter the stream is
-  compacted to the largest count over the batch rounded up to `token_bucket`, so later
-  ViT and LLM layers really run on fewer tokens, and each layer >= the first filter
-  keeps a KV cache of the text and the last filter's survivors only. Every sample keeps
-  its own counts. Positions: the visual tokens leaving the tower are numbered
-  consecutively (as the official code does), and the in-LLM drops keep every token's
-  position, so every layer decodes from the prompt's last position (a deviation: see
-  reference mode).
-- reference mode runs in one program and masks: dropped tokens stay in the arrays,
-  positions are renumbered contiguously after each filter (`renumber_positions`), and
-  layers >= the first filter mask their caches to the survivors. While decoding, each
-  layer gives the new token its own position, the live entries of its cache plus the
-  step, as the official code does (layers before the first filter continue from the
-  whole prompt, the later ones from the last filter's survivors). It matches the
-  official code at batch size 1 (the official window merge takes the minimum count
-  over a batch); at larger batches every sample is treated as it would be alone.
-- The same one-program path with fast mode (what `Llava.__call__` computes under one
-  jit) masks with original positions: it equals the segmented fast mode wherever both
-  hold a token, and saves nothing.
-- "Equivalent tokens" come in both conventions: aux `equivalent_tokens` counts each
-  layer with the visual tokens it processed, so a filter layer counts its pre-filter
-  count; aux `equivalent_tokens_official` counts a filter layer with its post-filter
-  count, as the official script does (`cost.equivalent_visual_tokens_official`; lower
-  by the filters' drops / L).
+In the model two stages carry it (`build`, `methods.get("mustdrop-64", cfg)`): `Window`,
+the window merge after tower layer 0, and `KeyFilter`: the key set, the filters, the
+output-aware cache and the official decode positions.
+- fast mode (default): the prefill runs in segments cut at the data-dependent points
+  (engine/segmented.py), each compacted to the batch's largest count rounded up to
+  `token_bucket`, so later layers really run on fewer tokens and layers >= the first
+  filter cache only the text and the last survivors. Every sample keeps its own counts
+  and every token its position (the official code renumbers: see reference mode).
+- reference mode: one program that masks; positions renumbered after each filter
+  (`renumber_positions`), and in decoding each layer continues from its own cache's
+  live entries, as the official code does. It matches the official code at batch
+  size 1 (whose window merge takes the minimum count over a batch).
+- fast mode in one program (`Llava.__call__` under one jit) masks with original
+  positions: equal to the segmented run wherever both hold a token; no savings.
+- Aux `equivalent_tokens` counts each layer with the visual tokens it processed (a
+  filter layer before its filter); `equivalent_tokens_official` counts a filter layer
+  after its filter, as the official script does.
 
 Axis letters as in layers.py: B batch, T tokens, H query heads, K key/value heads,
 h head dim; N tokens of the vision tower, W windows, M patches per window.
@@ -162,16 +150,11 @@ def window_merge(ts: tokens.TokenSet, grid: int, window: int = WINDOW,
   `tokens.compact` once it knows a bound on the count, which is data-dependent:
   N − (M − 1) · (merged windows) for a fully valid grid.
 
-  Args:
-    ts: the patch tokens in raster order, features f32[B, N, D], N = grid² (CLS
-      excluded).
-    grid: side of the patch grid (static).
-    window: side of a window (static), dividing `grid`; the official code uses 3.
-    threshold: merge windows scoring at least this (a Python float or a traced f32[]:
-      changing it does not recompile).
-
-  Returns:
-    A TokenSet of length N; `sources` map every patch of a merged window to its token.
+  ts: the patch tokens in raster order, features f32[B, N, D], N = grid² (CLS
+  excluded); grid, window: sides of the patch grid and of a window (static; the window
+  divides the grid, 3 officially); threshold: a Python float or a traced f32[] (changing
+  it does not recompile). Returns a TokenSet of length N; `sources` map every patch of
+  a merged window to its token.
   """
   b, n, _ = ts.features.shape
   scores = window_scores(ts.features, grid, window)  # Also checks the arguments.
@@ -344,22 +327,12 @@ def output_aware_keep(cache_valid: Sequence[jax.Array],
   keeps only the tokens that survived the LAST filter, which are exactly the tokens of
   the last layer's cache (text is never dropped). No re-scoring while decoding.
 
-  In fast mode, cut each kept layer's cache to the final length with
-  `tokens.compact_indices(keep[l], capacity=T_{L−1})`: every mask of a layer
-  >= first_layers holds exactly the last layer's count of tokens, in order.
-
-  Args:
-    cache_valid: L masks bool[B, T_l] (or a stacked bool[L, B, T]): the slots of layer
-      l's cache holding a token, i.e. the keys that layer attended to in prefill
-      (valid and not dropped). Layer 0 holds the whole prompt (T_0 = T).
-    cache_index: L arrays i32[B, T_l], each slot's index in the prompt (fast mode:
-      the stream's `index` when layer l ran). None: every cache lies over the same T
-      prompt slots (reference mode).
-    first_layers: how many leading layers keep their whole cache (static; the
-      official code uses the first filter layer, 2).
-
-  Returns:
-    A tuple of L masks bool[B, T_l], each within `cache_valid[l]`.
+  cache_valid: L masks bool[B, T_l] (or a stacked bool[L, B, T]), the keys layer l
+  attended to in prefill (layer 0 holds the whole prompt); cache_index: L arrays
+  i32[B, T_l], each slot's index in the prompt, or None when every cache lies over the
+  same T prompt slots (one program); first_layers: how many leading layers keep their
+  whole cache (static; officially the first filter layer, 2). Returns L masks
+  bool[B, T_l], each within `cache_valid[l]`.
   """
   num_layers = len(cache_valid)
   if not 0 <= first_layers <= num_layers:
@@ -384,12 +357,9 @@ def renumber_positions(valid: jax.Array) -> jax.Array:
   """The official code's position ids after a cut: live tokens numbered 0, 1, 2, ...
 
   The official code removes dropped tokens and gives the rest positions 0..T'−1, so
-  the layers after each filter see the image and the text closer together than the
-  prompt put them. Fast mode (the default) keeps every token's ORIGINAL position id,
-  as for FastV and AIM; reference mode masks instead of removing and uses these.
-  (In decoding the official code uses each layer's cache length as the new token's
-  position: `output_aware_keep` sizes those caches, `KeyFilterPlan.decode_positions`
-  counts them.)
+  later layers see the image and the text closer together than the prompt put them.
+  Fast mode keeps every token's ORIGINAL position id, as for FastV and AIM; reference
+  mode masks instead of removing and uses these.
 
   Args:
     valid: bool[B, T] live tokens, in sequence order (padding False).

@@ -14,7 +14,8 @@ A composed name joins parts with "+", each a method, a preset or a method's part
 ("aim.merge", "aim.prune", "mustdrop.window", "mustdrop.filter"); its stages run in
 data-flow order. At a retention level ρ every part that reduces before the LLM keeps
 ρ^s and the rest ρ^(1−s) (`split` s, default ½; parts in one group share theirs
-equally), so the equivalent tokens multiply to ρ; presets keep their own counts.
+equally), so the equivalent tokens multiply to ρ; presets and MustDrop's parts, whose
+counts depend on the input, keep their own.
 Options of one part go in a dict under its name, e.g. `fastv={"k": 3}`.
 """
 
@@ -44,8 +45,10 @@ PARTS = {
     "mustdrop.window": ("mustdrop", dict(parts=("window",))),
     "mustdrop.filter": ("mustdrop", dict(parts=("filter",))),
 }
-# Parts that reduce before the LLM (they take ρ^split of a composed retention).
-_EARLY = {"tome", "random", "pooling", "aim.merge", "mustdrop.window"}
+# Parts that reduce before the LLM (they take ρ^split of a composed retention), and
+# those that take no retention level (their counts depend on the input).
+_EARLY = {"tome", "random", "pooling", "aim.merge"}
+_UNTUNED = {"mustdrop", "mustdrop.window", "mustdrop.filter"}
 
 
 def _one(name: str, cfg: LlavaConfig, retention, mode: str, kwargs: dict) -> Recipe:
@@ -87,12 +90,12 @@ def get(name: str, cfg: LlavaConfig, retention: float | None = None, mode: str =
     check_retention(retention)
     if not 0 < split < 1:
       raise ConfigError(f"split must lie in (0, 1), got {split}.")
-  tunable = [n for n in names if n not in PRESETS]
+  tunable = [n for n in names if n not in PRESETS and n not in _UNTUNED]
   early = [n for n in tunable if n in _EARLY]
   late = [n for n in tunable if n not in _EARLY]
 
   def share(part):
-    if retention is None or part in PRESETS:
+    if retention is None or part not in tunable:
       return None
     group = early if part in early else late
     total = retention ** (split if part in early else 1 - split) if early and late \

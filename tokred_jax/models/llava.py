@@ -124,13 +124,6 @@ class Llava(nn.Module):
     ts = run.chain("after_projector", ts)
     return ts._replace(features=sharding.constrain(ts.features, sharding.STREAM))
 
-  def encode_images(self, pixel_values, plan=None, counts=None, rng=None):
-    """pixel_values: f32[B, S, S, C] -> the visual tokens for the LLM, a TokenSet of
-    static length `plan.num_visual` with features f32[B, N_v, D]; `sources` maps each
-    image patch to its token (or -1 when it was dropped)."""
-    run = self.run(plan, counts, rng)
-    return self.visual_tokens(self.tower(pixel_values, run), run)
-
   def embed_inputs(self, input_ids, visual: tokens.TokenSet):
     """Text embeddings with the i-th image token of each row replaced by visual token i.
 

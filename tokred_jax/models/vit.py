@@ -144,9 +144,3 @@ class VisionTower(nn.Module):
       bias = jnp.where(ts.valid, 0.0, -1e30)  # finite, as tokens.py's masks
     x, _ = layer.attention_block(ts.features, bias)
     return ts._replace(features=sharding.constrain(layer.mlp_block(x), sharding.STREAM))
-
-  def last_layer_keys(self, hidden):
-    """AIM's merge metric: the keys the tower's last layer computes from `hidden`
-    (the input of that layer), heads concatenated: f32[B, N, D]."""
-    k = self.layers[-1].keys(hidden)
-    return k.reshape(k.shape[:2] + (-1,))
