@@ -18,7 +18,11 @@ from absl import flags
 from matplotlib.figure import Figure
 
 import tokred_jax
-from tokred_jax import cli, methods, pipeline, report, sharding, visualize
+from tokred_jax import cli, methods
+from tokred_jax.core import sharding
+from tokred_jax.core.suggest import closest
+from tokred_jax.engine import pipeline, report
+from tokred_jax.eval import visualize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,11 +65,19 @@ def check_output(path: str, option: str):
 
 
 def _check_method(name: str):
-  """An unknown method name, with the nearest one suggested."""
+  """An unknown method name (or part of a composed one), with the nearest suggested."""
   names = methods.METHODS + tuple(methods.PRESETS)
-  if name not in names:
-    raise ValueError(f"--config.method={name!r} is not a method{cli.closest(name, names)}; "
-                     f"choose from {', '.join(names)}.")
+  if "+" not in name:
+    if name not in names:
+      raise ValueError(f"--config.method={name!r} is not a method"
+                       f"{closest(name, names)}; choose from {', '.join(names)}.")
+    return
+  parts = names + tuple(methods.PARTS)
+  for part in name.split("+"):
+    if part not in parts:
+      raise ValueError(f"--config.method={name!r}: {part!r} is not a method"
+                       f"{closest(part, parts)}; join methods, presets and the parts "
+                       f"{', '.join(methods.PARTS)} with '+'.")
 
 
 def infer(config, checkpoint=None, image=None, prompt=None):
@@ -104,7 +116,7 @@ def infer(config, checkpoint=None, image=None, prompt=None):
   tokens, timings = pipe.generate_tokens(run_batch, sampling, rng, plan)
 
   print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
-        f"method: {plan.reduction.name} ({plan.reduction.mode} mode)")
+        f"method: {plan.name} ({plan.mode} mode)")
   if copies > 1:
     print(f"batch: {copies} copies of the prompt, one per data x fsdp shard; costs are "
           "for one")
@@ -116,7 +128,7 @@ def infer(config, checkpoint=None, image=None, prompt=None):
              + np.asarray(vision.image_mean))
     visualize.survival_figure(shown, np.asarray(aux["sources"][0]),
                               np.asarray(aux["live"][:, 0]), config.plot,
-                              f"{plan.reduction.name} ({plan.reduction.mode})")
+                              f"{plan.name} ({plan.mode})")
     print(f"kept patches per stage: {config.plot}")
   counts = pipe.token_counts(batch, plan, timings.new_tokens)
   print(report.cost_table(counts, pipe.cost(batch, plan, timings.new_tokens), {

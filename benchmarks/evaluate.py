@@ -5,7 +5,7 @@ r"""Accuracy against prefill cost of every token-reduction setting on glyph_vqa'
       --settings=aim@0.25,fastv-k2-r50,mustdrop-64
   python -m benchmarks.evaluate --add --variants=pmod-new=DIR   # one more row
 
-Runs each setting (`tokred_jax.evaluate`: a method at a retention level, METHOD@FRACTION,
+Runs each setting (`tokred_jax.eval.evaluate`: a method at a retention level, METHOD@FRACTION,
 or a preset; default: dense, aim/fastv/tome/random/pooling at 0.5, 0.25 and 0.125, the
 published presets, and p-MoD's trained schedule if the model has routers) over the
 same questions with greedy decoding, scores exact-match accuracy overall and per question
@@ -50,9 +50,11 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from benchmarks import outputs
 from benchmarks.prefill_speed import machine
-from tokred_jax import checkpoint, cli, evaluate
-from tokred_jax.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
-                                 PMOD_QUARTER_CHECKPOINT, Pipeline)
+from tokred_jax import cli
+from tokred_jax.engine.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
+                                        PMOD_QUARTER_CHECKPOINT, Pipeline)
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = (f"pmod-cosine={PMOD_CHECKPOINT},"

@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.method = "none"
   config.retention = config_dict.placeholder(float)
   config.mode = "fast"
-  # The chat template the question is written in (tokred_jax.templates: tokred, llava-hf,
+  # The chat template the question is written in (tokred_jax.io.templates: tokred, llava-hf,
   # vicuna_v1, llava_v1, qwen); "": the checkpoint's own.
   config.template = ""
   # A PNG path: draws which image patches survive each stage ("" draws nothing).
