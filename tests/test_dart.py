@@ -1,4 +1,6 @@
-"""DART's duplication scorer against a torch restatement of the official rule."""
+"""DART against a torch restatement of the official rule: the scorer on its own, and
+the method end to end in a small random model (kept set, counts, fast vs reference,
+FLOPs, presets)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from tests import faults
-from tokred_jax import dart
-from tokred_jax.config import ConfigError
+from tests.test_reduction import CFG, MID, MODEL, text_logits, xla_prefill_flops
+from tokred_jax import methods
+from tokred_jax.engine import cost
+from tokred_jax.methods import dart
+from tokred_jax.methods.base import Recipe
+from tokred_jax.models import llava, presets
+from tokred_jax.models.config import ConfigError
 
 
 def official_kept(h, keys, image_pos, text_pos, n_img, n_txt, per_pivot, weight, eps=1e-5):
@@ -20,10 +27,12 @@ def official_kept(h, keys, image_pos, text_pos, n_img, n_txt, per_pivot, weight,
 
   h: [T, D] layer K−1 output; keys: [T, K, h] its rotated keys; image_pos / text_pos:
   sequence positions of the image tokens and of the text after the image; per_pivot:
-  TOKEN_TOPK; weight: the final RMSNorm's scale. Two deliberate deviations, both
-  documented in tokred_jax/dart.py: pivots are visited in the order they are listed
-  (image, then text, each by descending norm) instead of a Python set's hash order,
-  and ties go to the lower position instead of torch.topk's arbitrary choice.
+  TOKEN_TOPK, or one quota per pivot (our extension for counts the official code cannot
+  produce: the remainder goes to the first pivots); weight: the final RMSNorm's scale.
+  Two deliberate deviations, both documented in tokred_jax/methods/dart.py: pivots are
+  visited in the order they are listed (image, then text, each by descending norm)
+  instead of a Python set's hash order, and ties go to the lower position instead of
+  torch.topk's arbitrary choice.
   """
   h = torch.as_tensor(np.asarray(h, np.float64))
   keys = torch.as_tensor(np.asarray(keys, np.float64))
@@ -37,9 +46,11 @@ def official_kept(h, keys, image_pos, text_pos, n_img, n_txt, per_pivot, weight,
   text_pivots = by_norm(txt)[:n_txt] if n_txt else []
   kept = set(image_pivots + text_pivots)
   pool = [p for p in image_pos if p not in image_pivots]
-  for pivot in image_pivots + text_pivots:
+  pivots = image_pivots + text_pivots
+  quotas = [per_pivot] * len(pivots) if isinstance(per_pivot, int) else per_pivot
+  for pivot, quota in zip(pivots, quotas):
     cos = F.cosine_similarity(normed[pivot][None], normed[pool], dim=-1)
-    least = torch.sort(cos, stable=True).indices[:per_pivot].tolist()
+    least = torch.sort(cos, stable=True).indices[:quota].tolist()
     picked = [pool[i] for i in least]
     kept.update(picked)
     pool = [p for p in pool if p not in picked]
@@ -188,4 +199,173 @@ def test_bad_static_arguments(case, call, match):
   x, k, visual, valid, _ = _sample(rng, 2, dim=8, kv=1, hd=4, n_vis=12)
   with pytest.raises(ConfigError, match=match) as e:
     call((x, k, visual, valid))
-  faults.record("dart.duplication_scores", case, str(e.value), before="compile")
+  faults.record("methods.dart.duplication_scores", case, str(e.value), before="compile")
+
+
+# --- The method in the model ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def params():
+  p = llava.init_params(CFG, jax.random.PRNGKey(0))
+  p = jax.tree_util.tree_map(lambda a: a * 3 if a.ndim > 1 else a, p)
+  # A final-norm scale far from ones, so that reading it (or not) shows in the kept set.
+  scale = jax.random.uniform(jax.random.PRNGKey(1), (CFG.text.hidden_size,), minval=0.1,
+                             maxval=3.0)
+  return {**p, "llm": {**p["llm"], "final_norm": {"scale": scale}}}
+
+
+def make_batch(plan, text_lengths=(5, 11), after=6, bucket=96, seed=0):
+  """Left-padded prompts: `n` system tokens, the image slots, `after` question tokens."""
+  rng = np.random.default_rng(seed)
+  b = len(text_lengths)
+  ids = np.zeros((b, bucket), np.int32)
+  mask = np.zeros((b, bucket), bool)
+  for i, n in enumerate(text_lengths):
+    row = np.concatenate([rng.integers(3, 120, n), np.full(plan.num_visual, 127),
+                          rng.integers(3, 120, after)])
+    ids[i, bucket - len(row):] = row
+    mask[i, bucket - len(row):] = True
+  pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int32)
+  pixels = rng.normal(size=(b, 112, 112, 3)).astype(np.float32)
+  return dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels)
+
+
+def forward(params, batch, plan):
+  return MODEL.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
+                     batch["attention_mask"], batch["positions"], plan=plan,
+                     counts=plan.counts(), return_aux=True)
+
+
+def plain_layers(params, batch, k):
+  """The plain model's output of layer k−1 f32[B, T, D] and that layer's rotated keys
+  f32[B, T, K, h], from layers 0..k−1 with no plan."""
+  def run(m, ids, pixels, mask, pos):
+    r = m.run()
+    visual = m.visual_tokens(m.tower(pixels, r), r)
+    stream = m.splice(ids, visual, mask, pos)
+    r.num_visual = r.visual_slots = visual.valid.shape[1]
+    stream, caches, _ = m.run_layers(stream, r, 0, k)
+    return stream.x, caches[-1][0].k
+  return MODEL.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
+                     batch["attention_mask"], batch["positions"], method=run)
+
+
+def quotas(count, n_img, n_txt):
+  """Each pivot's picks for `count` kept tokens (the remainder to the first pivots)."""
+  rest, pivots = count - n_img, n_img + n_txt
+  return [rest // pivots + (p < rest % pivots) for p in range(pivots)]
+
+
+@pytest.mark.parametrize("kw", [dict(budget=16), dict(retention=0.5),
+                                dict(budget=12, k=3, num_image_pivots=2, num_text_pivots=3)])
+def test_kept_set_in_the_model_is_the_official_rule(params, kw):
+  recipe = methods.get("dart", CFG, **kw)
+  plan = methods.make_plan(recipe, CFG)
+  k = kw.get("k", dart.DART_K)
+  stage = recipe.find(dart.Duplication)
+  n_img, n_txt = stage.num_image_pivots, stage.num_text_pivots
+  count = plan.exact.llm_visual[k]
+  assert plan.score_layers == (k - 1,) and plan.exact.llm_visual[:k] == (64,) * k
+  batch = make_batch(plan)
+  _, aux = forward(params, batch, plan)
+  x, keys = (np.asarray(a) for a in plain_layers(params, batch, k))
+  weight = np.array(params["llm"]["final_norm"]["scale"])
+  live = np.asarray(aux["live"])
+  for i in range(2):
+    image_pos = np.flatnonzero(batch["input_ids"][i] == CFG.image_token_id).tolist()
+    text_pos = list(range(image_pos[-1] + 1, batch["input_ids"].shape[1]))
+    want = official_kept(x[i], keys[i], image_pos, text_pos, n_img, n_txt,
+                         quotas(count, n_img, n_txt), weight)
+    assert len(want) == count
+    assert np.flatnonzero(live[k, i]).tolist() == [image_pos.index(p) for p in want]
+  # The counts every layer processed, per sample, are the plan's.
+  np.testing.assert_array_equal(np.asarray(aux["visual_per_layer"]).T,
+                                [plan.visual_per_layer] * 2)
+  if "budget" in kw:
+    assert count == dart.official_keep_count(kw["budget"], n_img, n_txt)
+
+
+def test_the_final_norm_scale_matters(params):
+  """Without the learned scale the kept set differs (so the scorer reads it)."""
+  plan = methods.make_plan(methods.get("dart", CFG, budget=16), CFG)
+  batch = make_batch(plan)
+  ones = {**params, "llm": {**params["llm"], "final_norm": {"scale": jnp.ones(64)}}}
+  live = [np.asarray(forward(p, batch, plan)[1]["live"][2]) for p in (params, ones)]
+  assert not np.array_equal(*live)
+
+
+def test_fast_equals_reference_on_text(params):
+  fast = methods.make_plan(methods.get("dart", CFG, 0.5), CFG)
+  ref = methods.make_plan(methods.get("dart", CFG, 0.5, mode="reference"), CFG)
+  batch = make_batch(fast)
+  (lf, af), (lr, ar) = forward(params, batch, fast), forward(params, batch, ref)
+  np.testing.assert_array_equal(np.asarray(af["live"]), np.asarray(ar["live"]))
+  np.testing.assert_allclose(text_logits(lf, batch), text_logits(lr, batch), atol=2e-5,
+                             rtol=1e-5)
+
+
+def test_counts_are_traced_into_the_scorer(params):
+  """Keeping 20 or 21 tokens (one bucket) is one plan and one compiled program, and
+  each run keeps its own count."""
+  a = methods.make_plan(methods.get("dart", CFG, budget=16), CFG)
+  b = methods.make_plan(methods.get("dart", CFG, 0.5), CFG)
+  assert a == b and a.exact.llm_visual[2] == 20 and b.exact.llm_visual[2] == 21
+  traces = []
+
+  @jax.jit
+  def live(counts, batch):
+    traces.append(1)
+    return MODEL.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
+                       batch["attention_mask"], batch["positions"], plan=a, counts=counts,
+                       return_aux=True)[1]["visual_per_layer"]
+
+  batch = make_batch(a)
+  assert np.asarray(live(a.counts(), batch))[2].tolist() == [20, 20]
+  assert np.asarray(live(b.counts(), batch))[2].tolist() == [21, 21]
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("kw", [dict(budget=64), dict(retention=0.5)])
+def test_flops_match_xla_and_fall_as_planned(kw):
+  """Analytic matmul FLOPs of the compiled prefill agree with XLA's count within 2%."""
+  plan = methods.make_plan(methods.get("dart", MID, **kw), MID)
+  xla = xla_prefill_flops(plan)
+  analytic = cost.plan_cost(MID, plan, 32)["flops"].total
+  assert abs(xla / analytic - 1) < 0.02, (kw, xla, analytic)
+  assert analytic < cost.plan_cost(MID, methods.make_plan(Recipe(), MID), 32)["flops"].total
+  scorer = plan.find(dart.DuplicationPlan).scorer_flops(MID, 32 + 256)
+  assert scorer == 2 * 8 * (32 + 256) * MID.text.hidden_size
+
+
+def test_presets_keep_the_official_counts_on_llava15_7b():
+  cfg = presets.LLAVA15_7B
+  for name, kept in (("dart-192", 196), ("dart-128", 132), ("dart-64", 68)):
+    plan = methods.make_plan(methods.get(name, cfg), cfg)
+    assert plan.exact.llm_visual == (576, 576) + (kept,) * 30, name
+    assert plan.score_layers == (1,)
+    stage = plan.find(dart.DuplicationPlan)
+    assert (stage.num_image_pivots, stage.num_text_pivots) == (4, 4)
+  # The default budget is the 128 preset.
+  assert methods.get("dart", cfg).stages == methods.get("dart-128", cfg).stages
+
+
+CONFIG_MISTAKES = {  # as a user writes them -> the call
+    'methods.get("dart", cfg, retention=0.5, budget=64)':
+        lambda: methods.get("dart", CFG, retention=0.5, budget=64),
+    'methods.get("dart", cfg, retention=0.2)': lambda: methods.get("dart", CFG, retention=0.2),
+    'methods.get("dart", cfg, budget=128)  # 132 > 64 visual tokens':
+        lambda: methods.get("dart", CFG, budget=128),
+    'methods.get("dart", cfg, k=8)': lambda: methods.get("dart", CFG, k=8),
+    'methods.get("dart", cfg, num_text_pivots=-1)':
+        lambda: methods.get("dart", CFG, num_text_pivots=-1),
+    "dart.Duplication((1.0,) * 2 + (0.25,) * 6, 0, 0)":
+        lambda: methods.make_plan(Recipe((dart.Duplication((1.0,) * 2 + (0.25,) * 6, 0, 0),)),
+                                  CFG),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_MISTAKES)
+def test_config_mistakes_are_named(case):
+  with pytest.raises(ConfigError) as e:
+    CONFIG_MISTAKES[case]()
+  faults.record("methods", case, f"ConfigError: {e.value}", before="compile")

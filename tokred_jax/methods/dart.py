@@ -28,22 +28,33 @@ needed (`norm_scale`). A `count` that is not P_img + P·m (which the official co
 produce) hands the remainder to the first pivots, one token each, so exactly `count`
 visual tokens are kept.
 
-Axis letters as in layers.py: B batch, T tokens, D model width, K key/value heads,
+As a method (`Duplication`, the shared prune stage with this scorer; `build`): layers
+0 .. K−1 see every visual token, and after layer K−1 the stream keeps DART's set of the
+count the plan traces for layer K, in original order (fast mode gathers it, reference
+mode masks the rest, as the official code's indexing does on the text's outputs).
+
+Axis letters as in models/layers.py: B batch, T tokens, D model width, K key/value heads,
 h head dim; P pivots.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokred_jax import tokens
-from tokred_jax.config import ConfigError
+from tokred_jax.core import tokens
+from tokred_jax.methods import prune
+from tokred_jax.methods.base import Recipe, check_retention
+from tokred_jax.models.config import ConfigError, LlavaConfig
 
 # Presets (official LLaVA-1.5 scripts): prune before layer 2 (scores from layer 1's
-# output and keys), 4 image + 4 text pivots, 576 visual tokens.
+# output and keys), 4 image + 4 text pivots, 576 visual tokens; budget 128 by default.
 DART_K = 2
+DART_BUDGET = 128
 DART_IMAGE_PIVOTS = 4
 DART_TEXT_PIVOTS = 4
 DART_VISUAL_TOKENS = 576
@@ -195,3 +206,96 @@ def duplication_keep(x: jax.Array, k: jax.Array, visual: jax.Array, valid: jax.A
   count = capacity if count is None else count
   scores = duplication_scores(x, k, visual, valid, count, **kwargs)
   return tokens.topk_indices(scores, visual & valid, capacity, count)
+
+
+def text_after_image(stream) -> jax.Array:
+  """bool[B, T]: the live text after the image (question and assistant prefix), by
+  prompt index, since fast mode may have moved dead visual slots to the front."""
+  last_visual = jnp.max(jnp.where(stream.visual, stream.index, -1), axis=1, keepdims=True)
+  return stream.keys_valid & ~stream.visual & (stream.index > last_visual)
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicationPlan(prune.PrunePlan):
+  """The prune stage with DART's scorer; num_image_pivots, num_text_pivots: static."""
+  num_image_pivots: int
+  num_text_pivots: int
+  name: ClassVar[str] = "DART"
+
+  def score(self, run, stream, q, k, count):
+    """DART's scores (`duplication_scores`) of the stream after the scoring layer: its
+    output `stream.x`, its rotated keys k f32[B, T, K, h], the final norm's scale; count:
+    the visual tokens the next layer keeps (i32[] or i32[B]), which the ranking depends
+    on. q is not read."""
+    del q
+    scale = run.model.llm.final_norm.variables["params"]["scale"]
+    return duplication_scores(stream.x, k, stream.visual, stream.keys_valid, count,
+                              num_image_pivots=self.num_image_pivots,
+                              num_text_pivots=self.num_text_pivots,
+                              text_ok=text_after_image(stream), norm_scale=scale)
+
+  def after_llm_layer(self, run, c, index, q, k, stream):
+    # The shared stage's rule, with the count also handed to the scorer.
+    if index not in self.score_layers:
+      return stream
+    counts, ratios = c
+    count = counts[index + 1]
+    if self.relative:
+      count = jnp.floor(run.carry["visual_in"] * ratios[index + 1] + 1e-6).astype(jnp.int32)
+    scores = self.score(run, stream, q, k, count)
+    return prune.prune(run, stream, scores, self.capacities[index + 1], count)
+
+  def scorer_flops(self, cfg, num_tokens):
+    # The pivots' cosines with every token: [P, D] x [D, T].
+    pivots = self.num_image_pivots + self.num_text_pivots
+    return 2 * pivots * num_tokens * cfg.text.hidden_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Duplication(prune.Prune):
+  """DART's pruning: layer ℓ keeps ⌊N_v · ratios[ℓ]⌋ visual tokens, those that least
+  duplicate the pivots of layer ℓ − 1 (`build` makes the one-step schedule)."""
+  num_image_pivots: int = DART_IMAGE_PIVOTS
+  num_text_pivots: int = DART_TEXT_PIVOTS
+  name: ClassVar[str] = "DART"
+  plan_class: ClassVar[type] = DuplicationPlan
+
+  def plan(self, flow):
+    _check_pivots(self.num_image_pivots, self.num_text_pivots)
+    return super().plan(flow)
+
+  def plan_settings(self) -> dict:
+    return dict(num_image_pivots=self.num_image_pivots, num_text_pivots=self.num_text_pivots)
+
+
+def build(cfg: LlavaConfig, retention: float | None = None, k: int = DART_K,
+          budget: int | None = None, num_image_pivots: int = DART_IMAGE_PIVOTS,
+          num_text_pivots: int = DART_TEXT_PIVOTS, mode: str = "fast") -> Recipe:
+  """DART: layers 0..k−1 see every visual token; layers k.. keep the tokens that least
+  duplicate the pivots of layer k−1. The count kept: `official_keep_count(budget)` for
+  the official `max_num_trunction` = budget (default DART_BUDGET), or with `retention`
+  solved from (k + (L − k) · keep) / L = retention, keep the fraction kept. (After an
+  earlier stage that reduces, the budget's count is a fraction of the model's N_v.)"""
+  n_layers, n_visual = cfg.text.num_layers, cfg.num_image_tokens
+  _check_pivots(num_image_pivots, num_text_pivots)
+  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_layers:
+    raise ConfigError(f"DART needs an int k with 1 <= k < {n_layers} (layers that see every "
+                      f"token; layer k-1 scores them), got k={k!r}.")
+  if retention is not None and budget is not None:
+    raise ConfigError("DART takes a retention level or a token budget, not both; drop one.")
+  if retention is not None:
+    check_retention(retention)
+    keep = (retention * n_layers - k) / (n_layers - k)
+    if keep < 0:
+      raise ConfigError(f"DART with k={k} keeps every visual token in its first {k} of "
+                        f"{n_layers} layers, so it cannot retain less than "
+                        f"{k / n_layers:.3f} on average; ask for more or lower k.")
+  else:
+    budget = DART_BUDGET if budget is None else budget
+    count = official_keep_count(budget, num_image_pivots, num_text_pivots)
+    if count > n_visual:
+      raise ConfigError(f"DART budget {budget} keeps {count} visual tokens, more than the "
+                        f"model's {n_visual}; give a smaller budget.")
+    keep = count / n_visual
+  ratios = tuple(1.0 if layer < k else keep for layer in range(n_layers))
+  return Recipe((Duplication(ratios, num_image_pivots, num_text_pivots),), "dart", mode)
