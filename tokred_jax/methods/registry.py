@@ -21,13 +21,13 @@ Options of one part go in a dict under its name, e.g. `fastv={"k": 3}`.
 
 from __future__ import annotations
 
-from tokred_jax.methods import aim, baselines, fastv, mustdrop, pmod, tome
+from tokred_jax.methods import aim, baselines, dart, fastv, mustdrop, pmod, tome
 from tokred_jax.methods.base import Recipe, check_retention
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 BUILDERS = {"aim": aim.build, "fastv": fastv.build, "tome": tome.build,
             "random": baselines.build_random, "pooling": baselines.build_pooling,
-            "pmod": pmod.build, "mustdrop": mustdrop.build}
+            "pmod": pmod.build, "mustdrop": mustdrop.build, "dart": dart.build}
 METHODS = ("none",) + tuple(BUILDERS)
 # Presets by name: (method, keyword arguments of the method's builder).
 PRESETS = {
@@ -37,6 +37,7 @@ PRESETS = {
     "pooling-2x2": ("pooling", dict(stride=2)),
     **{f"mustdrop-{label}": ("mustdrop", dict(gamma=g, alpha=a))
        for label, (g, a) in mustdrop.PRESETS.items()},
+    **{f"dart-{b}": ("dart", dict(budget=b)) for b in sorted(dart.DART_BUDGETS, reverse=True)},
 }
 # Parts of a method a recipe can take alone: name -> (method, builder options).
 PARTS = {
