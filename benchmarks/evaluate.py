@@ -188,8 +188,8 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
   for b in sorted({r.budget for r in done if r.budget is not None and r.measure == "flops"}):
     if dense:
       ax.axvline(b * dense[0].flops / 1e9, color="grey", lw=0.7, ls="--")
-      ax.annotate(f"budget {b:g}", (b * dense[0].flops / 1e9, 1), fontsize=7, color="grey",
-                  xycoords=("data", "axes fraction"), xytext=(2, -10),
+      ax.annotate(f"budget {b:g}", (b * dense[0].flops / 1e9, 0), fontsize=7, color="grey",
+                  xycoords=("data", "axes fraction"), xytext=(2, 4),
                   textcoords="offset points")
   for r in dense:
     ax.scatter(r.flops / 1e9, 100 * r.accuracy, marker="*", s=160, color="black",

@@ -226,6 +226,20 @@ def measure_of(cfg: LlavaConfig, measure: str, num_text_tokens: int = TEXT_TOKEN
   return lambda plan: of(cost.plan_cost(cfg, plan, num_text_tokens, exact=True)) / dense
 
 
+def _nearest(spans, target: float, tolerance: float):
+  """(family, span, point): the first family whose point nearest `target` is within
+  `tolerance` (relative), else the nearest point of any (the first of equals)."""
+  err = lambda p: abs(p.value / target - 1)
+  best = None
+  for family, span in spans:
+    point = min((p for p in (span.below, span.above) if p), key=err)
+    if err(point) <= tolerance:
+      return family, span, point
+    if best is None or err(point) < err(best[2]) - 1e-12:
+      best = (family, span, point)
+  return best
+
+
 def solve(cfg: LlavaConfig, method: str, budget: float, *, measure: str = "flops",
           num_text_tokens: int = TEXT_TOKENS, mode: str = "fast",
           tolerance: float = TOLERANCE, **method_kwargs) -> Solution:
@@ -256,23 +270,15 @@ def solve(cfg: LlavaConfig, method: str, budget: float, *, measure: str = "flops
   for family in FAMILIES[name](cfg, mode, kwargs):
     span = search(lambda x, f=family: reduction.make_plan(f.make(x), cfg), of, budget)
     spans.append((family, span))
-  err = lambda p: abs(p.value / budget - 1)
-  best = None  # (family, span, point): the first family to meet it, else the nearest
-  for family, span in spans:
-    point = min((p for p in (span.below, span.above) if p), key=err)
-    if best is None or err(point) < err(best[2]) - 1e-12 or err(point) <= tolerance:
-      best = (family, span, point)
-    if err(point) <= tolerance:
-      break
+  family, span, point = _nearest(spans, budget, tolerance)
   low = min(s.lowest.value for _, s in spans)
   high = max(s.highest.value for _, s in spans)
-  exact = err(best[2]) <= tolerance
+  exact = abs(point.value / budget - 1) <= tolerance
   if not exact and not low <= budget <= high:
     where = (f"only {_fmt(low)}" if math.isclose(low, high) else
              f"{_fmt(low)} to {_fmt(high)}")
     raise ConfigError(f"{method} reaches {where} {unit} on this model at {num_text_tokens} "
                       f"text tokens, not {budget:g}; ask for a budget in that range.")
-  family, span, point = best
   params = family.params(point.x, point.plan.reduction)
   shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
   note = (f"{method} at {point.value:.4g} {unit} (asked {budget:g}, {num_text_tokens} text "
