@@ -460,7 +460,9 @@ def evaluate(pipe: Pipeline, examples: Sequence[Example], settings: Sequence[Set
   batch_size = min(batch_size, len(examples))
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)  # temperature 0: greedy
   # Every plan first, so that a setting the model rejects costs no model work.
-  runs, text = [], median_text_tokens(pipe, examples)
+  runs = []
+  text = (median_text_tokens(pipe, examples) if any(s.budget is not None for s in settings)
+          else budgets.TEXT_TOKENS)
   for s in settings:
     preset = s.method if s.method in methods.PRESETS else None
     result = SettingResult(s.label, s.base_method, s.retention, preset, dict(s.options),
