@@ -4,6 +4,7 @@ r"""Answer a question about an image with a LLaVA model, and print what it cost.
   python infer.py --image=photo.jpg --prompt="What is on the table?"
   python infer.py --checkpoint=/path/to/llava-1.5-7b-hf --config.dtype=bfloat16
   python infer.py --config.method=aim --config.budget=0.5   # AIM at half the dense FLOPs
+  python infer.py --config.method=tome+fastv --config.budget=0.3   # a composed recipe
 
 Options not given as flags come from --config (default: configs/default.py), each
 overridable as --config.NAME=VALUE. Every option, the image and the prompt are checked
@@ -19,7 +20,11 @@ from absl import flags
 from matplotlib.figure import Figure
 
 import tokred_jax
-from tokred_jax import cli, methods, pipeline, report, sharding, visualize
+from tokred_jax import cli, methods
+from tokred_jax.core import sharding
+from tokred_jax.core.suggest import closest
+from tokred_jax.engine import pipeline, report
+from tokred_jax.eval import visualize
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,11 +67,19 @@ def check_output(path: str, option: str):
 
 
 def _check_method(name: str):
-  """An unknown method name, with the nearest one suggested."""
+  """An unknown method name (or part of a composed one), with the nearest suggested."""
   names = methods.METHODS + tuple(methods.PRESETS)
-  if name not in names:
-    raise ValueError(f"--config.method={name!r} is not a method{cli.closest(name, names)}; "
-                     f"choose from {', '.join(names)}.")
+  if "+" not in name:
+    if name not in names:
+      raise ValueError(f"--config.method={name!r} is not a method"
+                       f"{closest(name, names)}; choose from {', '.join(names)}.")
+    return
+  parts = names + tuple(methods.PARTS)
+  for part in name.split("+"):
+    if part not in parts:
+      raise ValueError(f"--config.method={name!r}: {part!r} is not a method"
+                       f"{closest(part, parts)}; join methods, presets and the parts "
+                       f"{', '.join(methods.PARTS)} with '+'.")
 
 
 def _solve_budget(pipe, config, image, prompt, max_new_tokens):
@@ -119,7 +132,7 @@ def infer(config, checkpoint=None, image=None, prompt=None):
   tokens, timings = pipe.generate_tokens(run_batch, sampling, rng, plan)
 
   print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
-        f"method: {plan.reduction.name} ({plan.reduction.mode} mode)")
+        f"method: {plan.name} ({plan.mode} mode)")
   if solution:
     print(f"budget: {solution.note}")
   if copies > 1:
@@ -133,7 +146,7 @@ def infer(config, checkpoint=None, image=None, prompt=None):
              + np.asarray(vision.image_mean))
     visualize.survival_figure(shown, np.asarray(aux["sources"][0]),
                               np.asarray(aux["live"][:, 0]), config.plot,
-                              f"{plan.reduction.name} ({plan.reduction.mode})")
+                              f"{plan.name} ({plan.mode})")
     print(f"kept patches per stage: {config.plot}")
   counts = pipe.token_counts(batch, plan, timings.new_tokens)
   print(report.cost_table(counts, pipe.cost(batch, plan, timings.new_tokens), {

@@ -17,7 +17,8 @@ import sys
 
 from absl import flags, logging
 
-from tokred_jax import cli, trainer
+from tokred_jax import cli
+from tokred_jax.train import trainer
 
 _CONFIG = cli.define_config("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and the "

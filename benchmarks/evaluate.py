@@ -6,16 +6,16 @@ r"""Accuracy against prefill cost of every token-reduction setting on glyph_vqa'
   python -m benchmarks.evaluate --add --variants=pmod-new=DIR   # one more row
   python -m benchmarks.evaluate --budgets=0.5,0.3 --json=B.json --markdown=B.md --plot=B.png
 
-Runs each setting (`tokred_jax.evaluate`: a method at a retention level, METHOD@FRACTION,
+Runs each setting (`tokred_jax.eval.evaluate`: a method at a retention level, METHOD@FRACTION,
 or a preset; default: dense, aim/fastv/tome/random/pooling at 0.5, 0.25 and 0.125, the
 published presets, and p-MoD's trained schedule if the model has routers; --budgets:
 aim/fastv/tome/random/pooling each at the same budgets, METHOD@flops=B, their parameters
-solved by `tokred_jax.budget`, added to --settings or without it instead of the sweep) over the
-same questions with greedy decoding, scores exact-match accuracy overall and per question
-type, and reports per example the analytic prefill FLOPs and KV-cache bytes at the
-method's exact counts, the equivalent visual tokens and the measured latency. Dense,
-random and pooling rows are always added: they are the references. Settings the model
-cannot run are listed as skipped with the reason.
+solved by `tokred_jax.engine.budget`, added to --settings or without it instead of the
+sweep) over the same questions with greedy decoding, scores exact-match accuracy overall
+and per question type, and reports per example the analytic prefill FLOPs and KV-cache
+bytes at the method's exact counts, the equivalent visual tokens and the measured
+latency. Dense, random and pooling rows are always added: they are the references.
+Settings the model cannot run are listed as skipped with the reason.
 
 Writes the results as JSON (--json), a block in BENCHMARKS.md between this run's markers
 (--markdown; text outside the block is kept) and an accuracy-vs-FLOPs plot (--plot).
@@ -53,9 +53,11 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from benchmarks import outputs
 from benchmarks.prefill_speed import machine
-from tokred_jax import checkpoint, cli, evaluate
-from tokred_jax.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
-                                 PMOD_QUARTER_CHECKPOINT, Pipeline)
+from tokred_jax import cli
+from tokred_jax.engine.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
+                                        PMOD_QUARTER_CHECKPOINT, Pipeline)
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = (f"pmod-cosine={PMOD_CHECKPOINT},"

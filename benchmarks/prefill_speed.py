@@ -50,8 +50,12 @@ matplotlib.use("Agg")  # Headless: the plot only goes to a file.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from benchmarks import outputs
-from tokred_jax import cli, cost, llava, methods, mustdrop, reduction, segmented
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import cli, methods
+from tokred_jax.engine import cost, segmented
+from tokred_jax.methods import mustdrop
+from tokred_jax.methods.base import Plan, make_plan
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Methods in table order: (method, mode). AIM in reference mode shows that masking the
@@ -89,7 +93,7 @@ def param_counts(cfg: LlavaConfig) -> dict[str, int]:
   return out
 
 
-def make_inputs(cfg: LlavaConfig, plan: reduction.Plan, text_tokens: int, batch: int,
+def make_inputs(cfg: LlavaConfig, plan: Plan, text_tokens: int, batch: int,
                 seed: int = 0) -> tuple[jax.Array, ...]:
   """(input_ids, pixel_values, attention_mask, positions) for unpadded prompts."""
   rng = np.random.default_rng(seed)
@@ -132,7 +136,7 @@ class Result:
 def compile_case(model, params, cfg, name, mode, args) -> Result:
   """Builds the plan, compiles its prefill (timed) and computes its costs."""
   retention = None if name == "none" else args.retention
-  plan = reduction.make_plan(methods.get(name, cfg, retention, mode), cfg)
+  plan = make_plan(methods.get(name, cfg, retention, mode), cfg)
   inputs = make_inputs(cfg, plan, args.text_tokens, args.batch)
   # Counts are a traced argument, as in serving: changing them would not recompile.
   fn = jax.jit(lambda p, c, *a: model.apply({"params": p}, *a, max_new_tokens=1, plan=plan,
@@ -163,7 +167,7 @@ def _batched(flops: cost.PrefillFlops, batch: int) -> cost.PrefillFlops:
 def segmented_case(model, params, cfg, name, args) -> Result:
   """MustDrop in fast mode: the segmented prefill, warmed up (compiling every segment for
   the capacities these inputs meet; timed as the compile) and costed from its counts."""
-  plan = reduction.make_plan(methods.get(name, cfg), cfg)
+  plan = make_plan(methods.get(name, cfg), cfg)
   keys = ("input_ids", "pixel_values", "attention_mask", "positions")
   batch = dict(zip(keys, make_inputs(cfg, plan, args.text_tokens, args.batch)))
   prefill = segmented.SegmentedPrefill(model, plan)
@@ -195,12 +199,13 @@ def segmented_case(model, params, cfg, name, args) -> Result:
   layer_caps = [c for c, (lo, hi) in zip(caps, prefill.bounds) for _ in range(lo, hi)]
   compiled_cost = cost.request_cost(cfg, plan, args.text_tokens, caps[0], layer_caps,
                                     bytes_per_element=item)
-  first = plan.reduction.filter_layers[0]
+  filters = plan.find(mustdrop.KeyFilterPlan).filter_layers
+  first = filters[0]
   note = (f"{name}: per sample, {cfg.num_image_tokens} patches → {merged.tolist()} tokens "
           f"after the window merge; visual tokens entering LLM layers 0-{first} "
           f"{per_layer[0].tolist()}, then after each filter (layers "
-          f"{', '.join(map(str, plan.reduction.filter_layers))}) "
-          f"{', '.join(str(per_layer[f + 1].tolist()) for f in plan.reduction.filter_layers)}"
+          f"{', '.join(map(str, filters))}) "
+          f"{', '.join(str(per_layer[f + 1].tolist()) for f in filters)}"
           f"; segment capacities {caps}; "
           f"{np.asarray(aux['equivalent_tokens']).round(1).tolist()} equivalent tokens.")
   return Result(name, caps[0], lambda p, b: prefill(p, b, max_new_tokens=1), (batch,),
@@ -354,7 +359,7 @@ def _check_args(args, cfg: LlavaConfig, backend: str) -> list[tuple[str, str]]:
   for name, mode in cases:  # what compile_case and segmented_case will build
     retention = None if name in ("none", "mustdrop-64") else args.retention
     try:
-      reduction.make_plan(methods.get(name, cfg, retention, mode), cfg)
+      make_plan(methods.get(name, cfg, retention, mode), cfg)
     except ValueError as e:
       raise ValueError(f"--retention={args.retention}: {name} cannot run it: {e}") from None
   differs = [f"--{k.replace('_', '-')}={getattr(args, k)}"

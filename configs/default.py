@@ -26,13 +26,13 @@ def get_config(arg=None):
   # the fraction of visual tokens to keep on average (None: the method's preset).
   config.method = "none"
   config.retention = config_dict.placeholder(float)
-  # Or a budget the method's parameters are solved for (tokred_jax.budget), at this
-  # prompt's length: a fraction of dense prefill FLOPs (budget_measure "flops"), of the
+  # Or a budget the method's parameters are solved for (tokred_jax.engine.budget), at
+  # this prompt's length: a fraction of dense prefill FLOPs (budget_measure "flops"), of the
   # dense KV cache ("kv"), or a count of equivalent visual tokens ("tokens").
   config.budget = config_dict.placeholder(float)
   config.budget_measure = "flops"
   config.mode = "fast"
-  # The chat template the question is written in (tokred_jax.templates: tokred, llava-hf,
+  # The chat template the question is written in (tokred_jax.io.templates: tokred, llava-hf,
   # vicuna_v1, llava_v1, qwen); "": the checkpoint's own.
   config.template = ""
   # A PNG path: draws which image patches survive each stage ("" draws nothing).

@@ -6,7 +6,7 @@ a work dir; every run resumes from its latest checkpoint when rerun):
 
   python -m tokred_jax.data.glyph_vqa --data_dir=$DATA
   # 1. tower: the vision tower learns each cell's digit and colour (dense labels).
-  python -m tokred_jax.tower_pretrain --config=configs/glyph_llava.py:tower \
+  python -m tokred_jax.proj.glyph_vqa.tower_pretrain --config=configs/glyph_llava.py:tower \
       --workdir=$RUN/tower --config.data.data_dir=$DATA
   # 2. align: projector + LLM learn to read the visual tokens ("List the digits ...").
   python train.py --config=configs/glyph_llava.py:align --workdir=$RUN/align \
@@ -37,8 +37,8 @@ reach (below 2/6: layers 0 and 1 stay dense) routes every layer.
 import ml_collections
 
 from configs import train_tiny
-from tokred_jax import pmod
-from tokred_jax.cli import closest
+from tokred_jax.core.suggest import closest
+from tokred_jax.methods import pmod
 
 STAGES = ("tower", "align", "instruct", "finetune", "pmod")
 # A stage's steps at batch 64; see the README for the time each took.

@@ -5,7 +5,7 @@ the checkpoint directory):
 
   python infer.py --config=configs/llava15_7b.py:/path/to/llava-1.5-7b-hf
 
-`preset` names the same architecture in tokred_jax/presets.py, for what needs no
+`preset` names the same architecture in tokred_jax/models/presets.py, for what needs no
 weights (shape checks, cost tables); inference needs the checkpoint.
 """
 

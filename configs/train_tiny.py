@@ -42,12 +42,12 @@ def get_config(arg=None):
   config.model.method = "none"
   config.model.retention = config_dict.placeholder(float)
   config.model.mode = "fast"
-  # A p-MoD schedule name (tokred_jax.pmod.SCHEDULES, e.g. "cosine"): a dense checkpoint
+  # A p-MoD schedule name (tokred_jax.methods.pmod.SCHEDULES, e.g. "cosine"): a dense checkpoint
   # gets zero-initialised routers on the layers it routes. "": none added.
   config.model.add_routers = ""
 
   # The fields of tokred_jax.data.DataConfig; dataset "synthetic" is a toy counting task
-  # that needs no files (tokred_jax.train_setup.synthetic_dataset).
+  # that needs no files (tokred_jax.train.setup.synthetic_dataset).
   config.data = ml_collections.ConfigDict()
   config.data.dataset = "synthetic" if arg == "synthetic" else config_dict.placeholder(str)
   config.data.data_dir = config_dict.placeholder(str)
@@ -58,7 +58,7 @@ def get_config(arg=None):
   config.data.worker_count = 0
   config.data.worker_buffer_size = 8
   config.data.on_bad_sample = "skip"
-  # The chat template conversations are rendered in (tokred_jax.templates); "": the
+  # The chat template conversations are rendered in (tokred_jax.io.templates); "": the
   # checkpoint's own. The export records it.
   config.data.template = ""
 

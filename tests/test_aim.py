@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tokred_jax import aim
+from tokred_jax.methods import aim
 
 
 def reference_pagerank(q, k, query_valid, key_valid, tau=0.1, iterations=5, damping=0.0):

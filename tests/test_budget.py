@@ -1,4 +1,4 @@
-"""The budget solver (tokred_jax/budget.py) against a fine grid of every method's settings,
+"""The budget solver (tokred_jax/engine/budget.py) against a fine grid of every method's settings,
 each costed here from `cost.plan_cost` on LLaVA-1.5-7B's config and the default model's.
 
 A solution must meet its target within 2% of the measure recomputed here, or say it is
@@ -19,9 +19,14 @@ import infer
 import tokred_jax
 from configs import default
 from tests import faults
-from tokred_jax import budget, checkpoint, cli, cost, evaluate, methods, pipeline, presets
-from tokred_jax.config import ConfigError
-from tokred_jax.reduction import Reduction, make_plan
+from tokred_jax import cli, methods
+from tokred_jax.engine import budget, cost, pipeline
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint
+from tokred_jax.methods import aim, baselines, fastv, tome
+from tokred_jax.methods.base import Recipe, make_plan
+from tokred_jax.models import presets
+from tokred_jax.models.config import ConfigError
 
 TEXT = 64
 GRID = np.linspace(0.001, 1.0, 1000)
@@ -45,20 +50,21 @@ def _configs():
 CONFIGS = _configs()
 
 
-def _measure(cfg, red, measure):
+def _measure(cfg, recipe, measure):
   """The measure of a setting, restated from cost.plan_cost and the plan's counts."""
-  plan = make_plan(red, cfg)
+  plan = make_plan(recipe, cfg)
   if measure == "tokens":
     counts = plan.visual_per_layer
     return sum(counts) / len(counts)
   dense, this = (cost.plan_cost(cfg, make_plan(r, cfg), TEXT, exact=True)
-                 for r in (Reduction(), red))
+                 for r in (Recipe(), recipe))
   key = "flops" if measure == "flops" else "kv_bytes"
   return this[key].total / dense[key].total
 
 
-def _settings(cfg, method):
-  """Every setting of the method on a fine grid of its parameters."""
+def _settings(cfg, method, split=None):
+  """Every setting of the method on a fine grid of its parameters (a composed recipe:
+  of its retention, at `split`)."""
   out = []
   def add(build):
     try:
@@ -73,6 +79,9 @@ def _settings(cfg, method):
   elif method == "pmod":
     for shift in np.linspace(-1, 2, 1000):
       add(lambda: methods.get("pmod", cfg, schedule="cosine", shift=float(shift)))
+  elif "+" in method:
+    for r in GRID:
+      add(lambda: methods.get(method, cfg, float(r), split=split))
   else:
     for r in GRID:
       for k in ((1, 2) if method == "fastv" else (None,)):
@@ -82,25 +91,26 @@ def _settings(cfg, method):
 
 
 @functools.lru_cache(maxsize=None)
-def _grid(name, method, measure):
-  cfg = CONFIGS[name][method == "pmod"]
-  return cfg, np.asarray([_measure(cfg, red, measure) for red in _settings(cfg, method)])
+def _grid(name, method, measure, split=None):
+  cfg = CONFIGS[name]["pmod" in method.split("+")]
+  return cfg, np.asarray([_measure(cfg, r, measure) for r in _settings(cfg, method, split)])
 
 
-def _check(name, method, target, measure):
+def _check(name, method, target, measure, split=None):
   """Returns the solution, or None where the solver refused a target the grid misses."""
-  cfg, values = _grid(name, method, measure)
+  cfg, values = _grid(name, method, measure, split)
   errors = np.abs(values / target - 1)
+  kwargs = {} if split is None else {"split": split}
   try:
-    sol = budget.solve(cfg, method, target, measure=measure, num_text_tokens=TEXT)
+    sol = budget.solve(cfg, method, target, measure=measure, num_text_tokens=TEXT, **kwargs)
   except ConfigError as e:
     assert errors.min() > budget.TOLERANCE, (name, method, target, str(e))
     assert not values.min() <= target <= values.max()
     assert f"reaches {values.min():.4g} to" in str(e) or "reaches only" in str(e)
     return None
-  achieved = _measure(cfg, sol.reduction, measure)
+  achieved = _measure(cfg, sol.recipe, measure)
   assert achieved == pytest.approx(sol.achieved, rel=1e-12)
-  assert sol.plan == make_plan(sol.reduction, cfg) and sol.measure == measure
+  assert sol.plan == make_plan(sol.recipe, cfg) and sol.measure == measure
   err = abs(achieved / target - 1)
   if sol.exact:
     assert err <= budget.TOLERANCE
@@ -135,27 +145,105 @@ def test_kv_and_token_budgets(name, method):
 
 def test_solution_reports_the_parameters():
   cfg = presets.LLAVA15_7B
-  aim = budget.solve(cfg, "aim", 0.3)
-  assert (aim.params["l1"], aim.params["l2"]) == methods.aim_schedule(32)
-  assert aim.params["merge_r"] == aim.reduction.merge_r and sum(aim.reduction.merge_r) > 0
+  aim_sol = budget.solve(cfg, "aim", 0.3)
+  merge = aim_sol.recipe.find(aim.Merge)
+  assert (aim_sol.params["l1"], aim_sol.params["l2"]) == aim.default_schedule(32)
+  assert aim_sol.params["merge_r"] == merge.steps and sum(merge.steps) > 0
   moved = budget.solve(cfg, "aim", 0.3, l1=4, l2=10)
   assert (moved.params["l1"], moved.params["l2"]) == (4, 10) and moved.exact
   fast = budget.solve(cfg, "fastv", 0.5)
   assert fast.params["k"] == 2 and 0 < fast.params["r"] < 1
-  assert fast.reduction == methods.get("fastv", cfg, fast.params["retention"])
+  assert fast.recipe == methods.get("fastv", cfg, fast.params["retention"])
   # The default model: k = 2 cannot go below 0.61 of its FLOPs, so k = 1 is taken.
   glyph = CONFIGS["glyph-llava"][0]
   assert budget.solve(glyph, "fastv", 0.55).params["k"] == 1
   assert budget.solve(glyph, "fastv", 0.8).params["k"] == 2
   pooled = budget.solve(cfg, "pooling", 0.3)
   assert pooled.params == {"stride": 2} and not pooled.exact
-  assert budget.solve(cfg, "pooling-2x2", 0.3).reduction == pooled.reduction
-  assert budget.solve(cfg, "none", 1.0).reduction == Reduction()
+  assert pooled.recipe.find(baselines.Pool).stride == 2
+  assert budget.solve(cfg, "pooling-2x2", 0.3).recipe.stages == pooled.recipe.stages
+  assert budget.solve(cfg, "none", 1.0).recipe == Recipe()
   tokens = budget.solve(cfg, "random", 144, measure="tokens")
-  assert tokens.reduction.keep_visual == 144 and tokens.achieved == 144
+  assert tokens.recipe.find(baselines.Random).keep == 144 and tokens.achieved == 144
+  assert tokens.params["keep"] == 144
   # A longer prompt: the visual share of the cost is smaller, so more must go.
-  longer = budget.solve(cfg, "random", 0.5, num_text_tokens=512)
-  assert longer.reduction.keep_visual < budget.solve(cfg, "random", 0.5).reduction.keep_visual
+  keep = lambda sol: sol.recipe.find(baselines.Random).keep
+  assert keep(budget.solve(cfg, "random", 0.5, num_text_tokens=512)) < keep(
+      budget.solve(cfg, "random", 0.5))
+
+
+# Composed recipes on the 7B: (name, split, the budgets of BUDGETS out of its reach).
+# pooling-2x2 alone is at 0.35 of the FLOPs, so with FastV after it 0.75 and 0.5 are out.
+COMPOSED = [("tome+fastv", 0.5, ()), ("tome+fastv", 0.3, ()), ("random+fastv", 0.5, ()),
+            ("pooling-2x2+fastv", 0.5, (0.75, 0.5)), ("aim.merge+pmod", 0.5, ())]
+
+
+def _parts_alone(cfg, name, rho, split):
+  """The composed recipe's stages restated: the part before the LLM built alone at
+  rho^split, the one in it at rho^(1 - split); a preset at its own counts and then the
+  other part at all of rho."""
+  first, second = name.split("+")
+  if first in methods.PRESETS:
+    return methods.get(first, cfg).stages + methods.get(second, cfg, rho).stages
+  return (methods.get(first, cfg, rho ** split).stages
+          + methods.get(second, cfg, rho ** (1 - split)).stages)
+
+
+@pytest.mark.parametrize("method, split, out_of_reach", COMPOSED,
+                         ids=[f"{m}-split{s}" for m, s, _ in COMPOSED])
+def test_composed_recipe_budgets_on_llava15(method, split, out_of_reach):
+  """A composed recipe is bisected along its retention with the split fixed: each
+  budget met within tolerance (against the grid of retentions), and the parts the
+  solution holds are each part built alone at its share of the reported retention."""
+  cfg = CONFIGS["llava-1.5-7b"]["pmod" in method]
+  for target in BUDGETS:
+    sol = _check("llava-1.5-7b", method, target, "flops", split)
+    if target in out_of_reach:
+      assert sol is None, (method, target)
+      continue
+    assert sol is not None and sol.exact, (method, target)
+    rho = sol.params["retention"]
+    assert sol.params["split"] == split and f"split={split:g}" in sol.note
+    assert sol.recipe.stages == _parts_alone(cfg, method, rho, split)
+    assert sol.recipe.name == method
+    prune = sol.recipe.find(fastv.LastToken)
+    if prune:
+      assert sol.params["fastv.r"] == pytest.approx(1 - prune.ratios[-1])
+      assert sol.params["fastv.k"] == fastv.FASTV_K
+    if "tome" in method:
+      assert sol.params["tome.r"] == sol.recipe.find(tome.Tome).r and sum(sol.params["tome.r"])
+    if "random" in method:
+      assert sol.params["random.keep"] == sol.recipe.find(baselines.Random).keep < 576
+    if "aim.merge" in method:
+      assert sol.params["aim.merge.merge_r"] == sol.recipe.find(aim.Merge).steps
+      assert len(sol.params["pmod.ratios"]) == 32
+  if method == "tome+fastv":  # the split is the parts' share: a lower one merges less
+    at = {s: budget.solve(cfg, method, 0.5, split=s) for s in (0.3, 0.7)}
+    assert sum(at[0.3].params["tome.r"]) < sum(at[0.7].params["tome.r"])
+    assert at[0.3].params["fastv.r"] > at[0.7].params["fastv.r"]
+
+
+def test_composed_options_pass_through():
+  cfg = presets.LLAVA15_7B
+  # AIM's merge alone at retention 1 merges nothing (the bisection's top end).
+  assert methods.get("aim.merge", cfg, 1.0).stages == ()
+  sol = budget.solve(cfg, "tome+fastv", 0.4, fastv={"k": 3})
+  assert sol.exact and sol.params["fastv.k"] == 3
+  assert sol.recipe == methods.get("tome+fastv", cfg, sol.params["retention"], fastv={"k": 3})
+  pipe = tokred_jax.Pipeline.load(pipeline.DEFAULT_CHECKPOINT, weights=False)
+  assert pipe.plan("tome+fastv", budget=0.7, split=0.4) == budget.solve(
+      pipe.cfg, "tome+fastv", 0.7, split=0.4).plan
+  setting, = evaluate.parse_settings("tome+fastv@flops=0.7:split=0.4")
+  assert setting.label == "tome+fastv@flops=0.7:split=0.4"
+  assert evaluate.setting_plan(pipe.cfg, setting) == budget.solve(
+      pipe.cfg, "tome+fastv", 0.7, split=0.4).plan
+  for spec, match in [("tome+fastv@flops=0.7:k=1", "takes no options here but split"),
+                      ("tome@flops=0.7:split=0.4", "tome is one part"),
+                      ("tome+fastv@flops=0.7:split=1", r"split must lie in \(0, 1\)")]:
+    with pytest.raises(ConfigError, match=match) as e:
+      evaluate.parse_settings(spec)
+    faults.record("evaluate.parse_settings", spec, f"ConfigError: {e.value}",
+                  before="weights load")
 
 
 ERRORS = [
@@ -174,6 +262,12 @@ ERRORS = [
     ("aim", 0.3, dict(retention=0.25), "a retention or a budget, not both"),
     ("pmod", 0.5, {}, "no p-MoD routers"),
     ("aim", 0.3, dict(tolerance=-1), "tolerance"),
+    ("tome+fastv", 0.3, dict(split=1.5), r"split must lie in \(0, 1\)"),
+    ("tome", 0.3, dict(split=0.5), "tome is one part, so drop it"),
+    ("tome+fastv", 0.3, dict(fastv={"r": 0.5}), "fastv's r in tome\\+fastv is what the budget"),
+    ("tome+mustdrop.filter", 0.3, {}, "depend on the image and the question"),
+    ("tome+aimm", 0.3, {}, "unknown method 'aimm' in 'tome\\+aimm'"),
+    ("tome+fastv", 0.01, {}, "tome\\+fastv reaches .* not 0.01"),
 ]
 
 
@@ -191,7 +285,7 @@ def test_pipeline_plan_at_a_budget():
   pipe = tokred_jax.Pipeline.load(pipeline.DEFAULT_CHECKPOINT, weights=False)
   plan = pipe.plan("aim", budget=0.5)
   sol = budget.solve(pipe.cfg, "aim", 0.5)
-  assert plan == sol.plan and plan.reduction == sol.reduction
+  assert plan == sol.plan and plan.recipe == sol.recipe
   assert pipe.plan("aim", budget=0.5, text_tokens=12) == pipe.solve("aim", 0.5,
                                                                     text_tokens=12).plan
   assert pipe.plan("tome", budget=40, measure="tokens").exact.visual == 40
@@ -247,11 +341,11 @@ def test_budget_settings_parse_and_label():
   assert (got[1].budget, got[1].measure, got[1].retention) == (0.5, "kv", None)
   cfg = CONFIGS["glyph-llava"][0]
   assert evaluate.setting_plan(cfg, got[2]).exact.visual == 40
-  aim, = evaluate.parse_settings("aim@flops=0.5")
-  assert evaluate.setting_plan(cfg, aim, 12) == budget.solve(cfg, "aim", 0.5,
-                                                             num_text_tokens=12).plan
-  assert (evaluate.setting_plan(cfg, aim).reduction
-          != evaluate.setting_plan(cfg, aim, 12).reduction)  # solved at the length given
+  at_half, = evaluate.parse_settings("aim@flops=0.5")
+  assert evaluate.setting_plan(cfg, at_half, 12) == budget.solve(cfg, "aim", 0.5,
+                                                                 num_text_tokens=12).plan
+  assert (evaluate.setting_plan(cfg, at_half).recipe
+          != evaluate.setting_plan(cfg, at_half, 12).recipe)  # solved at the length given
   assert [s.label for s in evaluate.budget_settings([0.5], names=("aim", "pooling"))] == [
       "aim@flops=0.5", "pooling@flops=0.5"]
   for spec, match in [("aim@flops=1.5", r"setting aim@flops=1.5: a flops budget .*\(0, 1\]"),

@@ -14,8 +14,8 @@ import torch
 import transformers
 
 from tests import faults
-from tokred_jax import checkpoint
-from tokred_jax.checkpoint import CheckpointError
+from tokred_jax.io import checkpoint
+from tokred_jax.io.checkpoint import CheckpointError
 
 FIXTURES = ["clip_llama_dir", "siglip_qwen2_dir", "published_dir"]
 

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tokred_jax import config, cost, llava, presets
+from tokred_jax.engine import cost
+from tokred_jax.models import config, llava, presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HF_CONFIG = pathlib.Path("/work/shared/reference/llava-1.5-7b-hf.config.json")

@@ -23,11 +23,11 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers import trainers
 
 from tests import faults
-from tokred_jax import processing
-from tokred_jax.config import from_hf_dict
 from tokred_jax.data import (BadSample, DataConfig, build_dataset, encode_example,
                              make_dataset, parse_turns,
                              tokenize_conversation)
+from tokred_jax.io import processing
+from tokred_jax.models.config import from_hf_dict
 
 ASSETS = pathlib.Path(__file__).parent.parent / "tokred_jax" / "assets" / "tiny-llava"
 MAX_LENGTH = 160

@@ -3,8 +3,12 @@
 import pytest
 
 import tokred_jax
-from tokred_jax import checkpoint, cost, evaluate, methods, pmod
-from tokred_jax.config import ConfigError, from_hf_dict, to_hf_dict
+from tokred_jax import methods
+from tokred_jax.engine import cost
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint
+from tokred_jax.methods import pmod
+from tokred_jax.models.config import ConfigError, from_hf_dict, to_hf_dict
 from configs import glyph_llava
 
 NUM_QUESTIONS = 32  # 8 of each type; the full test split is in BENCHMARKS.md
@@ -35,8 +39,8 @@ def test_pmod_variant_records_the_ratios_it_was_trained_at():
   ratios = cfg.text.router_ratios
   assert pmod.mean_kept_ratio(cfg.num_image_tokens, ratios) == pytest.approx(
       glyph_llava.PMOD_RETENTION, abs=0.01)
-  assert methods.get("pmod", cfg).mod_ratios == ratios  # the default p-MoD plan
-  assert methods.get("pmod", cfg, 0.6).mod_ratios != ratios  # a retention refits
+  assert methods.get("pmod", cfg).find(pmod.Route).ratios == ratios  # the default p-MoD plan
+  assert methods.get("pmod", cfg, 0.6).find(pmod.Route).ratios != ratios  # a retention refits
   assert from_hf_dict(to_hf_dict(cfg)).text.router_ratios == ratios
   with pytest.raises(ConfigError, match="one per layer"):
     from_hf_dict(dict(to_hf_dict(cfg), text_config=dict(
@@ -47,7 +51,7 @@ def test_quarter_variant_keeps_36_tokens_in_every_layer():
   pipe = tokred_jax.Pipeline.load(tokred_jax.PMOD_QUARTER_CHECKPOINT)
   plan = pipe.plan("pmod")
   assert pipe.cfg.text.router_layers == tuple(range(glyph_llava.NUM_LAYERS))
-  assert pmod.kept_counts(144, plan.reduction.mod_ratios) == (36,) * 6
+  assert pmod.kept_counts(144, pmod.trained_ratios(plan)) == (36,) * 6
   costs = [cost.plan_cost(pipe.cfg, p, 20, exact=True)
            for p in (plan, pipe.plan("none"))]
   assert costs[0]["equivalent_tokens"] == 36 and costs[1]["equivalent_tokens"] == 144
@@ -55,14 +59,14 @@ def test_quarter_variant_keeps_36_tokens_in_every_layer():
 
 
 def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
-  from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tokred_jax.train import trainer  # pylint: disable=g-import-not-at-top
   plans = {}
   for schedule in ("cosine", "linear", "constant"):
     config = glyph_llava.get_config(f"pmod-{schedule}")
     config.model.checkpoint = tokred_jax.DEFAULT_CHECKPOINT
     cfg = trainer.model_config(config)
     assert cfg.text.router_layers == glyph_llava.PMOD_LAYERS
-    plans[schedule] = trainer.make_plan(config, cfg).reduction.mod_ratios
+    plans[schedule] = pmod.trained_ratios(trainer.make_plan(config, cfg))
     assert pmod.mean_kept_ratio(144, plans[schedule]) == pytest.approx(0.5, abs=0.01)
   assert len(set(plans.values())) == 3
   assert len({r for r in plans["constant"] if r is not None}) == 1
@@ -72,12 +76,12 @@ def test_ablation_schedules_route_the_same_layers_at_the_same_mean():
 
 
 def test_a_mean_below_what_layers_2_to_5_reach_routes_every_layer():
-  from tokred_jax import trainer  # pylint: disable=g-import-not-at-top
+  from tokred_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = glyph_llava.get_config("pmod-constant@0.25")
   config.model.checkpoint = tokred_jax.DEFAULT_CHECKPOINT
   cfg = trainer.model_config(config)
   assert cfg.text.router_layers == tuple(range(glyph_llava.NUM_LAYERS))
-  ratios = trainer.make_plan(config, cfg).reduction.mod_ratios
+  ratios = pmod.trained_ratios(trainer.make_plan(config, cfg))
   assert pmod.kept_counts(144, ratios) == (36,) * 6
   assert glyph_llava.get_config("pmod-linear@0.4").model.router_layers == glyph_llava.PMOD_LAYERS
   for bad, match in [("pmod-constant@half", "as a number"), ("instruct@0.25", "unknown"),

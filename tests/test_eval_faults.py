@@ -19,8 +19,8 @@ from benchmarks import evaluate as bench
 from benchmarks import outputs
 from benchmarks import prefill_speed
 from tests import faults
-from tokred_jax import evaluate
-from tokred_jax.pipeline import DEFAULT_CHECKPOINT, Pipeline
+from tokred_jax.engine.pipeline import DEFAULT_CHECKPOINT, Pipeline
+from tokred_jax.eval import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.json"))

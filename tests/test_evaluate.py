@@ -18,10 +18,15 @@ import pytest
 from benchmarks import evaluate as bench
 from benchmarks import outputs
 from tests import faults
-from tokred_jax import budget, checkpoint, evaluate, llava, methods, processing
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
 from tokred_jax.data import glyph_vqa, glyphs
-from tokred_jax.pipeline import Pipeline
+from tokred_jax.engine import budget
+from tokred_jax.engine.pipeline import Pipeline
+from tokred_jax.eval import evaluate
+from tokred_jax.io import checkpoint, processing
+from tokred_jax.methods import aim
+from tokred_jax.models import llava
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 LIMIT = 16
 WEIGHT_STD = 0.1  # O(1) activations, so answers differ between prompts
@@ -156,10 +161,10 @@ def test_options_reach_the_method_and_the_label(pipe):
   sweep = {s.label for s in evaluate.default_settings(pipe.cfg)}
   assert {"fastv@0.5", "fastv@0.25:k=1", "fastv@0.125:k=1"} <= sweep
   # AIM's schedule as two numeric options.
-  default, chosen = (pipe.plan(s.method, s.retention, **dict(s.options)).reduction
+  default, chosen = (pipe.plan(s.method, s.retention, **dict(s.options)).recipe
                      for s in evaluate.parse_settings("aim@0.25,aim@0.25:l1=0:l2=2"))
   assert chosen == methods.get("aim", pipe.cfg, 0.25, schedule=(0, 2))
-  assert chosen.layer_ratios != default.layer_ratios
+  assert chosen.find(aim.PageRank).ratios != default.find(aim.PageRank).ratios
 
 
 def test_baselines_are_always_in_the_table():

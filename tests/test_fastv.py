@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokred_jax import fastv
+from tokred_jax.methods import fastv
 
 
 def reference_last_token(q_last, k, key_valid):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from tests import faults
-from tokred_jax import generate, llava
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.engine import generate
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -6,9 +6,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 import tokred_jax
-from tokred_jax import checkpoint, processing
-from tokred_jax.data import DataConfig, glyph_vqa, glyphs, make_dataset
-from tokred_jax.tower_pretrain import NUM_DIGITS, patch_labels
+from tokred_jax.data import DataConfig, make_dataset
+from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.io import checkpoint, processing
+from tokred_jax.proj.glyph_vqa.tower_pretrain import NUM_DIGITS, patch_labels
 
 
 def _scene_and_questions(seed):

@@ -21,7 +21,9 @@ import tokred_jax
 from configs import default
 from tests import faults
 from tests.test_processing import _png_header
-from tokred_jax import checkpoint, cli, pipeline, report
+from tokred_jax import cli
+from tokred_jax.engine import pipeline, report
+from tokred_jax.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")

@@ -14,10 +14,12 @@ import pytest
 import safetensors.numpy
 
 from tests import faults
-from tokred_jax import (checkpoint, config as config_lib, llava, llava_original, methods, pmod,
-                        processing, reduction)
-from tokred_jax.checkpoint import CheckpointError
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.io import checkpoint, llava_original, processing
+from tokred_jax.io.checkpoint import CheckpointError
+from tokred_jax.methods import pmod
+from tokred_jax.models import config as config_lib, llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 MOD_LAYERS = (1,)
 TOWER_NAMES = re.compile(r"^vision_tower\.")
@@ -129,7 +131,7 @@ def forward(cfg, params, image_id, seed=0):
   ids[0, :3] = cfg.pad_token_id
   pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int32)
   pixels = rng.normal(size=(2, 42, 42, 3)).astype(np.float32)
-  plan = reduction.make_plan(methods.get("pmod", cfg), cfg)
+  plan = methods.make_plan(methods.get("pmod", cfg), cfg)
   logits = llava.Llava(cfg).apply({"params": params}, ids, pixels, mask, pos, plan=plan,
                                   counts=plan.counts())
   return np.asarray(logits)[mask]  # Padding (different pad ids) is left out.
@@ -374,10 +376,10 @@ def test_loaded_schedule_keeps_the_trained_counts(tmp_path, schedule_params, tar
   assert n == 64 and cfg.text.router_layers == tuple(sorted(official))
   want = tuple(official_kept(n, official[l]) if l in official else n for l in range(32))
   # visual_per_layer: the exact visual tokens each layer processes.
-  plan = reduction.make_plan(methods.get("pmod", cfg), cfg)
+  plan = methods.make_plan(methods.get("pmod", cfg), cfg)
   assert plan.visual_per_layer == want
   # The default PRD on the same layers would run other counts: the schedule matters.
-  default = reduction.make_plan(methods.get("pmod", cfg, schedule="cosine"), cfg)
+  default = methods.make_plan(methods.get("pmod", cfg, schedule="cosine"), cfg)
   assert default.visual_per_layer != want
   # The ratios survive a save in our layout.
   assert config_lib.from_hf_dict(config_lib.to_hf_dict(cfg)).text == cfg.text

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from tests import faults
-from tokred_jax import cost, llava, mustdrop, tokens
+from tokred_jax.core import tokens
+from tokred_jax.engine import cost
+from tokred_jax.methods import mustdrop
+from tokred_jax.models import llava
 
 # Jitted once for the module: eager dispatch op by op is what makes tests slow.
 _merge = jax.jit(mustdrop.window_merge, static_argnames=("grid", "window"))
@@ -411,23 +414,25 @@ def test_equivalent_tokens_pre_and_post_filter():
   each filter layer after its filter: (90 + 40 + 40 + 10 + 10 + 10) / 6."""
   ran = [90, 90, 40, 40, 10, 10]
   assert cost.equivalent_visual_tokens(ran) == pytest.approx(280 / 6)
-  assert cost.equivalent_visual_tokens_official(ran, (1, 3)) == pytest.approx(200 / 6)
-  assert cost.equivalent_visual_tokens_official(ran, ()) == pytest.approx(280 / 6)
-  np.testing.assert_array_equal(cost.post_filter_layers(6, (1, 3)), [0, 2, 2, 4, 4, 5])
+  assert mustdrop.equivalent_tokens_official(ran, (1, 3)) == pytest.approx(200 / 6)
+  assert mustdrop.equivalent_tokens_official(ran, ()) == pytest.approx(280 / 6)
+  np.testing.assert_array_equal(mustdrop.post_filter_layers(6, (1, 3)), [0, 2, 2, 4, 4, 5])
   # Consecutive filters: each reads the next layer.
-  assert cost.equivalent_visual_tokens_official([8, 6, 4, 2], (0, 1, 2)) == pytest.approx(
+  assert mustdrop.equivalent_tokens_official([8, 6, 4, 2], (0, 1, 2)) == pytest.approx(
       (6 + 4 + 2 + 2) / 4)
-  # The forward's aux computes the same from the per-layer live masks.
+  # The forward's aux (the filter stage's aux hook on the generic counts) computes the
+  # same from the per-layer live masks.
   live = [np.arange(90)[None] < n for n in ran]
-  aux = llava.visual_aux(np.zeros((1, 4), np.int32), live, (1, 3))
+  stage = mustdrop.KeyFilterPlan(mustdrop.KEY_RATIO, (1, 3), gamma=0.0, alpha=0.0)
+  plain = llava.visual_aux(np.zeros((1, 4), np.int32), live)
+  aux = stage.aux(None, stage.traced(), plain)
   assert float(aux["equivalent_tokens"][0]) == pytest.approx(280 / 6)
   assert float(aux["equivalent_tokens_official"][0]) == pytest.approx(200 / 6)
-  assert "equivalent_tokens_official" not in llava.visual_aux(np.zeros((1, 4), np.int32),
-                                                              live)
+  assert "equivalent_tokens_official" not in plain
 
 
 def test_post_filter_count_needs_a_layer_after_the_filter():
   with pytest.raises(ValueError, match="outside") as e:
-    cost.equivalent_visual_tokens_official([9, 5, 3], (2,))
-  faults.record("cost.equivalent_visual_tokens_official", "a filter at the last layer",
+    mustdrop.equivalent_tokens_official([9, 5, 3], (2,))
+  faults.record("mustdrop.equivalent_tokens_official", "a filter at the last layer",
                 str(e.value), before="-")

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from tests import faults
-from tokred_jax import cost, generate, llava, methods, mustdrop, reduction, segmented, sharding
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.core import sharding, tokens
+from tokred_jax.engine import cost, generate, segmented
+from tokred_jax.methods import mustdrop
+from tokred_jax.methods.base import Recipe
+from tokred_jax.models import llava
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 # A 9x9 patch grid (3x3 windows tile it); filter layers (1, 3) of a 6-layer LLM.
 CFG = LlavaConfig(
@@ -36,8 +41,8 @@ def params():
 
 def plan_for(mode="fast", bucket=16, **kw):
   kw = {"filter_layers": FILTERS, **kw}
-  return reduction.make_plan(methods.get("mustdrop", CFG, mode=mode, token_bucket=bucket,
-                                         **kw), CFG)
+  return methods.make_plan(methods.get("mustdrop", CFG, mode=mode, token_bucket=bucket,
+                                       **kw), CFG)
 
 
 def images(uniform_windows, seed=0):
@@ -73,8 +78,9 @@ def forward(params, batch, plan=None):
 def test_uniform_window_merges_into_its_mean_with_its_size(params):
   plan = plan_for()
   pixels = images([2, 0])
-  cls, ts = MODEL.apply({"params": params}, pixels, plan, plan.counts(),
-                        method="mustdrop_merge")
+  # The tower up to the window merge (after layer 0), CLS dropped: the merged patches.
+  ts = MODEL.apply({"params": params}, method=lambda m: tokens.drop_first(
+      m.tower(pixels, m.run(plan), stop=1)))
   np.testing.assert_array_equal(np.asarray(ts.valid).sum(1), [N_V - 2 * 8, N_V])
   sizes = np.asarray(ts.sizes)
   np.testing.assert_array_equal(sizes[0, :2], [9, 9])  # merged windows come first
@@ -252,7 +258,7 @@ def test_kv_cache_holds_only_the_kept_tokens(params):
   c = cost.request_cost(CFG, plan, text, int(out["aux"]["vision_tokens"][0]), per_layer,
                         new_tokens=new, bytes_per_element=4)
   assert c["kv_bytes"].per_layer == got
-  full = cost.plan_cost(CFG, reduction.make_plan(reduction.Reduction(), CFG), text)
+  full = cost.plan_cost(CFG, methods.make_plan(Recipe(), CFG), text)
   assert c["flops"].llm.total < full["flops"].llm.total
   assert c["flops"].total < full["flops"].total
   assert c["equivalent_tokens"] == pytest.approx(float(out["aux"]["equivalent_tokens"][0]))
@@ -307,21 +313,22 @@ def test_segmented_prefill_on_a_mesh_equal_one_device(params):
 
 
 def test_presets_and_config_errors():
-  red = methods.get("mustdrop-64", CFG)
+  red = methods.get("mustdrop-64", CFG).find(mustdrop.KeyFilter)
   assert (red.gamma, red.alpha) == (0.011, 0.01)
-  assert methods.get("mustdrop", CFG, gamma=0.3, alpha=0.2).gamma == 0.3
-  assert methods.mustdrop_filter_layers(32) == (2, 6, 10, 14)
+  assert methods.get("mustdrop", CFG, gamma=0.3, alpha=0.2).find(mustdrop.KeyFilter).gamma \
+      == 0.3
+  assert mustdrop.filter_layers_for(32) == (2, 6, 10, 14)
   for case, call, match in [
       ('methods.get("mustdrop", cfg, retention=0.5)',
        lambda: methods.get("mustdrop", CFG, retention=0.5), "retention"),
       ('methods.get("mustdrop", cfg, window=2) on a 9x9 grid',
-       lambda: reduction.make_plan(methods.get("mustdrop", CFG, window=2), CFG), "divide"),
+       lambda: methods.make_plan(methods.get("mustdrop", CFG, window=2), CFG), "divide"),
       ('methods.get("mustdrop", cfg, filter_layers=(5,)) on 6 layers',
-       lambda: reduction.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG),
+       lambda: methods.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG),
        "outside")]:
     with pytest.raises(ConfigError, match=match) as e:
       call()
-    faults.record("methods / reduction", case, f"ConfigError: {e.value}", before="compile")
+    faults.record("methods / make_plan", case, f"ConfigError: {e.value}", before="compile")
 
 
 def _step(params, token, state):
@@ -404,7 +411,7 @@ def test_other_plans_decode_bit_identical_to_one_shared_position(params, name):
   position + 1 (fast MustDrop keeps original positions), and a step equals, bit for
   bit, the whole stack run with that one position."""
   plan = (None if name == "none" else
-          reduction.make_plan(methods.get("fastv", CFG, retention=0.5), CFG) if name == "fastv"
+          methods.make_plan(methods.get("fastv", CFG, retention=0.5), CFG) if name == "fastv"
           else plan_for(threshold=0.9, gamma=1.0, alpha=1.0))
   batch = make_batch(images([3, 0]))
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=3), eos_ids=(),

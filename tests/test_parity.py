@@ -5,7 +5,9 @@ import pytest
 import torch
 import transformers
 
-from tokred_jax import checkpoint, generate, llava
+from tokred_jax.engine import generate
+from tokred_jax.io import checkpoint
+from tokred_jax.models import llava
 
 
 @pytest.fixture(scope="module", params=["clip_llama_dir", "siglip_qwen2_dir", "published_dir"])

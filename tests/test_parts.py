@@ -1,4 +1,4 @@
-"""LLaVA-1.5 from its parts (tokred_jax.parts): a Llama LLM, a CLIPModel tower and a
+"""LLaVA-1.5 from its parts (tokred_jax.io.parts): a Llama LLM, a CLIPModel tower and a
 stage-1 projector file in the official naming, assembled and trained by the p-MoD
 recipe (configs/train_pmod_llava15.py)."""
 
@@ -13,9 +13,11 @@ import transformers
 
 from configs import train_pmod_llava15
 from tests import faults, hf_fixtures
-from tokred_jax import checkpoint, llava_original, parts, pmod, processing, train_setup, trainer
-from tokred_jax.checkpoint import CheckpointError
-from tokred_jax.config import ConfigError
+from tokred_jax.io import checkpoint, llava_original, parts, processing
+from tokred_jax.io.checkpoint import CheckpointError
+from tokred_jax.methods import pmod
+from tokred_jax.models.config import ConfigError
+from tokred_jax.train import setup as train_setup, trainer
 
 HIDDEN, VISION_HIDDEN, LAYERS = 32, 16, 4
 

@@ -10,7 +10,8 @@ import pytest
 
 import tokred_jax
 from tests import faults
-from tokred_jax import checkpoint, processing, report
+from tokred_jax.engine import report
+from tokred_jax.io import checkpoint, processing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")

@@ -13,9 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokred_jax import checkpoint, llava, methods, presets, reduction
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
-from tokred_jax.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
+from tokred_jax import methods
+from tokred_jax.core.stream import Stream
+from tokred_jax.engine.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
+from tokred_jax.io import checkpoint
+from tokred_jax.methods import aim, baselines, base, fastv, mustdrop, pmod, tome
+from tokred_jax.methods.base import Recipe
+from tokred_jax.models import llava, presets
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 RETENTIONS = tuple(i / 100 for i in range(5, 100))
 # MustDrop is left out of every count property here: its counts depend on the image and
@@ -58,14 +63,14 @@ def all_plans(cfg: LlavaConfig):
   out = []
   for name, retention, kwargs in builds:
     try:
-      plan = reduction.make_plan(methods.get(name, cfg, retention, **kwargs), cfg)
+      plan = methods.make_plan(methods.get(name, cfg, retention, **kwargs), cfg)
     except ConfigError:
       continue
     out.append((f"{name}@{retention}{kwargs or ''}", plan))
   return out
 
 
-def check_plan(label: str, plan: reduction.Plan):
+def check_plan(label: str, plan: base.Plan):
   """A layer scores (and the next one prunes) exactly where the exact count drops, and
   every capacity holds its exact count."""
   exact = plan.exact.llm_visual
@@ -112,7 +117,7 @@ def official_aim_counts(num_visual: int, num_layers: int, l1: int, l2: int) -> t
     ("aim", 252, (252, 220, 189, 157, 126, 94, 63, 31, 0)),
 ])
 def test_aim_presets_on_llava15_7b_prune_at_every_layer_13_to_20(name, kept, counts):
-  plan = reduction.make_plan(methods.get(name, LLAVA15), LLAVA15)
+  plan = methods.make_plan(methods.get(name, LLAVA15), LLAVA15)
   assert plan.exact.visual == kept
   assert plan.visual_per_layer == official_aim_counts(kept, 32, 13, 21)
   assert plan.visual_per_layer[13:22] == counts
@@ -121,7 +126,7 @@ def test_aim_presets_on_llava15_7b_prune_at_every_layer_13_to_20(name, kept, cou
 
 def test_aim_on_a_28_layer_qwen2_prunes_at_every_layer_14_to_21():
   """The (14, 22) schedule AIM publishes for 28 layers, on 729 − 288 − 36 = 405 tokens."""
-  plan = reduction.make_plan(methods.get("aim", QWEN2_OV), QWEN2_OV)
+  plan = methods.make_plan(methods.get("aim", QWEN2_OV), QWEN2_OV)
   assert plan.exact.visual == 405
   assert plan.visual_per_layer == official_aim_counts(405, 28, 14, 22)
   assert plan.score_layers == tuple(range(14, 22))
@@ -131,17 +136,22 @@ def test_aim_72_program_on_llava15_7b_walks_pagerank_at_every_score_layer():
   """The traced LLM of aim-72 at full size (shapes only) runs one PageRank walk (its
   power iteration is the program's only loop) after each of layers 13-20."""
   cfg = LLAVA15
-  plan = reduction.make_plan(methods.get("aim-72", cfg), cfg)
+  plan = methods.make_plan(methods.get("aim-72", cfg), cfg)
   model = llava.Llava(cfg)
   params = jax.eval_shape(lambda: llava.init_params(cfg, jax.random.PRNGKey(0)))
   b, t = 1, 40 + plan.num_visual
   spec = lambda dtype, *shape: jax.ShapeDtypeStruct((b, t) + shape, dtype)
-  stream = reduction.Stream(spec(jnp.float32, cfg.text.hidden_size), spec(jnp.int32),
-                            spec(bool), spec(bool), spec(bool), spec(jnp.int32),
-                            spec(jnp.int32))
+  stream = Stream(spec(jnp.float32, cfg.text.hidden_size), spec(jnp.int32), spec(bool),
+                  spec(bool), spec(bool), spec(jnp.int32), spec(jnp.int32))
   layers = cfg.text.num_layers
-  run = lambda p, s, c: model.apply({"params": p}, s, None, 0, layers, plan, c,
-                                    plan.num_visual, plan.num_visual, method="run_layers")
+
+  def llm(module, s, c):
+    hooks = module.run(plan, c)
+    hooks.num_visual = hooks.visual_slots = plan.num_visual
+    hooks.carry["visual_in"] = jnp.full((b,), plan.exact.visual, jnp.int32)
+    return module.run_layers(s, hooks, 0, layers)
+
+  run = lambda p, s, c: model.apply({"params": p}, s, c, method=llm)
   jaxpr = jax.make_jaxpr(run)(params, stream, plan.counts())
   loops = collections.Counter(e.primitive.name for e in jaxpr.jaxpr.eqns)
   assert loops["scan"] + loops["while"] == len(plan.score_layers) == 8
@@ -207,7 +217,7 @@ KEY_CFG = LlavaConfig(
                     router_layers=(1, 2, 3)),
     image_token_id=127, pad_token_id=0)
 BASES = {
-    "none": lambda: reduction.Reduction(),
+    "none": lambda: Recipe(),
     "aim": lambda: methods.get("aim", KEY_CFG, 0.25),
     "fastv": lambda: methods.get("fastv", KEY_CFG, 0.75),
     "tome": lambda: methods.get("tome", KEY_CFG, 0.5),
@@ -216,42 +226,62 @@ BASES = {
     "pmod": lambda: methods.get("pmod", KEY_CFG, 0.75),
     "mustdrop": lambda: methods.get("mustdrop", KEY_CFG, window=2),
 }
-# For each Reduction field: a plan where it is in effect, and another valid value.
+# Every stage a method is made of (the concrete Stage classes).
+STAGES = (aim.Merge, aim.PageRank, fastv.LastToken, tome.Tome, baselines.Random,
+          baselines.Pool, pmod.Route, mustdrop.Window, mustdrop.KeyFilter)
+# For each field of a recipe and of every stage: a recipe where it is in effect, and
+# another valid value.
 PERTURB = {
-    "name": ("none", lambda red: "renamed"),
-    "mode": ("aim", lambda red: "reference"),
-    "tome_r": ("tome", lambda red: red.tome_r[:-1] + (red.tome_r[-1] + 1,)),
-    "merge_r": ("aim", lambda red: red.merge_r[:-1] + (red.merge_r[-1] - 1,)),
-    "merge_metric": ("aim", lambda red: "features"),
-    "pool_stride": ("pooling", lambda red: 4),  # 16 tokens or 4: one bucket
-    "keep_visual": ("random", lambda red: red.keep_visual - 2),
-    "seed": ("random", lambda red: 1),
-    "scorer": ("fastv", lambda red: "pagerank"),
-    "layer_ratios": ("fastv", lambda red: tuple(r if r in (0, 1) else r * 0.9
-                                              for r in red.layer_ratios)),
-    "pagerank_tau": ("aim", lambda red: 0.2),
-    "pagerank_iterations": ("aim", lambda red: 3),
-    "pagerank_damping": ("aim", lambda red: 0.15),
-    "mod_ratios": ("pmod", lambda red: tuple(None if r is None else r * 0.95
-                                             for r in red.mod_ratios)),
-    "window": ("mustdrop", lambda red: 4),
-    "merge_threshold": ("mustdrop", lambda red: 0.7),
-    "key_ratio": ("mustdrop", lambda red: 0.2),
-    "filter_layers": ("mustdrop", lambda red: (1,)),
-    "gamma": ("mustdrop", lambda red: 0.01),
-    "alpha": ("mustdrop", lambda red: 0.02),
-    "token_bucket": ("mustdrop", lambda red: 8),
+    "Recipe.name": ("none", lambda v: "renamed"),
+    "Recipe.mode": ("aim", lambda v: "reference"),
+    "Recipe.token_bucket": ("mustdrop", lambda v: 8),
+    "Tome.r": ("tome", lambda v: v[:-1] + (v[-1] + 1,)),
+    "Merge.steps": ("aim", lambda v: v[:-1] + (v[-1] - 1,)),
+    "Merge.metric": ("aim", lambda v: "features"),
+    "Pool.stride": ("pooling", lambda v: 4),  # 16 tokens or 4: one bucket
+    "Random.keep": ("random", lambda v: v - 2),
+    "Random.seed": ("random", lambda v: 1),
+    "LastToken.ratios": ("fastv", lambda v: tuple(r if r in (0, 1) else r * 0.9 for r in v)),
+    "PageRank.ratios": ("aim", lambda v: v[:-1] + (0.5,)),  # (1, 1, 1, 0) before
+    "PageRank.tau": ("aim", lambda v: 0.2),
+    "PageRank.iterations": ("aim", lambda v: 3),
+    "PageRank.damping": ("aim", lambda v: 0.15),
+    "Route.ratios": ("pmod", lambda v: tuple(None if r is None else r * 0.95 for r in v)),
+    "Window.window": ("mustdrop", lambda v: 4),
+    "Window.threshold": ("mustdrop", lambda v: 0.7),
+    "KeyFilter.key_ratio": ("mustdrop", lambda v: 0.2),
+    "KeyFilter.filter_layers": ("mustdrop", lambda v: (1,)),
+    "KeyFilter.gamma": ("mustdrop", lambda v: 0.01),
+    "KeyFilter.alpha": ("mustdrop", lambda v: 0.02),
 }
+# The fields that reach the program only as traced values: these perturbations keep
+# the capacities and pruning layers, so one program serves both.
+TRACED = {"Tome.r", "Merge.steps", "Random.keep", "LastToken.ratios", "Route.ratios",
+          "Window.threshold", "KeyFilter.gamma", "KeyFilter.alpha"}
 # Read outside any traced program, so no jaxpr shows it, yet a plan must not stand for
 # one with another value: the segmented prefill (one per plan) buckets its cuts by it.
-HOST_READ = {"token_bucket"}
+HOST_READ = {"Recipe.token_bucket"}
 _PROGRAMS = {}
 
 
-def program(plan: reduction.Plan, counts: reduction.Counts) -> tuple:
+def perturbed(field: str) -> tuple[Recipe, Recipe]:
+  """The base recipe of `field` and the same recipe with that one value changed."""
+  base_name, change = PERTURB[field]
+  recipe = BASES[base_name]()
+  owner, name = field.split(".")
+  if owner == "Recipe":
+    return recipe, dataclasses.replace(recipe, **{name: change(getattr(recipe, name))})
+  kind = next(k for k in STAGES if k.__name__ == owner)
+  stages = tuple(dataclasses.replace(s, **{name: change(getattr(s, name))})
+                 if isinstance(s, kind) else s for s in recipe.stages)
+  assert stages != recipe.stages, f"{base_name} has no {owner} stage"
+  return recipe, dataclasses.replace(recipe, stages=stages)
+
+
+def program(plan: base.Plan, counts: tuple) -> tuple:
   """The traced forward (aux included) of `plan` on KEY_CFG with `counts` as arguments:
   its jaxpr text and constants, i.e. everything the compiled program is made from."""
-  key = (plan.reduction, plan.exact)
+  key = (plan.recipe, plan.exact)
   if key not in _PROGRAMS:
     model = llava.Llava(KEY_CFG)
     params = jax.eval_shape(lambda: llava.init_params(KEY_CFG, jax.random.PRNGKey(0)))
@@ -266,20 +296,30 @@ def program(plan: reduction.Plan, counts: reduction.Counts) -> tuple:
   return _PROGRAMS[key]
 
 
-def same_program(a: reduction.Plan, b: reduction.Plan) -> bool:
+def same_program(a: base.Plan, b: base.Plan) -> bool:
   (text_a, consts_a), (text_b, consts_b) = program(a, a.counts()), program(b, a.counts())
   return text_a == text_b and len(consts_a) == len(consts_b) and all(
       x.shape == y.shape and np.array_equal(x, y) for x, y in zip(consts_a, consts_b))
 
 
-def test_every_reduction_field_has_a_perturbation():
-  assert set(PERTURB) == {f.name for f in dataclasses.fields(reduction.Reduction)}
-  assert set(reduction.TRACED_FIELDS) <= set(PERTURB)
-  # The plan compares every field but these two, whose static parts are `settings`
-  # and whose values travel as Counts. (The model config is not in the key: every
+def test_every_field_has_a_perturbation():
+  stage_classes = set()
+  todo = [base.Stage]
+  while todo:
+    for sub in todo.pop().__subclasses__():
+      todo.append(sub)
+      if sub.__module__.startswith("tokred_jax.methods") and sub.__name__ != "Prune":
+        stage_classes.add(sub)
+  assert stage_classes == set(STAGES)
+  fields = {f"Recipe.{f.name}" for f in dataclasses.fields(Recipe) if f.name != "stages"}
+  fields |= {f"{k.__name__}.{f.name}" for k in STAGES for f in dataclasses.fields(k)}
+  assert set(PERTURB) == fields
+  assert TRACED <= set(PERTURB)
+  # The plan compares every field but these, whose static parts are in the stage plans
+  # and whose values travel as counts. (The model config is not in the key: every
   # compiled function belongs to one model.)
-  assert {f.name for f in dataclasses.fields(reduction.Plan) if not f.compare} == {
-      "reduction", "exact"}
+  assert {f.name for f in dataclasses.fields(base.Plan) if not f.compare} == {
+      "recipe", "exact", "exact_vision_mlp", "exact_projector"}
 
 
 @pytest.mark.parametrize("field", sorted(PERTURB))
@@ -287,16 +327,15 @@ def test_equal_plans_trace_the_same_program(field):
   """Perturb one field: if the plans compare equal (one compiled program serves both),
   the programs traced for them must be identical. A field the key leaves out that the
   program reads fails here."""
-  base_name, change = PERTURB[field]
-  base = BASES[base_name]()
-  changed = dataclasses.replace(base, **{field: change(base)})
-  assert changed != base
-  a, b = reduction.make_plan(base, KEY_CFG), reduction.make_plan(changed, KEY_CFG)
-  if field in reduction.TRACED_FIELDS:
+  base_recipe, changed = perturbed(field)
+  assert changed != base_recipe
+  a, b = methods.make_plan(base_recipe, KEY_CFG), methods.make_plan(changed, KEY_CFG)
+  if field in TRACED:
     # These perturbations keep the capacities and pruning layers: one program for both,
     # run with other counts.
     assert a == b
-    assert any(not np.array_equal(x, y) for x, y in zip(a.counts(), b.counts()))
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a.counts()),
+                                                       jax.tree_util.tree_leaves(b.counts())))
   if field in HOST_READ:
     assert a != b
   if a == b:
@@ -307,7 +346,7 @@ def test_equal_plans_trace_the_same_program(field):
 def test_pruning_layers_are_part_of_the_key():
   """Two FastV plans with the same capacities, one pruning after layer 1 and one not."""
   cfg = KEY_CFG
-  keeps_all, prunes = (reduction.make_plan(methods.get("fastv", cfg, r), cfg)
+  keeps_all, prunes = (methods.make_plan(methods.get("fastv", cfg, r), cfg)
                        for r in (1.0, 0.99))
   assert keeps_all.llm_visual == prunes.llm_visual
   assert (keeps_all.score_layers, prunes.score_layers) == ((), (1,))

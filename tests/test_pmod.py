@@ -7,8 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokred_jax import cost, generate, llava, methods, pmod, presets, reduction
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.engine import cost, generate
+from tokred_jax.methods import pmod
+from tokred_jax.methods.base import Recipe
+from tokred_jax.models import llava, presets
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
@@ -65,7 +69,7 @@ def test_kv_bytes_of_the_7b_prd_plan():
   cfg = presets.get("llava-1.5-7b")
   cfg = dataclasses.replace(cfg, text=dataclasses.replace(
       cfg.text, router_layers=pmod.router_layers(pmod.prd_cosine(32))))
-  plan = reduction.make_plan(methods.get("pmod", cfg), cfg)
+  plan = methods.make_plan(methods.get("pmod", cfg), cfg)
   counts = pmod.kept_counts(576, pmod.prd_cosine(32))
   kv = cost.plan_cost(cfg, plan, 64, exact=True)["kv_bytes"]
   per_token = 2 * 32 * 128 * 2  # k and v, 32 heads of 128, bfloat16
@@ -76,9 +80,9 @@ def test_kv_bytes_of_the_7b_prd_plan():
 
 def test_all_ratios_one_at_init_is_the_dense_model(params):
   fresh = llava.init_params(CFG, jax.random.PRNGKey(0))  # routers zero: w = 1
-  plain = reduction.make_plan(reduction.Reduction(), CFG)
-  routed = reduction.make_plan(reduction.Reduction(
-      name="pmod", mod_ratios=pmod.on_layers((1.0,) * 8, CFG.text.router_layers)), CFG)
+  plain = methods.make_plan(Recipe(), CFG)
+  routed = methods.make_plan(Recipe(
+      (pmod.Route(pmod.on_layers((1.0,) * 8, CFG.text.router_layers)),), "pmod"), CFG)
   batch = make_batch(plain.num_visual)
   mask = batch["attention_mask"]
   dense = np.asarray(forward(fresh, batch, plain))[mask]
@@ -86,7 +90,7 @@ def test_all_ratios_one_at_init_is_the_dense_model(params):
 
 
 def test_routing_keeps_the_planned_counts_per_sample(params):
-  plan = reduction.make_plan(reduction.Reduction(name="pmod", mod_ratios=PRD), CFG)
+  plan = methods.make_plan(Recipe((pmod.Route(PRD),), "pmod"), CFG)
   batch = make_batch(plan.num_visual)
   _, aux = forward(params, batch, plan, True)
   live = np.asarray(aux["live"])  # [L, B, N_v]
@@ -101,7 +105,7 @@ def test_router_learns_from_kept_and_skipped_tokens(params):
   """STRing: skipped tokens leave the layer as w·x, so the router's gradient has a
   path through them too. Loss on the last layer's skipped (or kept) visual outputs
   reaches that layer's router through that path alone."""
-  plan = reduction.make_plan(reduction.Reduction(name="pmod", mod_ratios=PRD), CFG)
+  plan = methods.make_plan(Recipe((pmod.Route(PRD),), "pmod"), CFG)
   batch = make_batch(plan.num_visual)
   _, aux = forward(params, batch, plan, True)
   routed_last = np.asarray(aux["live"])[-1]  # [B, N_v] visual slots layer 7 processed
@@ -121,7 +125,7 @@ def test_router_learns_from_kept_and_skipped_tokens(params):
 
 
 def test_cached_decoding_equals_full_recompute(params):
-  plan = reduction.make_plan(reduction.Reduction(name="pmod", mod_ratios=PRD), CFG)
+  plan = methods.make_plan(Recipe((pmod.Route(PRD),), "pmod"), CFG)
   batch = make_batch(plan.num_visual, text=(4, 9))
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=5), eos_ids=(),
                            plan=plan)
@@ -148,10 +152,10 @@ def test_add_routers_then_plan(params):
   cfg, p = pmod.add_routers(plain_cfg, dense, (4, 5, 6, 7))
   assert p["llm"]["layers_4"]["router"]["kernel"].shape == (64, 1)
   assert "router" not in dense["llm"]["layers_4"]
-  plan = reduction.make_plan(methods.get("pmod", cfg, retention=0.6), cfg)
+  plan = methods.make_plan(methods.get("pmod", cfg, retention=0.6), cfg)
   assert plan.mod_visual[:4] == (None,) * 4
   with pytest.raises(ConfigError, match="no p-MoD router"):
-    reduction.make_plan(reduction.Reduction(mod_ratios=(0.5,) * 8), cfg)
+    methods.make_plan(Recipe((pmod.Route((0.5,) * 8),)), cfg)
 
 
 @pytest.mark.parametrize("name", pmod.SCHEDULES)

@@ -14,8 +14,8 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from tests import faults
-from tokred_jax import checkpoint, processing, templates
-from tokred_jax.config import CLIP_MEAN, CLIP_STD, VisionConfig
+from tokred_jax.io import checkpoint, processing, templates
+from tokred_jax.models.config import CLIP_MEAN, CLIP_STD, VisionConfig
 
 CLIP = VisionConfig(kind="clip", image_size=42, patch_size=14)
 SIGLIP = VisionConfig(kind="siglip", image_size=56, patch_size=14, image_mean=(0.5,) * 3,

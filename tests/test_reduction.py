@@ -1,4 +1,4 @@
-"""The reduction engine inside the model: every method end to end on a small random
+"""The stages inside the model: every method end to end on a small random
 model — no-op exactness, fast vs reference mode, padding invariance, compile counts,
 cost accounting and config errors."""
 
@@ -9,8 +9,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests import faults
-from tokred_jax import cost, generate, llava, methods, reduction
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.engine import cost, generate
+from tokred_jax.methods import aim, baselines, fastv, tome
+from tokred_jax.methods.base import Recipe
+from tokred_jax.models import llava
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
@@ -47,7 +51,7 @@ def make_batch(plan, text_lengths=(5, 11), bucket=96, seed=0):
 
 
 def plan_for(name, retention=None, mode="fast", **kw):
-  return reduction.make_plan(methods.get(name, CFG, retention, mode, **kw), CFG)
+  return methods.make_plan(methods.get(name, CFG, retention, mode, **kw), CFG)
 
 
 def forward(params, batch, plan, aux=False):
@@ -176,12 +180,12 @@ def xla_prefill_flops(plan) -> float:
                                              ("pooling", 0.25)])
 def test_flops_match_xla_and_fall_as_planned(name, retention):
   """Analytic matmul FLOPs of the compiled prefill agree with XLA's count within 2%."""
-  plan = reduction.make_plan(methods.get(name, MID, retention), MID)
+  plan = methods.make_plan(methods.get(name, MID, retention), MID)
   xla = xla_prefill_flops(plan)
   analytic = cost.plan_cost(MID, plan, 32)["flops"].total
   assert abs(xla / analytic - 1) < 0.02, (name, xla, analytic)
   if name != "none":
-    full = cost.plan_cost(MID, reduction.make_plan(reduction.Reduction(), MID), 32)
+    full = cost.plan_cost(MID, methods.make_plan(Recipe(), MID), 32)
     assert analytic < full["flops"].total
 
 
@@ -189,16 +193,17 @@ def test_scoring_inside_a_bucket_is_compiled_and_counted():
   """AIM at 0.98 on MID: its counts drop after layers 2 and 3 inside one bucket (every
   capacity 256), so those layers score although no capacity shrinks. The analytic count
   has their two PageRank scorers, and agrees with XLA better than it would without."""
-  plan = reduction.make_plan(methods.get("aim", MID, 0.98), MID)
+  plan = methods.make_plan(methods.get("aim", MID, 0.98), MID)
   assert plan.score_layers == (2, 3) and set(plan.llm_visual) == {256}
   assert plan.exact.llm_visual[2:4] == (256, 249)
   analytic = cost.plan_cost(MID, plan, 32)["flops"].total
-  scorers = sum(cost.scorer_flops(MID, plan.reduction, 32 + 256) for _ in plan.score_layers)
+  pagerank = plan.find(aim.PageRankPlan)
+  scorers = sum(pagerank.scorer_flops(MID, 32 + 256) for _ in plan.score_layers)
   xla = xla_prefill_flops(plan)
   assert abs(xla / analytic - 1) < 0.01 < abs(xla / (analytic - scorers) - 1)
 
 
-R = reduction.Reduction
+plan_of = lambda *stages: methods.make_plan(Recipe(stages), CFG)
 CONFIG_MISTAKES = {  # as a user writes them -> the call
     'methods.get("aim", cfg, retention=0.0)': lambda: methods.get("aim", CFG, retention=0.0),
     'methods.get("aim", cfg, retention=0.25, l1=2)':
@@ -207,18 +212,16 @@ CONFIG_MISTAKES = {  # as a user writes them -> the call
     'methods.get("pooling", cfg, retention=0.3)':
         lambda: methods.get("pooling", CFG, retention=0.3),
     'methods.get("nonsense", cfg)': lambda: methods.get("nonsense", CFG),
-    "Reduction(merge_r=(40,))": lambda: reduction.make_plan(R(merge_r=(40,)), CFG),
-    "Reduction(tome_r=(40, 0))": lambda: reduction.make_plan(R(tome_r=(40, 0)), CFG),
-    "Reduction(tome_r=(1,))": lambda: reduction.make_plan(R(tome_r=(1,)), CFG),
-    'Reduction(scorer="pagerank", layer_ratios=(1.0,) * 9)': lambda: reduction.make_plan(
-        R(scorer="pagerank", layer_ratios=(1.0,) * 9), CFG),
-    'Reduction(scorer="fastv", layer_ratios=(1.0, 0.5, 0.7) + (0.5,) * 5)':
-        lambda: reduction.make_plan(
-            R(scorer="fastv", layer_ratios=(1.0, 0.5, 0.7) + (0.5,) * 5), CFG),
-    'Reduction(scorer="pagerank", layer_ratios=(1.0, 1.2))':
-        lambda: R(scorer="pagerank", layer_ratios=(1.0, 1.2)),
-    "Reduction(keep_visual=0)": lambda: R(keep_visual=0),
-    'Reduction(mode="eager")': lambda: R(mode="eager"),
+    "aim.Merge((40,))": lambda: plan_of(aim.Merge((40,))),
+    "tome.Tome((40, 0))": lambda: plan_of(tome.Tome((40, 0))),
+    "tome.Tome((1,))": lambda: plan_of(tome.Tome((1,))),
+    "aim.PageRank((1.0,) * 9)": lambda: plan_of(aim.PageRank((1.0,) * 9)),
+    "fastv.LastToken((1.0, 0.5, 0.7) + (0.5,) * 5)":
+        lambda: plan_of(fastv.LastToken((1.0, 0.5, 0.7) + (0.5,) * 5)),
+    "aim.PageRank((1.0, 1.2) + (1.0,) * 6)":
+        lambda: plan_of(aim.PageRank((1.0, 1.2) + (1.0,) * 6)),
+    "baselines.Random(0)": lambda: plan_of(baselines.Random(0)),
+    'Recipe(mode="eager")': lambda: Recipe(mode="eager"),
 }
 
 
@@ -226,4 +229,4 @@ CONFIG_MISTAKES = {  # as a user writes them -> the call
 def test_config_mistakes_are_named(case):
   with pytest.raises(ConfigError) as e:
     CONFIG_MISTAKES[case]()
-  faults.record("methods / reduction", case, f"ConfigError: {e.value}", before="compile")
+  faults.record("methods", case, f"ConfigError: {e.value}", before="compile")

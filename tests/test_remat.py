@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 
 from configs import train_pmod_llava15, train_tiny
-from tokred_jax import llava, reduction, sharding, train_setup, trainer
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax import methods
+from tokred_jax.core import sharding
+from tokred_jax.methods import pmod
+from tokred_jax.methods.base import Recipe
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.train import setup as train_setup, trainer
 
 # Layer 0 dense, layers 1 and 2 routed (p-MoD calls their attention block and MLP branch
 # on the routed tokens only); 16 visual tokens.
@@ -25,7 +30,7 @@ CFG = LlavaConfig(
                     num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=64,
                     router_layers=(1, 2)),
     image_token_id=63, pad_token_id=0)
-PLAN = reduction.make_plan(reduction.Reduction(name="pmod", mod_ratios=(None, 0.5, 0.25)), CFG)
+PLAN = methods.make_plan(Recipe((pmod.Route((None, 0.5, 0.25)),), "pmod"), CFG)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests import faults
-from tokred_jax import llava, presets, sharding
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.core import sharding
+from tokred_jax.models import llava, presets
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -104,7 +105,7 @@ def test_a_parameter_without_a_pattern_is_an_error(params):
 
 def test_indivisible_dimension_falls_back_for_that_parameter_only(params, caplog):
   mesh = sharding.make_mesh(DATA_TENSOR)
-  with caplog.at_level(logging.DEBUG, logger="tokred_jax.sharding"):
+  with caplog.at_level(logging.DEBUG, logger="tokred_jax.core.sharding"):
     shardings = sharding.param_shardings(params, mesh)
   attn = shardings["llm"]["layers_0"]["attn"]
   assert attn["k"]["kernel"].spec == P("fsdp", None, None)
@@ -178,7 +179,7 @@ def full_size_shapes():
 def test_full_size_model_is_split_without_fallbacks(full_size_shapes, mesh_shape, ways,
                                                     caplog):
   shapes = full_size_shapes
-  with caplog.at_level(logging.DEBUG, logger="tokred_jax.sharding"):
+  with caplog.at_level(logging.DEBUG, logger="tokred_jax.core.sharding"):
     shardings = sharding.param_shardings(shapes, sharding.make_mesh(mesh_shape))
   assert not caplog.records
   total = sum(x.size for x in jax.tree_util.tree_leaves(shapes))

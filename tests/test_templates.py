@@ -22,9 +22,10 @@ from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers
                         trainers)
 
 import tokred_jax
-from tokred_jax import checkpoint, llava_original, processing, templates, trainer
-from tokred_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 from tokred_jax.data import encode_example
+from tokred_jax.io import checkpoint, llava_original, processing, templates
+from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.train import trainer
 from tests import faults
 
 IGNORE = -100

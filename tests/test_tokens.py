@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokred_jax import tokens as T
+from tokred_jax.core import tokens as T
 
 B, N, D, C = 2, 16, 4, 8  # merge inputs: features f32[B, N, D], metric f32[B, N, C]
 JUNK = 3e4

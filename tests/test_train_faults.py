@@ -25,7 +25,12 @@ import pytest
 from configs import glyph_llava, train_pmod_llava15, train_tiny
 from tests import faults
 from tests.test_trainer import CFG, OVERRIDES, random_params
-from tokred_jax import checkpoint, cli, train_checkpoint, train_checks, train_setup, trainer
+from tokred_jax import cli
+from tokred_jax.io import checkpoint
+from tokred_jax.train import checkpoint as train_checkpoint
+from tokred_jax.train import checks as train_checks
+from tokred_jax.train import setup as train_setup
+from tokred_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -465,7 +470,7 @@ def test_train_py_user_errors_are_one_line(model_dir, tmp_path):
 
 
 def test_tower_pretrain_refuses_bad_config_and_non_finite_loss(tmp_path, monkeypatch):
-  from tokred_jax import tower_pretrain  # pylint: disable=g-import-not-at-top
+  from tokred_jax.proj.glyph_vqa import tower_pretrain  # pylint: disable=g-import-not-at-top
   config = glyph_llava.get_config("tower")
   config.update_from_flattened_dict({"num_steps": 0})
   monkeypatch.setattr(tower_pretrain.llava, "init_params",

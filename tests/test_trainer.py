@@ -24,9 +24,12 @@ import safetensors.numpy
 from flax import traverse_util
 
 from configs import train_tiny
-from tokred_jax import checkpoint, llava, sharding, train_setup, trainer
+from tokred_jax.core import sharding
+from tokred_jax.io import checkpoint
+from tokred_jax.models import llava
+from tokred_jax.train import setup as train_setup, trainer
 from tests import faults
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # One vision layer runs (LLaVA reads layer -2) and one LLM layer: compiling the training

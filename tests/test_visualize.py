@@ -6,7 +6,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from tokred_jax import visualize
+from tokred_jax.eval import visualize
 
 
 def test_patch_masks_follow_sources_and_live_slots():

@@ -10,7 +10,6 @@ its traceback.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
@@ -105,9 +104,3 @@ def run(main):
     except USER_ERRORS as e:
       raise fail(e) from None
   app.run(guarded, flags_parser=parse_flags)
-
-
-def closest(name: str, choices) -> str:
-  """' (did you mean X?)' for the nearest of `choices`, or '' when none is near."""
-  near = difflib.get_close_matches(name, list(choices), n=1)
-  return f" (did you mean {near[0]!r}?)" if near else ""

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tokred_jax import checkpoint, llava, processing
-from tokred_jax.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.io import checkpoint, processing
+from tokred_jax.models import llava
+from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 CORPUS = """USER: What is in the image? ASSISTANT: A red circle above a blue square.
 USER: How many shapes are there? ASSISTANT: There are three shapes on a grey background.

@@ -20,7 +20,7 @@ stage() {  # name, then the command; prints the stage's wall time
   "$@" "${data[@]}" --workdir="$run/$name"
   echo "stage $name: $((SECONDS - start)) s"
 }
-stage tower python -m tokred_jax.tower_pretrain --config=configs/glyph_llava.py:tower "$@"
+stage tower python -m tokred_jax.proj.glyph_vqa.tower_pretrain --config=configs/glyph_llava.py:tower "$@"
 stage align python train.py --config=configs/glyph_llava.py:align \
   --config.model.checkpoint="$run/tower/export" "$@"
 stage instruct python train.py --config=configs/glyph_llava.py:instruct \

@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tokred_jax import processing
-from tokred_jax.config import VisionConfig
 from tokred_jax.data.conversation import parse_turns
 from tokred_jax.data.skips import (MALFORMED, MISSING_IMAGE, NO_IMAGE, UNREADABLE_IMAGE,
                                    BadSample, SkipLog, check_mode)
+from tokred_jax.io import processing
+from tokred_jax.models.config import VisionConfig
 
 DATASET = "llava_conversations"
 # Images decoded at once by the build threads; bounds the memory of decoded pixels.

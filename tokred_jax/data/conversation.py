@@ -4,7 +4,7 @@ A conversation in the llava_v1_5_mix665k format is a list of turns
 `{"from": "human" | "gpt", "value": text}`, alternating and starting with "human", one
 `<image>` in the human turns. As LLaVA's training code does, the `<image>` tag moves to
 the front of the turn that holds it. The turns are rendered with the model's chat
-template (tokred_jax.templates; `LlavaConfig.template` unless one is chosen), the one
+template (tokred_jax.io.templates; `LlavaConfig.template` unless one is chosen), the one
 its prompts at inference are written in; with "tokred", the embedded models' format:
 
   "USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from tokred_jax import processing, templates
-from tokred_jax.config import LlavaConfig
 from tokred_jax.data.skips import MALFORMED, NO_ASSISTANT_TURN, TOO_LONG, BadSample
+from tokred_jax.io import processing, templates
+from tokred_jax.models.config import LlavaConfig
 
 HUMAN, GPT = "human", "gpt"
 IMAGE_TOKEN = processing.IMAGE_TOKEN
@@ -87,7 +87,7 @@ def tokenize_conversation(tokenizer: processing.Tokenizer, pairs: Sequence[tuple
     pairs: (question, answer) pairs from `parse_turns`.
     image_token_id: the id of `<image>` in the tokenizer.
     num_image_tokens: image slots the single `<image>` expands into.
-    template: the chat template (a name from tokred_jax.templates).
+    template: the chat template (a name from tokred_jax.io.templates).
 
   Returns:
     ids: i32[L], BOS first when the model has one, the image slots expanded.

@@ -21,7 +21,7 @@ at about 1 ms an example, which grain's worker processes hide during training.
 Features: id, image u8[96, 96, 3], conversations (LLaVA's {"from", "value"} turns, so
 `tokred_jax.data.make_dataset` reads it like any LLaVA data set), question_types (one
 per question turn), and per-cell labels cell_digits / cell_colours i32[6, 6] (-1: empty)
-that pretrain the vision tower (`tokred_jax.tower_pretrain`).
+that pretrain the vision tower (`tokred_jax.proj.glyph_vqa.tower_pretrain`).
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tokred_jax import processing, templates
-from tokred_jax.config import LlavaConfig, VisionConfig
 from tokred_jax.data.conversation import encode_example
 from tokred_jax.data.skips import BadSample, SkipLog, check_mode
+from tokred_jax.io import processing, templates
+from tokred_jax.models.config import LlavaConfig, VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class DataConfig:
     worker_buffer_size: examples each worker prepares ahead.
     on_bad_sample: "skip" leaves samples found bad while reading out (logged with their
       ids), "error" raises `BadSample` naming the first.
-    template: the chat template conversations are rendered in (tokred_jax.templates);
+    template: the chat template conversations are rendered in (tokred_jax.io.templates);
       None: the model's (`LlavaConfig.template`).
   """
   dataset: str
@@ -153,7 +153,8 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
   # Imported here so that `python -m tokred_jax.data.glyph_vqa`, which imports this
   # package first, does not register its builder twice.
-  from tokred_jax.data import glyph_vqa, glyphs  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokred_jax.data import glyph_vqa, glyphs
   if config.dataset.split("/")[0] == glyph_vqa.NAME:
     source = glyph_vqa.source(config.dataset, split, config.data_dir)
     _check_size(glyphs.IMAGE_SIZE, model_cfg.vision, config.dataset)

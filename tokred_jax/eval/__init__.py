@@ -1,0 +1,1 @@
+"""Evaluation of accuracy against cost, and pictures of what each stage keeps."""

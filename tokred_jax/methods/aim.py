@@ -1,0 +1,353 @@
+"""AIM: token merging before the LLM and PageRank pruning inside it.
+
+Zhong, Liu, Li, Wang, "AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and
+Pruning", ICCV 2025 (arXiv 2412.03248); official code LaVi-Lab/AIM. METHODS.md §1 states
+the semantics implemented here.
+
+Two stages: `Merge`, chained bipartite steps on the visual tokens before the LLM
+(similarity of the tower's last-layer keys, or of the projected features), and
+`PageRank`, pruning inside the LLM on the (l1, l2) schedule, scored by PageRank over
+each head's attention graph. The scorer sees one scoring layer's post-RoPE queries and
+keys and builds the full attention rows it needs in float32; the layer's own output
+still comes from the fused attention path. `build` makes the recipe from a preset or a
+retention level.
+
+Axis letters as in layers.py: B batch, T tokens (queries and keys alike: prefill
+self-attention), H query heads, K key/value heads, h head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from tokred_jax.core import attention, tokens
+from tokred_jax.methods import prune
+from tokred_jax.methods.base import Flow, Recipe, Stage, StagePlan, check_retention
+from tokred_jax.models.config import ConfigError, LlavaConfig
+
+# Presets (METHODS.md §1, the official scripts).
+# Bipartite merge steps: the r tokens removed by each step, chained.
+LLAVA15_MERGE_252 = (288, 36)  # 576 -> 288 -> 252 tokens per image (43.75%).
+LLAVA15_MERGE_72 = (288, 144, 72)  # 576 -> 288 -> 144 -> 72 tokens per image (12.5%).
+LLAVA_OV_VIDEO_MERGE_49 = (98, 49)  # Per frame after 2x2 pooling: 196 -> 98 -> 49.
+# Pruning schedules (l1, l2): layers <= l1 see every visual token, layers >= l2 none.
+SCHEDULE_LLAMA_32 = (13, 21)  # 32-layer Vicuna / Llama (LLaVA-1.5, LLaVA-NeXT).
+SCHEDULE_QWEN2_28 = (14, 22)  # 28-layer Qwen2-7B (LLaVA-OneVision).
+# PageRank over each head's sharpened attention graph.
+PAGERANK_TAU = 0.1
+PAGERANK_ITERATIONS = 5
+PAGERANK_DAMPING = 0.0
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
+                    key_valid: jax.Array, *, tau: float = PAGERANK_TAU,
+                    iterations: int = PAGERANK_ITERATIONS,
+                    damping: float = PAGERANK_DAMPING) -> jax.Array:
+  """Each token's PageRank importance in one prefill layer's attention graph.
+
+  Per query head h (grouped-query: head i reads kv head i // (H / K)):
+    Z_h = Q_h K_hᵀ / √h_dim, restricted to key index <= query index, valid queries and
+    valid keys; M_h = softmax(Z_h / tau) over keys, in float32;
+    π⁰ = 1 / N_valid on valid queries (0 elsewhere);
+    π ← (π M_h)(1 − damping) + damping / N_valid, `iterations` times;
+    score_j = sqrt(mean_h π_{h,j}²).
+
+  Why two masks: in reference mode (the official code's semantics) pruned tokens stay in
+  the sequence as queries but are masked as keys; in fast mode they are gone; padding is
+  invalid for both. A query row with no visible key (padding; or a token whose own key
+  and every earlier key are masked) is all zeros: its mass leaves the walk rather than
+  being spread arbitrarily. With no valid query at all, every valid key scores 0.
+
+  Args:
+    q: f32[B, T, H, h] post-RoPE queries (any float dtype; computed in float32).
+    k: f32[B, T, K, h] post-RoPE keys, H % K == 0.
+    query_valid: bool[B, T] tokens whose attention row carries PageRank mass.
+    key_valid: bool[B, T] tokens that may be attended to (and can be ranked).
+    tau: softmax temperature (> 0), applied on top of the 1/√h scaling.
+    iterations: power-iteration steps (>= 0).
+    damping: teleport probability in [0, 1]; the official code uses 0.
+    (tau, iterations and damping are Python numbers: settings, not traced values.)
+
+  Returns:
+    f32[B, T]: scores >= 0 for valid keys and -inf for invalid ones, so a top-k over
+    the result never picks a masked slot. Scores are not normalised across the batch.
+  """
+  b, t, num_heads, head_dim = q.shape
+  num_kv = attention.check_grouped_heads(q, k)
+  if not tau > 0:
+    raise ValueError(f"tau must be > 0, got {tau}.")
+  if iterations < 0:
+    raise ValueError(f"iterations must be >= 0, got {iterations}.")
+  if not 0 <= damping <= 1:
+    raise ValueError(f"damping must lie in [0, 1], got {damping}.")
+
+  groups = num_heads // num_kv
+  q32 = q.astype(jnp.float32).reshape(b, t, num_kv, groups, head_dim)
+  k32 = k.astype(jnp.float32)
+  # HIGHEST: τ = 0.1 multiplies logit errors by 10, so no reduced-precision matmul passes.
+  logits = jnp.einsum("btkgd,bskd->bkgts", q32, k32, precision=_HIGHEST)
+  logits = logits.reshape(b, num_heads, t, t) * (1.0 / (math.sqrt(head_dim) * tau))
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  visible = causal[None] & query_valid[:, :, None] & key_valid[:, None, :]  # [B, T, T]
+  # `where` leaves masked entries at exactly 0 and fully masked rows all 0, so the
+  # contents of invalid slots (even inf/NaN) never reach the walk.
+  walk = jax.nn.softmax(logits, axis=-1, where=visible[:, None])  # [B, H, T, T]
+
+  n_valid = jnp.maximum(jnp.sum(query_valid, axis=-1), 1).astype(jnp.float32)
+  n_valid = n_valid[:, None, None]  # [B, 1, 1]; the max avoids 0/0 with no valid query.
+  start = query_valid.astype(jnp.float32)[:, None, :] / n_valid  # [B, 1, T]
+  pi = jnp.broadcast_to(start, (b, num_heads, t))
+
+  def step(_, pi):
+    moved = jnp.einsum("bhi,bhij->bhj", pi, walk, precision=_HIGHEST)
+    return moved * (1.0 - damping) + damping / n_valid
+
+  pi = jax.lax.fori_loop(0, iterations, step, pi)
+  scores = jnp.sqrt(jnp.mean(jnp.square(pi), axis=1))
+  return jnp.where(key_valid, scores, -jnp.inf)
+
+
+def layer_ratios(num_layers: int, l1: int, l2: int) -> tuple[float, ...]:
+  """The fraction of post-merge visual tokens each LLM layer processes.
+
+  v_ℓ = 1 for ℓ <= l1, 1 − (ℓ − l1)/(l2 − l1) for l1 < ℓ < l2, 0 for ℓ >= l2. The tokens
+  layer ℓ keeps are picked by the scores of layer ℓ − 1, so the scoring layers are
+  l1 .. l2 − 1 (the official code scores every layer; only these change the kept set).
+  E.g. Qwen2 (28, 14, 22): 1.0 for layers 0-14, 0.875 for 15, ..., 0.125 for 21, 0 from 22.
+
+  Args:
+    num_layers: LLM depth L.
+    l1: last layer that sees every visual token, 0 <= l1 < l2.
+    l2: first layer that sees none, l2 <= num_layers (l2 = num_layers: all layers keep
+      some).
+
+  Returns:
+    One float per layer, non-increasing, starting at 1.
+  """
+  if num_layers < 1:
+    raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
+  if not 0 <= l1 < l2 <= num_layers:
+    raise ValueError(f"AIM schedule needs 0 <= l1 < l2 <= num_layers; got l1={l1}, "
+                     f"l2={l2}, num_layers={num_layers}.")
+  return tuple(1.0 if layer <= l1 else 0.0 if layer >= l2 else
+               1.0 - (layer - l1) / (l2 - l1) for layer in range(num_layers))
+
+
+def kept_counts(num_visual: int, ratios: Sequence[float]) -> tuple[int, ...]:
+  """⌊N_v · v_ℓ⌋ per layer: how many visual tokens each layer processes.
+
+  Args:
+    num_visual: N_v, the POST-MERGE visual-token count.
+    ratios: v_ℓ per layer, each in [0, 1] (e.g. from `layer_ratios`).
+  """
+  if num_visual < 0:
+    raise ValueError(f"num_visual must be >= 0, got {num_visual}.")
+  bad = [r for r in ratios if not 0 <= r <= 1]
+  if bad:
+    raise ValueError(f"ratios must lie in [0, 1]; got {bad[:3]}.")
+  # The epsilon keeps float noise such as 3 · (1 − 1/3) = 1.999... from losing a token.
+  return tuple(math.floor(num_visual * r + 1e-9) for r in ratios)
+
+
+# --- The stages ---------------------------------------------------------------------
+
+METRICS = ("keys", "features")
+
+
+def last_layer_metric(cfg: LlavaConfig) -> bool:
+  """Whether the tower's last layer follows the feature layer (LLaVA's −2), so that its
+  keys, AIM's default similarity, can be computed."""
+  return cfg.vision_feature_layer % (cfg.vision.num_layers + 1) == cfg.vision.num_layers - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan(StagePlan):
+  """capacities: visual tokens after each step (static); metric: "keys" or "features";
+  steps: the tokens each step removes (traced)."""
+  name: ClassVar[str] = "AIM's merge"
+  capacities: tuple[int, ...]
+  metric: str
+  steps: tuple[int, ...] = dataclasses.field(compare=False)
+
+  def traced(self):
+    return jnp.asarray(self.steps, jnp.int32).reshape(-1)
+
+  def tower_output(self, run, c, ts):
+    if self.metric == "keys":  # the keys the last layer computes, CLS still in the set
+      k = run.model.vision.layers[-1].keys(ts.features)
+      run.carry["aim.keys"] = k.reshape(k.shape[:2] + (-1,))
+    return ts
+
+  def before_projector(self, run, c, ts):
+    if self.metric != "keys":
+      return ts
+    keys = run.carry.pop("aim.keys")
+    return self._merge(ts, keys[:, keys.shape[1] - ts.features.shape[1]:], c)
+
+  def after_projector(self, run, c, ts):
+    return self._merge(ts, ts.features, c) if self.metric == "features" else ts
+
+  def _merge(self, ts, metric, steps):
+    """The chained bipartite steps (plain means), the metric merged alongside: one
+    matching, one mean for both."""
+    d = ts.features.shape[-1]
+    ts = ts._replace(features=jnp.concatenate([ts.features, metric.astype(ts.features.dtype)],
+                                              axis=-1))
+    for step, capacity in enumerate(self.capacities):
+      merged = tokens.bipartite_merge(ts, ts.features[..., d:], steps[step], weighted=False)
+      ts = tokens.compact(merged, capacity)
+    return ts._replace(features=ts.features[..., :d])
+
+  def extra_flops(self, cfg, num_text, visual_in, processed):
+    if self.metric != "keys":
+      return {}
+    d = cfg.vision.hidden_size  # the last layer's key projection on every tower token
+    return {"vision": 2 * cfg.num_image_tokens * d * d}
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge(Stage):
+  """Chained bipartite merge steps before the LLM: step i removes steps[i] tokens.
+  metric: "keys" (the tower's last-layer keys, the official choice) or "features"
+  (the projected features, after the projector)."""
+  steps: tuple[int, ...]
+  metric: str = "keys"
+  point: ClassVar[str] = "tower_output"
+  name: ClassVar[str] = "AIM's merge"
+
+  def plan(self, flow: Flow) -> MergePlan:
+    if self.metric not in METRICS:
+      raise ConfigError(f"merge_metric {self.metric!r} is not one of {METRICS}.")
+    if self.metric == "keys" and not last_layer_metric(flow.cfg):
+      raise ConfigError("merge_metric='keys' uses the keys of the tower's last layer, which "
+                        "needs vision_feature_layer -2; use merge_metric='features'.")
+    if self.metric == "keys" and flow.data_dependent:
+      raise ConfigError(f"AIM's key metric is computed on the tower's output, whose count "
+                        f"{flow.data_dependent} makes data-dependent; use "
+                        "merge_metric='features'.")
+    flow.change_visual(self.name)
+    flow.advance("before_projector" if self.metric == "keys" else "after_projector",
+                 self.name)
+    n, limit, caps = flow.visual.exact, flow.cfg.num_image_tokens, []
+    for step, r in enumerate(self.steps):
+      if r < 0:
+        raise ConfigError(f"merge counts must be >= 0, got {r}.")
+      if r > (n + 1) // 2:
+        raise ConfigError(f"merge_r[{step}] = {r} is more than half of the {n} tokens it "
+                          "merges (a bipartite step merges at most the even half).")
+      n -= r
+      caps.append(flow.bucket_to(n, limit).cap)
+    flow.visual = flow.bucket_to(n, limit)
+    return MergePlan(tuple(caps), self.metric, steps=tuple(self.steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class PageRankPlan(prune.PrunePlan):
+  name: ClassVar[str] = "AIM's PageRank"
+  tau: float = PAGERANK_TAU
+  iterations: int = PAGERANK_ITERATIONS
+  damping: float = PAGERANK_DAMPING
+
+  def score(self, run, stream, q, k):
+    # Reference mode: every query row carries mass, as the official code (which masks).
+    query_valid = stream.valid if run.mode == "reference" else stream.keys_valid
+    return pagerank_scores(q, k, query_valid, stream.keys_valid, tau=self.tau,
+                           iterations=self.iterations, damping=self.damping)
+
+  def scorer_flops(self, cfg, num_tokens):
+    t = cfg.text  # the full attention logits, then one walk over them per iteration
+    return (2 * num_tokens * num_tokens * t.num_heads * t.head_dim
+            + self.iterations * 2 * t.num_heads * num_tokens * num_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class PageRank(prune.Prune):
+  """PageRank pruning inside the LLM: layer ℓ keeps ⌊N_v · ratios[ℓ]⌋ visual tokens
+  (`layer_ratios` makes AIM's schedule)."""
+  tau: float = PAGERANK_TAU
+  iterations: int = PAGERANK_ITERATIONS
+  damping: float = PAGERANK_DAMPING
+  name: ClassVar[str] = "AIM's PageRank"
+  plan_class: ClassVar[type] = PageRankPlan
+
+  def plan_settings(self):
+    if not self.tau > 0 or self.iterations < 0 or not 0 <= self.damping <= 1:
+      raise ConfigError(f"PageRank needs tau > 0, iterations >= 0 and damping in [0, 1]; "
+                        f"got {self.tau}, {self.iterations}, {self.damping}.")
+    return dict(tau=self.tau, iterations=self.iterations, damping=self.damping)
+
+
+# --- Presets and retention levels ----------------------------------------------------
+
+def default_schedule(num_layers: int) -> tuple[int, int]:
+  """AIM's (l1, l2): the published ones for 32 and 28 layers, scaled for other depths."""
+  published = {32: SCHEDULE_LLAMA_32, 28: SCHEDULE_QWEN2_28}
+  if num_layers in published:
+    return published[num_layers]
+  l1 = max(0, round(num_layers * 13 / 32))
+  return l1, max(l1 + 1, round(num_layers * 21 / 32))
+
+
+def merge_steps(num_visual: int, target: int) -> tuple[int, ...]:
+  """Bipartite steps that take num_visual tokens down to target, each as large as it
+  can be (a step merges at most the ceil(n/2) even-slot tokens)."""
+  steps, n = [], num_visual
+  while n > target:
+    r = min(n - target, (n + 1) // 2 if n > 1 else 0)
+    if r == 0:
+      break
+    steps.append(r)
+    n -= r
+  return tuple(steps)
+
+
+def build(cfg: LlavaConfig, retention: float | None = None,
+          merge_r: tuple[int, ...] = LLAVA15_MERGE_252, schedule=None, mode: str = "fast",
+          l1: int | None = None, l2: int | None = None, parts=("merge", "prune")) -> Recipe:
+  """AIM: merge before the LLM, then PageRank pruning on the (l1, l2) schedule
+  (`schedule`, or `l1` and `l2` given one by one, e.g. as evaluation options; default
+  the published one for the depth, `default_schedule`).
+
+  With `retention`, the merge target M is chosen so that M times the schedule's mean
+  ratio gives retention·N_v; if that needs no merging at all (retention above the
+  schedule's mean), the schedule is relaxed instead: v ← 1 − (1 − v)(1 − ρ)/(1 − mean).
+  parts: "merge" and/or "prune", for recipes that take one half (with one part, a
+  retention level is that part's own).
+  """
+  n_layers = cfg.text.num_layers
+  if (l1 is None) != (l2 is None):
+    raise ConfigError(f"AIM's schedule needs both l1 and l2; got l1={l1}, l2={l2}.")
+  if l1 is not None:
+    schedule = (l1, l2)
+  l1, l2 = schedule or default_schedule(n_layers)
+  try:
+    ratios = layer_ratios(n_layers, l1, l2)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  n_v = cfg.num_image_tokens
+  mean = sum(ratios) / n_layers if "prune" in parts else 1.0
+  if retention is not None:
+    check_retention(retention)
+    if "merge" not in parts or retention >= mean:
+      merge_r = ()
+      if mean < 1:  # the merge alone (mean 1) at retention 1 has nothing to relax
+        ratios = tuple(1 - (1 - v) * (1 - retention) / (1 - mean) for v in ratios)
+    else:
+      merge_r = merge_steps(n_v, max(1, round(retention * n_v / mean)))
+  elif sum(merge_r) >= n_v:
+    raise ConfigError(f"AIM merge steps {merge_r} remove {sum(merge_r)} of the model's "
+                      f"{n_v} visual tokens.")
+  stages = []
+  if "merge" in parts and merge_r:
+    stages.append(Merge(tuple(merge_r), "keys" if last_layer_metric(cfg) else "features"))
+  if "prune" in parts:
+    stages.append(PageRank(tuple(ratios)))
+  return Recipe(tuple(stages), "aim", mode)

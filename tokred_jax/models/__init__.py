@@ -1,0 +1,1 @@
+"""The architectures: one file per model. They expose hook points and import no method."""

@@ -1,0 +1,1 @@
+"""Self-contained projects built on the library, each in a folder of its own."""
