@@ -3,6 +3,8 @@ r"""Answer a question about an image with a LLaVA model, and print what it cost.
   python infer.py                                     # embedded model, sample image
   python infer.py --image=photo.jpg --prompt="What is on the table?"
   python infer.py --checkpoint=/path/to/llava-1.5-7b-hf --config.dtype=bfloat16
+  python infer.py --config.method=aim --config.budget=0.5   # AIM at half the dense FLOPs
+  python infer.py --config.method=tome+fastv --config.budget=0.3   # a composed recipe
 
 Options not given as flags come from --config (default: configs/default.py), each
 overridable as --config.NAME=VALUE. Every option, the image and the prompt are checked
@@ -80,6 +82,19 @@ def _check_method(name: str):
                        f"{', '.join(methods.PARTS)} with '+'.")
 
 
+def _solve_budget(pipe, config, image, prompt, max_new_tokens):
+  """The budget's solution at this prompt's text length (None without a budget)."""
+  if config.get("budget") is None:
+    return None
+  if config.retention is not None:
+    raise ValueError("give --config.retention or --config.budget, not both: the budget sets "
+                     "the retention.")
+  dense = pipe.prepare([image], [prompt], max_new_tokens, plan=pipe.plan("none"))
+  text = int(dense["attention_mask"][0].sum()) - pipe.cfg.num_image_tokens
+  return pipe.solve(config.method, config.budget, config.get("budget_measure", "flops"), text,
+                    config.mode)
+
+
 def infer(config, checkpoint=None, image=None, prompt=None):
   """Answers `prompt` about `image` with the config's model and method and prints the
   answer and its cost. Checks everything (options, image, prompt, mesh, output path)
@@ -102,7 +117,8 @@ def infer(config, checkpoint=None, image=None, prompt=None):
   pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype, weights=False,
                                   mesh_shape=sharding.parse_mesh(config.get("mesh", "")),
                                   template=config.get("template") or None)
-  plan = pipe.plan(config.method, config.retention, config.mode)
+  solution = _solve_budget(pipe, config, image, prompt, sampling.max_new_tokens)
+  plan = solution.plan if solution else pipe.plan(config.method, config.retention, config.mode)
   batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
   # A mesh splits the batch over data x fsdp: the one prompt is repeated to fill it.
   copies = 1 if pipe.mesh is None else math.prod(
@@ -117,6 +133,8 @@ def infer(config, checkpoint=None, image=None, prompt=None):
 
   print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
         f"method: {plan.name} ({plan.mode} mode)")
+  if solution:
+    print(f"budget: {solution.note}")
   if copies > 1:
     print(f"batch: {copies} copies of the prompt, one per data x fsdp shard; costs are "
           "for one")

@@ -4,15 +4,18 @@ r"""Accuracy against prefill cost of every token-reduction setting on glyph_vqa'
   python -m benchmarks.evaluate --checkpoint=DIR --data_dir=DIR --limit=400 \
       --settings=aim@0.25,fastv-k2-r50,mustdrop-64
   python -m benchmarks.evaluate --add --variants=pmod-new=DIR   # one more row
+  python -m benchmarks.evaluate --budgets=0.5,0.3 --json=B.json --markdown=B.md --plot=B.png
 
 Runs each setting (`tokred_jax.eval.evaluate`: a method at a retention level, METHOD@FRACTION,
 or a preset; default: dense, aim/fastv/tome/random/pooling at 0.5, 0.25 and 0.125, the
-published presets, and p-MoD's trained schedule if the model has routers) over the
-same questions with greedy decoding, scores exact-match accuracy overall and per question
-type, and reports per example the analytic prefill FLOPs and KV-cache bytes at the
-method's exact counts, the equivalent visual tokens and the measured latency. Dense,
-random and pooling rows are always added: they are the references. Settings the model
-cannot run are listed as skipped with the reason.
+published presets, and p-MoD's trained schedule if the model has routers; --budgets:
+aim/fastv/tome/random/pooling each at the same budgets, METHOD@flops=B, their parameters
+solved by `tokred_jax.engine.budget`, added to --settings or without it instead of the
+sweep) over the same questions with greedy decoding, scores exact-match accuracy overall
+and per question type, and reports per example the analytic prefill FLOPs and KV-cache
+bytes at the method's exact counts, the equivalent visual tokens and the measured
+latency. Dense, random and pooling rows are always added: they are the references.
+Settings the model cannot run are listed as skipped with the reason.
 
 Writes the results as JSON (--json), a block in BENCHMARKS.md between this run's markers
 (--markdown; text outside the block is kept) and an accuracy-vs-FLOPs plot (--plot).
@@ -74,6 +77,8 @@ def header(types) -> str:
 
 def _setting(r: evaluate.SettingResult) -> str:
   options = "".join(f" ({name}={value:g})" for name, value in r.options.items())
+  if r.budget is not None:
+    return f"{r.measure}={r.budget:g}{options}"
   if r.preset:
     return r.preset + options
   if r.retention is not None:
@@ -147,9 +152,10 @@ def report(run: evaluate.Evaluation, history: list[dict], data: str, checkpoint:
 
 
 def plot(run: evaluate.Evaluation, path: str, title: str):
-  """Accuracy against prefill GFLOPs: a line per method over its retention levels,
-  presets (and p-MoD's trained schedule) as labelled hollow markers in the method's
-  colour, dense as a star and a dotted level."""
+  """Accuracy against prefill GFLOPs: a line per method over its retention levels and
+  budgets (budget points as squares, a dashed vertical at each FLOPs budget: the methods
+  compared at equal cost), presets (and p-MoD's trained schedule) as labelled hollow
+  markers in the method's colour, dense as a star and a dotted level."""
   done = [r for r in run.results if not r.skipped]
   fig, ax = plt.subplots(figsize=(8, 5))
   xs, ys = [r.flops / 1e9 for r in done], [100 * r.accuracy for r in done]
@@ -167,17 +173,27 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
     if method == "none":
       continue
     colour = _COLOURS.get(method, "C7")
-    swept = sorted((r for r in done if r.method == method and r.retention is not None),
-                   key=lambda r: r.flops)
+    swept = sorted((r for r in done if r.method == method and
+                    (r.retention is not None or r.budget is not None)), key=lambda r: r.flops)
     if swept:
       ax.plot([r.flops / 1e9 for r in swept], [100 * r.accuracy for r in swept], "o-",
               color=colour, label=method)
-    for i, r in enumerate(r for r in done if r.method == method and r.retention is None):
+    for r in (r for r in swept if r.budget is not None):
+      ax.scatter(r.flops / 1e9, 100 * r.accuracy, marker="s", s=36, color=colour, zorder=3)
+    for i, r in enumerate(r for r in done if r.method == method and r.retention is None
+                          and r.budget is None):
       ax.scatter(r.flops / 1e9, 100 * r.accuracy, s=50, facecolors="none",
                  edgecolors=colour, label=None if swept or i else method)
       annotate(r.preset or f"{method}, {_setting(r)}", r.flops / 1e9, 100 * r.accuracy,
                colour)
-  for r in (r for r in done if r.method == "none"):
+  dense = [r for r in done if r.method == "none"]
+  for b in sorted({r.budget for r in done if r.budget is not None and r.measure == "flops"}):
+    if dense:
+      ax.axvline(b * dense[0].flops / 1e9, color="grey", lw=0.7, ls="--")
+      ax.annotate(f"budget {b:g}", (b * dense[0].flops / 1e9, 0), fontsize=7, color="grey",
+                  xycoords=("data", "axes fraction"), xytext=(2, 4),
+                  textcoords="offset points")
+  for r in dense:
     ax.scatter(r.flops / 1e9, 100 * r.accuracy, marker="*", s=160, color="black",
                zorder=3, label="dense (all tokens)")
     ax.axhline(100 * r.accuracy, color="black", lw=0.8, ls=":")
@@ -248,7 +264,7 @@ def _merged(record: dict, run: evaluate.Evaluation) -> evaluate.Evaluation:
 # results (SHIPPED, under the repository); any other run says where its results go.
 PUBLISHED = dict(checkpoint=DEFAULT_CHECKPOINT, variants=DEFAULT_VARIANTS,
                  dataset="glyph_vqa/default", split="test", limit=None, batch=32,
-                 max_new_tokens=5, dtype="float32", settings="")
+                 max_new_tokens=5, dtype="float32", settings="", budgets="")
 SHIPPED = dict(json="benchmarks/evaluate.json", plot="benchmarks/evaluate.png",
                markdown="BENCHMARKS.md")
 
@@ -311,6 +327,17 @@ def _variants(args) -> list[tuple[str, str]]:
   return out
 
 
+def _budget_settings(args) -> list[evaluate.Setting]:
+  """The swept methods at each --budgets value (a method that cannot reach one is
+  listed as skipped, with the range it reaches)."""
+  try:
+    levels = [float(b) for b in filter(None, args.budgets.split(","))]
+  except ValueError:
+    raise ValueError(f"--budgets={args.budgets}: write fractions of dense prefill FLOPs, "
+                     "e.g. 0.5,0.3 (or counts with --budget_measure=tokens).") from None
+  return evaluate.budget_settings(levels, args.budget_measure)
+
+
 def _check_args(args):
   """Every check that needs no weights, in one place, before any model work: the flag
   values, the outputs, the settings against the model's config.json, the variants, the
@@ -321,8 +348,9 @@ def _check_args(args):
   if args.max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={args.max_new_tokens}: decode at least 1 token.")
   settings = evaluate.parse_settings(args.settings) if args.settings else None
-  if args.add and not settings and not args.variants:
-    raise ValueError("--add needs --settings or --variants: the rows to add.")
+  budget_rows = _budget_settings(args)
+  if args.add and not settings and not budget_rows and not args.variants:
+    raise ValueError("--add needs --settings or --variants (or --budgets): the rows to add.")
   _resolve_outputs(args)
   if args.json:
     outputs.check_output("--json", args.json)
@@ -340,7 +368,9 @@ def _check_args(args):
   examples = evaluate.load_examples(args.dataset, args.data_dir, args.split, args.limit)
   if args.add:
     _check_same_questions(args, previous, examples)
-    settings = settings or []
+    settings = (settings or []) + budget_rows
+  elif budget_rows:
+    settings = evaluate.with_baselines((settings or []) + budget_rows)
   else:
     settings = evaluate.with_baselines(settings or evaluate.default_settings(cfg))
   return settings, variants, examples, previous
@@ -378,6 +408,13 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--settings", default="",
                       help="comma-separated METHOD@RETENTION or preset names (default: "
                       "the full sweep)")
+  parser.add_argument("--budgets", default="",
+                      help="comma-separated budgets: aim, fastv, tome, random and pooling "
+                      "each solved for every one (added to --settings; without them, "
+                      "instead of the full sweep)")
+  parser.add_argument("--budget_measure", default="flops", choices=("flops", "kv", "tokens"),
+                      help="what --budgets are of: dense prefill FLOPs, the dense KV cache "
+                      "(fractions) or equivalent visual tokens (counts)")
   shipped = " (default, for the published sweep or --add: %s; any other run must name it)"
   parser.add_argument("--json", default=None, help="results file" + shipped % SHIPPED["json"])
   parser.add_argument("--markdown", default=None,

@@ -7,6 +7,7 @@ Run (every field can be overridden, e.g. --config.max_new_tokens=8):
   python infer.py --config=configs/default.py --config.checkpoint=/path/to/llava-hf-dir
   python infer.py --config.mesh=data=1,fsdp=1,tensor=-1
   python infer.py --config.method=aim --config.retention=0.25 --config.plot=aim.png
+  python infer.py --config.method=fastv --config.budget=0.5   # half the dense FLOPs
 """
 
 import ml_collections
@@ -26,6 +27,11 @@ def get_config(arg=None):
   # fraction of visual tokens to keep on average (None: the method's preset).
   config.method = "none"
   config.retention = config_dict.placeholder(float)
+  # Or a budget the method's parameters are solved for (tokred_jax.engine.budget), at
+  # this prompt's length: a fraction of dense prefill FLOPs (budget_measure "flops"), of the
+  # dense KV cache ("kv"), or a count of equivalent visual tokens ("tokens").
+  config.budget = config_dict.placeholder(float)
+  config.budget_measure = "flops"
   config.mode = "fast"
   # The chat template the question is written in (tokred_jax.io.templates: tokred, llava-hf,
   # vicuna_v1, llava_v1, qwen); "": the checkpoint's own.

@@ -20,6 +20,7 @@ from benchmarks import outputs
 from tests import faults
 from tokred_jax import methods
 from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.engine import budget
 from tokred_jax.engine.pipeline import Pipeline
 from tokred_jax.eval import evaluate
 from tokred_jax.io import checkpoint, processing
@@ -233,3 +234,39 @@ def test_settings_are_checked_against_the_config_alone(ckpt, data_dir):
       evaluate.load_examples("glyph_vqa/small", data_dir, split, limit)
     faults.record("evaluate.load_examples", f"split={split!r}, limit={limit} (built copy)",
                   str(e.value), before="weights load")
+
+
+def test_budget_settings_run_and_plot(tmp_path, pipe, examples):
+  """Methods at an equal FLOPs budget: solved at the examples' median prompt length, each
+  row's FLOPs (at every prompt's own length) near the budget, in the table and the plot."""
+  few = examples[:2]
+  settings = evaluate.parse_settings("none,aim@flops=0.8,random@flops=0.8")
+  run = evaluate.evaluate(pipe, few, settings, batch_size=2, max_new_tokens=2)
+  dense, aim, random = run.results
+  text = evaluate.median_text_tokens(pipe, few)
+  lengths = [int(pipe.prepare([e.image], [e.prompt], plan=pipe.plan("none"))
+                 ["attention_mask"].sum()) - 144 for e in few]
+  assert text == int(np.median(lengths))
+  for r, method in ((aim, "aim"), (random, "random")):
+    assert r.skipped is None and (r.budget, r.measure) == (0.8, "flops")
+    assert r.flops / dense.flops == pytest.approx(0.8, rel=0.03)
+    solved = budget.solve(pipe.cfg, method, 0.8, num_text_tokens=text)
+    assert r.equivalent_visual_tokens == pytest.approx(np.mean(solved.plan.visual_per_layer))
+  rows = bench.table(run).splitlines()
+  assert rows[3].startswith("| aim | flops=0.8 |") and rows[4].startswith("| random | flops=0.8")
+  bench.plot(run, str(tmp_path / "b.png"), "title")
+  assert (tmp_path / "b.png").stat().st_size > 1000
+  # --budgets sweeps the methods at each budget; a bad one is refused before model work.
+  args = bench._parser().parse_args([f"--checkpoint={pipe.path}", "--budgets=0.8,0.6",
+                                     "--settings=none", "--data_dir=", "--limit=2",
+                                     "--dataset=glyph_vqa/small", "--json=", "--plot=",
+                                     "--markdown=", "--variants="])
+  args.data_dir = None
+  labels = [s.label for s in bench._check_args(args)[0]]
+  assert labels == ["none"] + [f"{m}@flops={b}" for b in (0.8, 0.6)
+                               for m in evaluate.SWEPT_METHODS]
+  for spec, match in [("--budgets=half", "write fractions"), ("--budgets=1.5", r"\(0, 1\]"),
+                      ("--budgets=0.5", "not the published sweep")]:
+    with pytest.raises(SystemExit, match=match) as e:
+      bench.main([f"--checkpoint={tmp_path}/none", spec])
+    faults.record("benchmarks.evaluate", spec, str(e.value.code), before="config read")

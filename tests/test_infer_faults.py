@@ -156,6 +156,7 @@ def garbage_weights(tmp_path_factory):
     (["--image=missing.png"], "cannot read image file missing.png"),
     (["--prompt="], "--prompt is empty"),
     (["--config.temperature=-1"], "temperature must be a finite number >= 0"),
+    (["--config.method=aim", "--config.budget=1.5"], "a flops budget is a fraction"),
 ])
 def test_script_prints_one_line_before_the_weights(args, message, garbage_weights):
   out = subprocess.run([sys.executable, str(ROOT / "infer.py"),

@@ -17,7 +17,7 @@ from tokred_jax import methods
 from tokred_jax.core.stream import Stream
 from tokred_jax.engine.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
 from tokred_jax.io import checkpoint
-from tokred_jax.methods import aim, baselines, base, fastv, mustdrop, pmod, tome
+from tokred_jax.methods import aim, base, baselines, dart, fastv, mustdrop, pmod, tome
 from tokred_jax.methods.base import Recipe
 from tokred_jax.models import llava, presets
 from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
@@ -26,7 +26,7 @@ RETENTIONS = tuple(i / 100 for i in range(5, 100))
 # MustDrop is left out of every count property here: its counts depend on the image and
 # the question, so its plan claims no exact per-layer counts (it keeps full capacities;
 # test_mustdrop_model.py checks the counts it really gets).
-STATIC_METHODS = ("aim", "fastv", "tome", "random", "pooling")
+STATIC_METHODS = ("aim", "fastv", "tome", "random", "pooling", "dart")
 STATIC_PRESETS = tuple(p for p, (m, _) in methods.PRESETS.items() if m != "mustdrop")
 
 # LLaVA-1.5-7B (test_cost.py checks it equals the published config.json) and a
@@ -168,6 +168,8 @@ GROUPS = [
     [("tome", r) for r in (0.13, 0.15, 0.17, 0.2, 0.22)],
     [("random", r) for r in (0.05, 0.07, 0.09, 0.11)],
     [("pooling", 0.25), ("pooling-2x2", None)],
+    [("dart", r) for r in (0.95, 0.96, 0.97)] + [("dart-128", None)],  # 144 -> 132..137
+    [("dart", 0.7), ("dart-64", None)],  # 144 -> 79, 68: one bucket of 16
 ]
 PMOD_GROUPS = [
     [("pmod", None), ("pmod", 0.49), ("pmod", 0.5)],  # trained ratios and two levels
@@ -181,7 +183,8 @@ def pipes():
 
 def test_groups_cover_every_static_method_and_preset():
   named = {name for group in GROUPS + PMOD_GROUPS for name, _ in group}
-  runnable = {p for p in STATIC_PRESETS if not p.startswith("aim-")}  # AIM's need 576
+  # AIM's need 576 visual tokens, dart-192 keeps 196: more than the default model's 144.
+  runnable = {p for p in STATIC_PRESETS if not p.startswith("aim-") and p != "dart-192"}
   assert set(STATIC_METHODS) | {"pmod"} | runnable <= named
 
 
@@ -225,10 +228,11 @@ BASES = {
     "pooling": lambda: methods.get("pooling", KEY_CFG, 0.25),
     "pmod": lambda: methods.get("pmod", KEY_CFG, 0.75),
     "mustdrop": lambda: methods.get("mustdrop", KEY_CFG, window=2),
+    "dart": lambda: methods.get("dart", KEY_CFG, 0.75),
 }
 # Every stage a method is made of (the concrete Stage classes).
 STAGES = (aim.Merge, aim.PageRank, fastv.LastToken, tome.Tome, baselines.Random,
-          baselines.Pool, pmod.Route, mustdrop.Window, mustdrop.KeyFilter)
+          baselines.Pool, pmod.Route, mustdrop.Window, mustdrop.KeyFilter, dart.Duplication)
 # For each field of a recipe and of every stage: a recipe where it is in effect, and
 # another valid value.
 PERTURB = {
@@ -253,11 +257,14 @@ PERTURB = {
     "KeyFilter.filter_layers": ("mustdrop", lambda v: (1,)),
     "KeyFilter.gamma": ("mustdrop", lambda v: 0.01),
     "KeyFilter.alpha": ("mustdrop", lambda v: 0.02),
+    "Duplication.ratios": ("dart", lambda v: tuple(r if r in (0, 1) else r * 0.9 for r in v)),
+    "Duplication.num_image_pivots": ("dart", lambda v: 2),
+    "Duplication.num_text_pivots": ("dart", lambda v: 2),
 }
 # The fields that reach the program only as traced values: these perturbations keep
 # the capacities and pruning layers, so one program serves both.
 TRACED = {"Tome.r", "Merge.steps", "Random.keep", "LastToken.ratios", "Route.ratios",
-          "Window.threshold", "KeyFilter.gamma", "KeyFilter.alpha"}
+          "Window.threshold", "KeyFilter.gamma", "KeyFilter.alpha", "Duplication.ratios"}
 # Read outside any traced program, so no jaxpr shows it, yet a plan must not stand for
 # one with another value: the segmented prefill (one per plan) buckets its cuts by it.
 HOST_READ = {"Recipe.token_bucket"}

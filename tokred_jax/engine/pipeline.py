@@ -21,11 +21,12 @@ import numpy as np
 
 from tokred_jax import methods
 from tokred_jax.core import sharding
+from tokred_jax.engine import budget as budgets
 from tokred_jax.engine import cost, segmented
 from tokred_jax.engine.generate import Generator, SamplingConfig
 from tokred_jax.io import checkpoint, processing, templates
 from tokred_jax.methods.base import Plan, Recipe, make_plan
-from tokred_jax.models.config import LlavaConfig
+from tokred_jax.models.config import ConfigError, LlavaConfig
 from tokred_jax.models.llava import Llava
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -157,16 +158,43 @@ class Pipeline:
     return self
 
   def plan(self, method: str | Recipe | Plan | None = None, retention: float | None = None,
-           mode: str = "fast", **kwargs) -> Plan:
+           mode: str = "fast", budget: float | None = None, measure: str = "flops",
+           text_tokens: int | None = None, **kwargs) -> Plan:
     """The static plan of a token-reduction method for this model: a name from
     `methods.METHODS` / `methods.PRESETS` / `methods.PARTS`, or several joined with "+"
     (optionally at a retention level), a `Recipe`, or a plan already made. None: no
-    reduction."""
+    reduction.
+
+    budget: instead of a retention, the cost the method's parameters must meet, e.g.
+    `pipe.plan("aim", budget=0.3)` for 30% of dense prefill FLOPs; measure "flops",
+    "kv" (KV-cache bytes) or "tokens" (equivalent visual tokens, a count), at prompts of
+    `text_tokens` text tokens (default `budget.TEXT_TOKENS`). See `solve`."""
+    if budget is not None:
+      return self.solve(method, budget, measure, text_tokens, mode, retention, **kwargs).plan
+    if text_tokens is not None:
+      raise ConfigError("text_tokens is the prompt length a budget is solved at; give a "
+                        "budget too, or leave it out.")
     if isinstance(method, Plan):
       return method
     if method is None or isinstance(method, str):
       method = methods.get(method or "none", self.cfg, retention, mode, **kwargs)
     return make_plan(method, self.cfg)
+
+  def solve(self, method: str, budget: float, measure: str = "flops",
+            text_tokens: int | None = None, mode: str = "fast",
+            retention: float | None = None, **kwargs) -> budgets.Solution:
+    """The parameters of `method` (a name, composed ones such as "tome+fastv" included)
+    that meet `budget` on this model, with the plan, what they achieve and whether that
+    is within tolerance (`budget.solve`)."""
+    if retention is not None:
+      raise ConfigError("give a retention or a budget, not both: the budget sets the "
+                        "retention.")
+    if not isinstance(method, str):
+      raise ConfigError(f"a budget is solved for a method by name (e.g. 'aim'), not "
+                        f"{type(method).__name__}.")
+    text = budgets.TEXT_TOKENS if text_tokens is None else text_tokens
+    return budgets.solve(self.cfg, method, budget, measure=measure, num_text_tokens=text,
+                         mode=mode, **kwargs)
 
   def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int = 0,
               chat_template: bool = True, plan: Plan | None = None,

@@ -4,8 +4,13 @@
   run = evaluate.evaluate(pipe, examples, evaluate.default_settings(pipe.cfg))
   json.dump(run.to_dict(), f)
 
-A *setting* is a method at a retention level ("aim@0.25"), a preset ("aim-252"), or a
-method at its own schedule ("none", "pmod": p-MoD's trained PRD schedule). Each is run
+A *setting* is a method at a retention level ("aim@0.25"), a method at a budget
+("aim@flops=0.3": its parameters solved by `tokred_jax.engine.budget` for 30% of dense
+prefill FLOPs at the examples' median prompt length; also kv=FRACTION, tokens=COUNT), a
+preset ("aim-252"), a method at its own schedule ("none", "pmod": p-MoD's trained PRD
+schedule), or a composed recipe at either ("tome+fastv@0.25", "tome+fastv@flops=0.3:
+split=0.4", the one option a composed setting takes); `budget_settings` makes the swept
+methods at equal budgets. Each is run
 over the same examples in the same order (sorted by their index in the split), batched
 with the final batch padded by repeats of its last example; answers are decoded
 greedily, normalised (`normalize`) and scored by exact match against the reference.
@@ -54,9 +59,11 @@ import numpy as np
 
 from tokred_jax import methods
 from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.engine import budget as budgets
 from tokred_jax.engine import cost
 from tokred_jax.engine.generate import SamplingConfig
 from tokred_jax.engine.pipeline import Pipeline
+from tokred_jax.io import processing, templates
 from tokred_jax.methods import fastv, registry
 from tokred_jax.methods.base import Plan, make_plan
 from tokred_jax.models.config import ConfigError, LlavaConfig
@@ -74,6 +81,9 @@ class Setting:
   retention: float | None = None
   # Keyword arguments of the method's builder, e.g. (("k", 1),) for FastV.
   options: tuple[tuple[str, int | float], ...] = ()
+  # Or a budget the parameters are solved for (tokred_jax.engine.budget), in `measure`.
+  budget: float | None = None
+  measure: str = "flops"
 
   def __post_init__(self):
     known = set(methods.METHODS) | set(methods.PRESETS) | set(methods.PARTS)
@@ -82,9 +92,17 @@ class Setting:
       raise ConfigError(f"unknown method {self.method!r}; choose from {methods.METHODS} or "
                         f"the presets {sorted(methods.PRESETS)} (or join methods, presets "
                         f"and the parts {sorted(methods.PARTS)} with '+').")
-    if len(parts) > 1 and self.options:
-      raise ConfigError(f"setting {self.method}: a composed recipe takes no options here; "
-                        "set them in a config file (methods.get(name, cfg, part={...})).")
+    if len(parts) > 1 and any(name != "split" for name, _ in self.options):
+      raise ConfigError(f"setting {self.method}: a composed recipe takes no options here but "
+                        "split; set them in a config file (methods.get(name, cfg, part={...})).")
+    if self.budget is not None:
+      if self.retention is not None:
+        raise ConfigError(f"setting {self.method}: give a retention or a budget, not both.")
+      try:  # the budget's own checks (measure, range): they need no model
+        budgets.check(self.method, self.budget, self.measure,
+                      method_kwargs=dict(self.options))
+      except ConfigError as e:
+        raise ConfigError(f"setting {self.label}: {e}") from None
     if self.method == "none" and self.retention == 1:
       object.__setattr__(self, "retention", None)  # one dense setting, however written
     if self.retention is None:
@@ -102,6 +120,8 @@ class Setting:
   @property
   def label(self) -> str:
     label = self.method if self.retention is None else f"{self.method}@{self.retention:g}"
+    if self.budget is not None:
+      label = f"{self.method}@{self.measure}={self.budget:g}"
     return label + "".join(f":{name}={value:g}" for name, value in self.options)
 
   @property
@@ -111,32 +131,41 @@ class Setting:
 
 
 def parse_settings(spec: str) -> list[Setting]:
-  """Settings from e.g. "none,aim@0.25,aim-252,fastv@0.25:k=1" (each checked;
-  ConfigError names a bad one). ":NAME=NUMBER" passes an option to the method."""
+  """Settings from e.g. "none,aim@0.25,aim-252,fastv@0.25:k=1,aim@flops=0.3" (each
+  checked; ConfigError names a bad one). ":NAME=NUMBER" passes an option to the method;
+  "@MEASURE=VALUE" asks for a budget (see `budget.MEASURES`)."""
   out = []
   for item in filter(None, (s.strip() for s in spec.split(","))):
     head, *options = item.split(":")
     method, _, level = head.partition("@")
+    measure, is_budget, amount = level.rpartition("=")
     try:
-      retention = float(level) if level else None
+      value = float(amount) if amount or is_budget else None
       parsed = tuple((name, float(value) if "." in value else int(value))
                      for name, value in (o.split("=") for o in options))
     except ValueError:
-      raise ConfigError(f"setting {item!r}: write METHOD@FRACTION[:NAME=NUMBER], e.g. "
-                        "aim@0.25 or fastv@0.25:k=1.") from None
-    out.append(Setting(method, retention, parsed))
+      raise ConfigError(f"setting {item!r}: write METHOD@FRACTION[:NAME=NUMBER] or "
+                        "METHOD@MEASURE=BUDGET, e.g. aim@0.25, fastv@0.25:k=1 or "
+                        "aim@flops=0.3.") from None
+    if is_budget:
+      out.append(Setting(method, None, parsed, budget=value, measure=measure))
+    else:
+      out.append(Setting(method, value, parsed))
   if not out:
     raise ConfigError(f"no settings in {spec!r}; e.g. 'none,aim@0.25,pooling-2x2'.")
   return out
 
 
-def setting_plan(cfg: LlavaConfig, setting: Setting) -> Plan:
-  """The setting's plan for a model of `cfg` (its config alone: no weights needed).
-  ConfigError says why the model cannot run it, an option its method lacks included."""
+def setting_plan(cfg: LlavaConfig, setting: Setting,
+                 text_tokens: int = budgets.TEXT_TOKENS) -> Plan:
+  """The setting's plan for a model of `cfg` (its config alone: no weights needed); a
+  budget is solved at prompts of `text_tokens` text tokens. ConfigError says why the
+  model cannot run it, an option its method lacks included."""
   options = dict(setting.options)
   builder = registry.BUILDERS.get(setting.base_method)
   takes = inspect.signature(builder).parameters if builder else {}
-  if not any(p.kind == p.VAR_KEYWORD for p in takes.values()):
+  # A composed recipe's one option, split, was checked when the setting was made.
+  if "+" not in setting.method and not any(p.kind == p.VAR_KEYWORD for p in takes.values()):
     known = [n for n in takes if n not in ("cfg", "retention", "mode")]
     unknown = [n for n in options if n not in known]
     if unknown:
@@ -145,6 +174,9 @@ def setting_plan(cfg: LlavaConfig, setting: Setting) -> Plan:
                         + (f"its options are {', '.join(known)}." if known else
                            "it takes none."))
   try:
+    if setting.budget is not None:
+      return budgets.solve(cfg, setting.method, setting.budget, measure=setting.measure,
+                           num_text_tokens=text_tokens, **options).plan
     return make_plan(methods.get(setting.method, cfg, setting.retention, **options), cfg)
   except TypeError as e:  # an option that a schedule behind **kwargs does not take
     raise ConfigError(f"setting {setting.label}: {e}.") from None
@@ -179,6 +211,12 @@ def default_settings(cfg: LlavaConfig) -> list[Setting]:
   if cfg.text.router_layers:
     out.append(Setting("pmod"))
   return out
+
+
+def budget_settings(levels: Sequence[float], measure: str = "flops",
+                    names: Sequence[str] = SWEPT_METHODS) -> list[Setting]:
+  """Each method of `names` at each budget of `levels`: the methods at equal cost."""
+  return [Setting(m, budget=b, measure=measure) for b in levels for m in names]
 
 
 def with_baselines(settings: Sequence[Setting]) -> list[Setting]:
@@ -277,6 +315,8 @@ class SettingResult:
   retention: float | None
   preset: str | None
   options: dict[str, int | float] = dataclasses.field(default_factory=dict)
+  budget: float | None = None  # a budget setting's target, in `measure`
+  measure: str | None = None
   skipped: str | None = None  # why, if the model cannot run the setting
   accuracy: float | None = None
   correct_by_type: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -435,11 +475,14 @@ def evaluate(pipe: Pipeline, examples: Sequence[Example], settings: Sequence[Set
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)  # temperature 0: greedy
   # Every plan first, so that a setting the model rejects costs no model work.
   runs = []
+  text = (median_text_tokens(pipe, examples) if any(s.budget is not None for s in settings)
+          else budgets.TEXT_TOKENS)
   for s in settings:
     preset = s.method if s.method in methods.PRESETS else None
-    result = SettingResult(s.label, s.base_method, s.retention, preset, dict(s.options))
+    result = SettingResult(s.label, s.base_method, s.retention, preset, dict(s.options),
+                           s.budget, s.measure if s.budget is not None else None)
     try:
-      plan = setting_plan(pipe.cfg, s)
+      plan = setting_plan(pipe.cfg, s, text)
     except ValueError as e:  # ConfigError included: the method cannot do it here
       result.skipped, plan = str(e), None
     runs.append((plan, result))
@@ -454,6 +497,15 @@ def evaluate(pipe: Pipeline, examples: Sequence[Example], settings: Sequence[Set
   return Evaluation(model_summary(pipe), batch_size, max_new_tokens,
                     [e.id for e in examples], [e.question_type for e in examples],
                     [e.answer for e in examples], [r for _, r in runs])
+
+
+def median_text_tokens(pipe: Pipeline, examples: Sequence[Example]) -> int:
+  """The median number of text tokens of the examples' prompts in the model's chat
+  template (the prompt length budgets are solved at)."""
+  template = templates.get(pipe.cfg.template or "tokred")
+  counts = [len(template.encode(pipe.tokenizer, processing.build_prompt(e.prompt, template))[0])
+            - 1 for e in examples]  # the one <image> placeholder is not text
+  return int(statistics.median(counts))
 
 
 def batches_per_setting(num_examples: int, batch_size: int) -> int:

@@ -363,7 +363,8 @@ def build(cfg: LlavaConfig, retention: float | None = None,
     check_retention(retention)
     if retention >= mean:
       merge_r = ()
-      ratios = tuple(1 - (1 - v) * (1 - retention) / (1 - mean) for v in ratios)
+      if mean < 1:  # the merge alone (mean 1) at retention 1 has nothing to relax
+        ratios = tuple(1 - (1 - v) * (1 - retention) / (1 - mean) for v in ratios)
     elif "merge" not in parts:  # PageRank alone, below its schedule's mean
       merge_r = ()
       ratios = _steepen(ratios, retention)
