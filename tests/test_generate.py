@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from tests import faults
+from tests.testing import VISION_28
 from tokred_jax.engine import generate
 from tokred_jax.models import llava
-from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.models.config import LlavaConfig, TextConfig
 
 CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        image_size=28, patch_size=14),
+    vision=VISION_28,
     text=TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128,
                     bos_token_id=1, eos_token_id=2),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.testing import VISION_112, with_routers
 from tokred_jax import methods
 from tokred_jax.core.stream import Stream
 from tokred_jax.engine.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
@@ -43,12 +44,6 @@ QWEN2_OV = LlavaConfig(
                     head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
                     attention_bias=True, bos_token_id=None, eos_token_id=151645),
     image_token_id=151646, vision_feature_layer=-1, vision_feature_select="full")
-
-
-def with_routers(cfg: LlavaConfig) -> LlavaConfig:
-  """cfg with p-MoD routers on every layer from 2 on (plans need no weights)."""
-  text = dataclasses.replace(cfg.text, router_layers=tuple(range(2, cfg.text.num_layers)))
-  return dataclasses.replace(cfg, text=text)
 
 
 def all_plans(cfg: LlavaConfig):
@@ -213,8 +208,7 @@ def test_layers_process_exactly_the_planned_visual_tokens(pipes, variant, group)
 # --- The compile key ---------------------------------------------------------------------
 
 KEY_CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                        image_size=112, patch_size=14),
+    vision=VISION_112,
     text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4,
                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
                     router_layers=(1, 2, 3)),

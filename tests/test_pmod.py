@@ -7,35 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.testing import WITH_ROUTERS, make_batch
 from tokred_jax import methods
 from tokred_jax.engine import cost, generate
 from tokred_jax.methods import pmod
 from tokred_jax.methods.base import Recipe
 from tokred_jax.models import llava, presets
-from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.models.config import ConfigError
 
-CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                        image_size=112, patch_size=14),
-    text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=8,
-                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-                    router_layers=tuple(range(2, 8))),
-    image_token_id=127, pad_token_id=0)
+CFG = WITH_ROUTERS
 MODEL = llava.Llava(CFG)
 PRD = pmod.on_layers(pmod.prd_cosine(8, dense_above=2.0), CFG.text.router_layers)
-
-
-def make_batch(num_visual, text=(5, 11), bucket=96, seed=0):
-  rng = np.random.default_rng(seed)
-  ids = np.zeros((len(text), bucket), np.int32)
-  mask = np.zeros(ids.shape, bool)
-  for i, n in enumerate(text):
-    row = np.concatenate([rng.integers(3, 120, n), np.full(num_visual, 127),
-                          rng.integers(3, 120, 3)])
-    ids[i, bucket - len(row):], mask[i, bucket - len(row):] = row, True
-  pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int32)
-  pixels = rng.normal(size=(len(text), 112, 112, 3)).astype(np.float32)
-  return dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +108,7 @@ def test_router_learns_from_kept_and_skipped_tokens(params):
 
 def test_cached_decoding_equals_full_recompute(params):
   plan = methods.make_plan(Recipe((pmod.Route(PRD),), "pmod"), CFG)
-  batch = make_batch(plan.num_visual, text=(4, 9))
+  batch = make_batch(plan.num_visual, text_lengths=(4, 9))
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=5), eos_ids=(),
                            plan=plan)
   tokens = gen(params, batch)

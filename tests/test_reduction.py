@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests import faults
+from tests.testing import TINY, make_batch
 from tokred_jax import methods
 from tokred_jax.engine import cost, generate
 from tokred_jax.methods import aim, baselines, fastv, tome
@@ -16,13 +17,7 @@ from tokred_jax.methods.base import Recipe
 from tokred_jax.models import llava
 from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
-CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                        image_size=112, patch_size=14),
-    text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=8,
-                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-                    bos_token_id=1, eos_token_id=2),
-    image_token_id=127, pad_token_id=0)
+CFG = TINY
 MODEL = llava.Llava(CFG)
 QUARTER = [("aim", 0.25), ("fastv", 0.5), ("tome", 0.25), ("random", 0.25),
            ("pooling", 0.25)]
@@ -32,22 +27,6 @@ QUARTER = [("aim", 0.25), ("fastv", 0.5), ("tome", 0.25), ("random", 0.25),
 def params():
   p = llava.init_params(CFG, jax.random.PRNGKey(0))
   return jax.tree_util.tree_map(lambda a: a * 3 if a.ndim > 1 else a, p)
-
-
-def make_batch(plan, text_lengths=(5, 11), bucket=96, seed=0):
-  """Left-padded prompts: `n` text tokens, the plan's image slots, 3 more text tokens."""
-  rng = np.random.default_rng(seed)
-  b = len(text_lengths)
-  ids = np.zeros((b, bucket), np.int32)
-  mask = np.zeros((b, bucket), bool)
-  for i, n in enumerate(text_lengths):
-    row = np.concatenate([rng.integers(3, 120, n), np.full(plan.num_visual, 127),
-                          rng.integers(3, 120, 3)])
-    ids[i, bucket - len(row):] = row
-    mask[i, bucket - len(row):] = True
-  pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int32)
-  pixels = rng.normal(size=(b, 112, 112, 3)).astype(np.float32)
-  return dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels)
 
 
 def plan_for(name, retention=None, mode="fast", **kw):
@@ -63,7 +42,7 @@ def forward(params, batch, plan, aux=False):
 @pytest.mark.parametrize("name", ["aim", "fastv", "random"])
 def test_keeping_everything_is_the_plain_model_bit_for_bit(params, name):
   plain_plan = plan_for("none")
-  batch = make_batch(plain_plan)
+  batch = make_batch(plain_plan.num_visual)
   plain = np.asarray(MODEL.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
                                  batch["attention_mask"], batch["positions"]))
   kept_all = np.asarray(forward(params, batch, plan_for(name, 1.0)))
@@ -77,7 +56,7 @@ def text_logits(logits, batch):
 
 def test_fastv_fast_equals_reference_on_text(params):
   fast, ref = plan_for("fastv", 0.5), plan_for("fastv", 0.5, mode="reference")
-  batch = make_batch(fast)
+  batch = make_batch(fast.num_visual)
   a, b = text_logits(forward(params, batch, fast), batch), text_logits(
       forward(params, batch, ref), batch)
   assert fast.score_layers == (1,)
@@ -89,7 +68,7 @@ def test_aim_fast_and_reference_differ_only_through_the_scores(params):
   walk's first step); fast mode removes them. So later layers may keep slightly
   different sets, and only through them do the outputs differ."""
   fast, ref = plan_for("aim", 0.25), plan_for("aim", 0.25, mode="reference")
-  batch = make_batch(fast)
+  batch = make_batch(fast.num_visual)
   (lf, af), (lr, ar) = forward(params, batch, fast, True), forward(params, batch, ref, True)
   live_f, live_r = np.asarray(af["live"]), np.asarray(ar["live"])
   np.testing.assert_array_equal(live_f.sum(-1), live_r.sum(-1))  # same counts per layer
@@ -110,7 +89,7 @@ def test_outputs_ignore_padding_and_empty_slots(params, seed):
   """Whatever sits in left padding (ids) or empty visual capacity (pixels can't reach
   it, so the ids) does not change the logits of real tokens."""
   plan = plan_for("aim", 0.25)
-  batch = make_batch(plan)
+  batch = make_batch(plan.num_visual)
   rng = np.random.default_rng(seed)
   noisy = dict(batch)
   pad = ~batch["attention_mask"]
@@ -122,7 +101,7 @@ def test_outputs_ignore_padding_and_empty_slots(params, seed):
 
 def test_batch_samples_keep_different_tokens(params):
   plan = plan_for("aim", 0.25)
-  batch = make_batch(plan)
+  batch = make_batch(plan.num_visual)
   _, aux = forward(params, batch, plan, True)
   live = np.asarray(aux["live"])  # [L, B, N_v]
   layer = plan.score_layers[0] + 1
@@ -139,7 +118,7 @@ def test_retention_and_prompt_length_within_a_bucket_do_not_recompile(params):
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=2), plan=plans[0])
   for i, plan in enumerate(plans):
     for lengths in ((3, 9), (7, 1)):
-      gen(params, make_batch(plan, lengths, seed=i), counts=plan.counts())
+      gen(params, make_batch(plan.num_visual, lengths, seed=i), counts=plan.counts())
   assert gen.trace_counts["prefill"] == 1
 
 
@@ -147,7 +126,7 @@ def test_counts_shape_the_compiled_work(params):
   """A smaller exact count inside the same capacity drops more tokens at run time."""
   a, b = plan_for("random", 0.25), plan_for("random", 0.22)
   assert a == b
-  batch = make_batch(a)
+  batch = make_batch(a.num_visual)
   _, aux_a = forward(params, batch, a, True)
   _, aux_b = forward(params, batch, b, True)
   assert np.asarray(aux_a["live"])[0, 0].sum() == a.exact.visual == 16

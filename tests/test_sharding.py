@@ -14,13 +14,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests import faults
+from tests.testing import VISION_28
 from tokred_jax.core import sharding
 from tokred_jax.models import llava, presets
-from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.models.config import LlavaConfig, TextConfig
 
 CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        image_size=28, patch_size=14),
+    vision=VISION_28,
     text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=16),
     image_token_id=255)

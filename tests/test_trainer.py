@@ -29,14 +29,14 @@ from tokred_jax.io import checkpoint
 from tokred_jax.models import llava
 from tokred_jax.train import setup as train_setup, trainer
 from tests import faults
-from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tests.testing import VISION_28
+from tokred_jax.models.config import LlavaConfig, TextConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # One vision layer runs (LLaVA reads layer -2) and one LLM layer: compiling the training
 # step dominates these tests' time.
 CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        image_size=28, patch_size=14),
+    vision=VISION_28,
     text=TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=1,
                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
                     bos_token_id=1, eos_token_id=2),
