@@ -92,7 +92,13 @@ def _solve_budget(pipe, config, image, prompt, max_new_tokens):
   dense = pipe.prepare([image], [prompt], max_new_tokens, plan=pipe.plan("none"))
   text = int(dense["attention_mask"][0].sum()) - pipe.cfg.num_image_tokens
   return pipe.solve(config.method, config.budget, config.get("budget_measure", "flops"), text,
-                    config.mode)
+                    config.mode, **_options(config))
+
+
+def _options(config) -> dict:
+  """The method's builder options (`config.options`; per part for a composed recipe)."""
+  options = config.get("options")
+  return {} if options is None else options.to_dict()
 
 
 def infer(config, checkpoint=None, image=None, prompt=None):
@@ -118,7 +124,8 @@ def infer(config, checkpoint=None, image=None, prompt=None):
                                   mesh_shape=sharding.parse_mesh(config.get("mesh", "")),
                                   template=config.get("template") or None)
   solution = _solve_budget(pipe, config, image, prompt, sampling.max_new_tokens)
-  plan = solution.plan if solution else pipe.plan(config.method, config.retention, config.mode)
+  plan = solution.plan if solution else pipe.plan(config.method, config.retention, config.mode,
+                                                  **_options(config))
   batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
   # A mesh splits the batch over data x fsdp: the one prompt is repeated to fill it.
   copies = 1 if pipe.mesh is None else math.prod(

@@ -27,6 +27,9 @@ def get_config(arg=None):
   # fraction of visual tokens to keep on average (None: the method's preset).
   config.method = "none"
   config.retention = config_dict.placeholder(float)
+  # The method's options (e.g. {"k": 1} for FastV; for a recipe one dict per part, e.g.
+  # {"fastv": {"k": 1}}), as `methods.get` takes them: set in a config file of your own.
+  config.options = ml_collections.ConfigDict()
   # Or a budget the method's parameters are solved for (tokred_jax.engine.budget), at
   # this prompt's length: a fraction of dense prefill FLOPs (budget_measure "flops"), of the
   # dense KV cache ("kv"), or a count of equivalent visual tokens ("tokens").

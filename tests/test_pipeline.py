@@ -10,6 +10,7 @@ import pytest
 
 import tokred_jax
 from tests import faults
+from tokred_jax import methods
 from tokred_jax.engine import report
 from tokred_jax.io import checkpoint, processing
 
@@ -141,6 +142,18 @@ def test_infer_script_draws_surviving_patches(tmp_path):
        f"--config.plot={png}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "equivalent visual tokens" in out.stdout and png.stat().st_size > 1000
+
+
+def test_infer_script_runs_a_recipe_from_a_config_file():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "infer.py"), "--config=configs/recipe.py",
+       "--config.max_new_tokens=2", "--config.warmup=False"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "method: tome+fastv (fast mode)" in out.stdout
+  cfg = tokred_jax.Pipeline.load(weights=False).cfg
+  plan = methods.make_plan(methods.get("tome+fastv", cfg, 0.25, fastv={"k": 1}), cfg)
+  assert f"equivalent visual tokens        {np.mean(plan.visual_per_layer):.1f}" in out.stdout
 
 
 def test_mustdrop_forward_uses_the_segments_and_matches_the_masked_program(pipe):
