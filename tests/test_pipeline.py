@@ -12,7 +12,7 @@ import tokred_jax
 from tests import faults
 from tokred_jax import methods
 from tokred_jax.engine import report
-from tokred_jax.io import checkpoint, processing
+from tokred_jax.io import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(tokred_jax.TINY_CHECKPOINT, "sample.png")

@@ -41,8 +41,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import numpy as np
-
 from tokred_jax.models.config import LlavaConfig
 
 Counts = int | Sequence[int]
@@ -240,7 +238,7 @@ def decode_step_flops(cfg: LlavaConfig, cache_tokens_per_layer: Counts,
 def equivalent_visual_tokens(visual_tokens_per_layer: Sequence[int]) -> float:
   """The field's "equivalent tokens": the mean visual-token count over LLM layers, each
   layer counted with the visual tokens it processed (a MustDrop filter layer with its
-  pre-filter count; see `equivalent_visual_tokens_official` for the other convention)."""
+  pre-filter count; see `mustdrop.equivalent_tokens_official` for the other convention)."""
   counts = tuple(visual_tokens_per_layer)
   if not counts:
     raise ValueError("equivalent_visual_tokens needs at least one layer's count.")

@@ -81,7 +81,7 @@ def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
     the result never picks a masked slot. Scores are not normalised across the batch.
   """
   b, t, num_heads, head_dim = q.shape
-  num_kv = attention.check_grouped_heads(q, k)
+  attention.check_grouped_heads(q, k)
   if not tau > 0:
     raise ValueError(f"tau must be > 0, got {tau}.")
   if iterations < 0:
@@ -89,12 +89,8 @@ def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
   if not 0 <= damping <= 1:
     raise ValueError(f"damping must lie in [0, 1], got {damping}.")
 
-  groups = num_heads // num_kv
-  q32 = q.astype(jnp.float32).reshape(b, t, num_kv, groups, head_dim)
-  k32 = k.astype(jnp.float32)
-  # HIGHEST: τ = 0.1 multiplies logit errors by 10, so no reduced-precision matmul passes.
-  logits = jnp.einsum("btkgd,bskd->bkgts", q32, k32, precision=_HIGHEST)
-  logits = logits.reshape(b, num_heads, t, t) * (1.0 / (math.sqrt(head_dim) * tau))
+  # At HIGHEST precision: τ = 0.1 multiplies logit errors by 10.
+  logits = attention.grouped_logits(q, k) * (1.0 / (math.sqrt(head_dim) * tau))
   causal = jnp.tril(jnp.ones((t, t), bool))
   visible = causal[None] & query_valid[:, :, None] & key_valid[:, None, :]  # [B, T, T]
   # `where` leaves masked entries at exactly 0 and fully masked rows all 0, so the

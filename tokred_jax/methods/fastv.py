@@ -30,7 +30,6 @@ from tokred_jax.models.config import ConfigError, LlavaConfig
 FASTV_K = 2
 FASTV_R = 0.5
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def last_token_scores(q_last: jax.Array, k: jax.Array, key_valid: jax.Array) -> jax.Array:
@@ -51,13 +50,7 @@ def last_token_scores(q_last: jax.Array, k: jax.Array, key_valid: jax.Array) -> 
     -inf for invalid keys (all -inf when no key is valid), so a top-k over the result
     never picks a masked slot.
   """
-  b, num_heads, head_dim = q_last.shape
-  t = k.shape[1]
-  num_kv = attention.check_grouped_heads(q_last[:, None], k)
-  groups = num_heads // num_kv
-  q32 = q_last.astype(jnp.float32).reshape(b, num_kv, groups, head_dim)
-  logits = jnp.einsum("bkgd,btkd->bkgt", q32, k.astype(jnp.float32), precision=_HIGHEST)
-  logits = logits.reshape(b, num_heads, t) / math.sqrt(head_dim)
+  logits = attention.row_logits(q_last, k) / math.sqrt(q_last.shape[-1])
   weights = jax.nn.softmax(logits, axis=-1, where=key_valid[:, None, :])  # [B, H, T]
   return jnp.where(key_valid, jnp.mean(weights, axis=1), -jnp.inf)
 

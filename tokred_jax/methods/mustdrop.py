@@ -208,8 +208,7 @@ def cls_attention(q_cls: jax.Array, k: jax.Array, valid: jax.Array) -> jax.Array
   if k.shape != (b, n, num_heads, head_dim):
     raise ValueError(f"keys {k.shape} do not match the query {q_cls.shape}: expected "
                      f"[{b}, N, {num_heads}, {head_dim}].")
-  logits = jnp.einsum("bhd,bnhd->bhn", q_cls.astype(jnp.float32), k.astype(jnp.float32),
-                      precision=_HIGHEST) / math.sqrt(head_dim)
+  logits = attention.row_logits(q_cls, k) / math.sqrt(head_dim)
   return jax.nn.softmax(logits, axis=-1, where=valid[:, None, :])
 
 
@@ -270,17 +269,13 @@ def dual_attention_stats(q: jax.Array, k: jax.Array, text_query: jax.Array,
   Returns:
     (g, m), each f32[B, T]: the statistics at live visual slots, 0 elsewhere.
   """
-  b, t, num_heads, head_dim = q.shape
-  num_kv = attention.check_grouped_heads(q, k)
+  t, head_dim = q.shape[1], q.shape[3]
+  attention.check_grouped_heads(q, k)
   capacity = t if text_capacity is None else text_capacity
   rows, row_ok = tokens.compact_indices(text_query, capacity)  # [B, Q]
-  groups = num_heads // num_kv
-  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
-  q_rows = q_rows.reshape(b, capacity, num_kv, groups, head_dim)
-  # HIGHEST: the presets compare attention weights with thresholds of 0.001.
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q_rows, k.astype(jnp.float32),
-                      precision=_HIGHEST)
-  logits = logits.reshape(b, num_heads, capacity, t) / math.sqrt(head_dim)
+  q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+  # At HIGHEST precision: the presets compare attention weights with thresholds of 0.001.
+  logits = attention.grouped_logits(q_rows, k) / math.sqrt(head_dim)
   visible = ((jnp.arange(t)[None, None, :] <= rows[:, :, None]) & row_ok[:, :, None]
              & key_valid[:, None, :])  # [B, Q, T]
   # `where` leaves masked entries (junk, even NaN, in invalid slots) at exactly 0.
