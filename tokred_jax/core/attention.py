@@ -1,5 +1,5 @@
-"""Checks shared by every attention-row scorer (FastV's last row, PageRank's full rows,
-MustDrop's text rows and CLS row).
+"""The attention logits every attention-row scorer starts from (FastV's last row,
+PageRank's full rows, MustDrop's text rows and CLS row), computed once here.
 
 Axis letters as in models/layers.py: B batch, T query rows, S keys, H query heads,
 K key/value heads, h head dim.
