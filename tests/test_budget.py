@@ -17,8 +17,8 @@ import pytest
 
 import infer
 import tokred_jax
-from configs import default
 from tests import faults
+from tests.test_infer_faults import _config
 from tokred_jax import cli, methods
 from tokred_jax.engine import budget, cost, pipeline
 from tokred_jax.eval import evaluate
@@ -295,15 +295,6 @@ def test_pipeline_plan_at_a_budget():
       pipe.plan("aim", **kwargs)
     faults.record("Pipeline.plan", f"pipe.plan('aim', {kwargs})", f"ConfigError: {e.value}",
                   before="weights load")
-
-
-def _config(**fields):
-  config = default.get_config()
-  config.checkpoint = tokred_jax.TINY_CHECKPOINT
-  config.max_new_tokens = 2
-  config.warmup = False
-  config.update(fields)
-  return config
 
 
 @pytest.mark.parametrize("case, fields, match", [

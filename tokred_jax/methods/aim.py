@@ -260,7 +260,7 @@ class PageRankPlan(prune.PrunePlan):
   iterations: int = PAGERANK_ITERATIONS
   damping: float = PAGERANK_DAMPING
 
-  def score(self, run, stream, q, k):
+  def score(self, run, stream, q, k, count):
     # Reference mode: every query row carries mass, as the official code (which masks).
     query_valid = stream.valid if run.mode == "reference" else stream.keys_valid
     return pagerank_scores(q, k, query_valid, stream.keys_valid, tau=self.tau,

@@ -234,17 +234,6 @@ class DuplicationPlan(prune.PrunePlan):
                               num_text_pivots=self.num_text_pivots,
                               text_ok=text_after_image(stream), norm_scale=scale)
 
-  def after_llm_layer(self, run, c, index, q, k, stream):
-    # The shared stage's rule, with the count also handed to the scorer.
-    if index not in self.score_layers:
-      return stream
-    counts, ratios = c
-    count = counts[index + 1]
-    if self.relative:
-      count = jnp.floor(run.carry["visual_in"] * ratios[index + 1] + 1e-6).astype(jnp.int32)
-    scores = self.score(run, stream, q, k, count)
-    return prune.prune(run, stream, scores, self.capacities[index + 1], count)
-
   def scorer_flops(self, cfg, num_tokens):
     # The pivots' cosines with every token: [P, D] x [D, T].
     pivots = self.num_image_pivots + self.num_text_pivots

@@ -87,7 +87,7 @@ def layer_ratios(num_layers: int, k: int = FASTV_K, r: float = FASTV_R) -> tuple
 class LastTokenPlan(prune.PrunePlan):
   name: ClassVar[str] = "FastV"
 
-  def score(self, run, stream, q, k):
+  def score(self, run, stream, q, k, count):
     return last_token_scores(q[:, -1], k, stream.keys_valid)
 
   def scorer_flops(self, cfg, num_tokens):

@@ -68,9 +68,10 @@ class PrunePlan(StagePlan):
   def traced(self):
     return (jnp.asarray(self.counts, jnp.int32), jnp.asarray(self.ratios, jnp.float32))
 
-  def score(self, run, stream: Stream, q, k):
+  def score(self, run, stream: Stream, q, k, count):
     """f32[B, T] (higher: keep) from the layer's rotated queries f32[B, T, H, h] and keys
-    f32[B, T, K, h]; only live visual entries are read."""
+    f32[B, T, K, h]; only live visual entries are read. count: how many the next layer
+    keeps (i32[] or i32[B]), for scorers whose ranking depends on it."""
     raise NotImplementedError
 
   def scorer_flops(self, cfg: LlavaConfig, num_tokens: int) -> int:
@@ -84,7 +85,8 @@ class PrunePlan(StagePlan):
     count = counts[index + 1]
     if self.relative:
       count = jnp.floor(run.carry["visual_in"] * ratios[index + 1] + 1e-6).astype(jnp.int32)
-    return prune(run, stream, self.score(run, stream, q, k), self.capacities[index + 1], count)
+    scores = self.score(run, stream, q, k, count)
+    return prune(run, stream, scores, self.capacities[index + 1], count)
 
   def extra_flops(self, cfg, num_text, visual_in, processed):
     del num_text, visual_in
