@@ -14,6 +14,7 @@ import pytest
 from tests import faults
 from tokred_jax import methods
 from tokred_jax.engine import cost
+from tokred_jax.engine.generate import SamplingConfig
 from tokred_jax.engine.pipeline import DEFAULT_CHECKPOINT, PMOD_CHECKPOINT, Pipeline
 from tokred_jax.methods import aim, baselines, fastv, mustdrop, pmod, tome
 from tokred_jax.models import llava
@@ -86,6 +87,26 @@ def test_window_merge_then_pagerank_counts_follow_each_image(pipes):
   np.testing.assert_array_equal(np.asarray(aux_one["visual_per_layer"]), per_layer)
   text = batch["attention_mask"] & (batch["input_ids"] != pipe.cfg.image_token_id)
   np.testing.assert_allclose(np.asarray(logits)[text], np.asarray(one)[text], atol=2e-4)
+
+
+@pytest.mark.parametrize("name, retention", [("pooling-2x2+fastv", 0.5), ("tome+fastv", 0.25),
+                                             ("random+fastv", 0.25)])
+def test_fast_equals_reference_on_text(pipes, name, retention):
+  """FastV's pruning gives the same text logits whether pruned tokens are removed (fast)
+  or masked (reference), after any stage before it, pooling's partly empty image slots
+  included (its 6x6 grid fills 36 of the prompt's 48)."""
+  pipe = pipes["default"]
+  fast, ref = pipe.plan(name, retention), pipe.plan(name, retention, mode="reference")
+  batch = pipe.prepare(images(), QUESTIONS, 3, plan=fast)
+  text = batch["attention_mask"] & (batch["input_ids"] != pipe.cfg.image_token_id)
+  a, b = (np.asarray(pipe.forward(batch, p))[text] for p in (fast, ref))
+  np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+  # Generation too: its prefill reads the logits at the stream's last slot.
+  sampling = SamplingConfig(max_new_tokens=3)
+  (prefill_fast, _), (prefill_ref, _) = (pipe.generator(sampling, p).prefill(
+      pipe.params, batch, p.counts()) for p in (fast, ref))
+  np.testing.assert_allclose(np.asarray(prefill_fast), np.asarray(prefill_ref), atol=2e-5,
+                             rtol=1e-5)
 
 
 def test_keeping_everything_is_the_plain_model_bit_for_bit(pipes):

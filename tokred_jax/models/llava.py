@@ -184,7 +184,10 @@ class Llava(nn.Module):
     mask here; the segmented prefill (engine/segmented.py) compacts between programs."""
     visual = self.visual_tokens(self.tower(pixel_values, run), run)
     stream = self.splice(input_ids, visual, attention_mask, positions)
-    run.num_visual = run.visual_slots = visual.valid.shape[1]
+    # The prompt's image slots: the plan's capacity, which a set may fill only in part
+    # (pooling's grid is smaller than its bucketed capacity).
+    run.num_visual = visual.valid.shape[1]
+    run.visual_slots = run.num_visual if run.plan is None else run.plan.num_visual
     run.carry["visual_in"] = jnp.sum(stream.live_visual, axis=1, dtype=jnp.int32)
     stream, caches, live = self.run_layers(stream, run, 0, self.cfg.text.num_layers)
     return stream, run.chain("prefill_caches", caches), visual, live
