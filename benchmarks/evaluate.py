@@ -64,7 +64,9 @@ DEFAULT_VARIANTS = (f"pmod-cosine={PMOD_CHECKPOINT},"
                     f"pmod-constant@0.25={PMOD_QUARTER_CHECKPOINT}")
 # The swept methods' colours in the plot (presets share their method's colour).
 _COLOURS = {"aim": "C0", "fastv": "C1", "tome": "C2", "random": "C3", "pooling": "C4",
-            "mustdrop": "C5", "pmod": "C6"}
+            "mustdrop": "C5", "pmod": "C6", "dart": "C8"}
+# For the other methods and composed recipes, in order of appearance.
+_MORE_COLOURS = ("C9", "olive", "teal", "navy", "maroon", "C7")
 
 
 def header(types) -> str:
@@ -169,10 +171,11 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
     ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4 - 9 * stacked),
                 textcoords="offset points", color=colour)
 
+  others = iter(_MORE_COLOURS * len(done))
   for method in dict.fromkeys(r.method for r in done):
     if method == "none":
       continue
-    colour = _COLOURS.get(method, "C7")
+    colour = _COLOURS[method] if method in _COLOURS else next(others)
     swept = sorted((r for r in done if r.method == method and
                     (r.retention is not None or r.budget is not None)), key=lambda r: r.flops)
     if swept:
@@ -180,6 +183,9 @@ def plot(run: evaluate.Evaluation, path: str, title: str):
               color=colour, label=method)
     for r in (r for r in swept if r.budget is not None):
       ax.scatter(r.flops / 1e9, 100 * r.accuracy, marker="s", s=36, color=colour, zorder=3)
+    if len(swept) == 1:  # a line of one point (a composed recipe at one level): say which
+      annotate(f"{method}@{_setting(swept[0])}", swept[0].flops / 1e9,
+               100 * swept[0].accuracy, colour)
     for i, r in enumerate(r for r in done if r.method == method and r.retention is None
                           and r.budget is None):
       ax.scatter(r.flops / 1e9, 100 * r.accuracy, s=50, facecolors="none",
