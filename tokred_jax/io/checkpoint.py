@@ -1,31 +1,17 @@
 """Hugging Face LLaVA checkpoint directories in and out, without torch or transformers.
 
-One declarative table (`_TOP_RULES`, `_VISION_LAYER_RULES`, `_TEXT_LAYER_RULES`) maps
-each Hugging Face tensor to a leaf of our parameter tree; loading and saving both read
-it. A rule names the HF tensor and our path, both shapes in symbolic dimensions, and the
-axis permutation taking the HF tensor to ours (followed by a reshape). For example HF's
-`q_proj.weight` f32[H*dh, D] becomes our `attn/q/kernel` f32[D, H, dh] by permuting
-(1, 0) and reshaping; saving runs the same rule backwards.
-
-Dimension letters are listed in `_DIM_NAMES`.
-
-Three weight-name layouts are read and normalised to the one transformers 5 writes:
-  (a) transformers 4.36 / published llava-hf: `vision_tower.vision_model.*`,
-      `language_model.model.*`, `language_model.lm_head.weight`;
-  (b) transformers 5: `vision_tower.*`, `language_model.model.*`, ...;
-  (c) transformers 4.5x in-memory names: `model.vision_tower.vision_model.*`,
-      `model.language_model.*`, `model.multi_modal_projector.*`, `lm_head.weight`.
-"""
+Which HF tensor is which of our parameters, in what shape and layout, is the
+declarative table in hf_params.py; this module reads and writes the files (config.json,
+safetensors, sharded or not, tokenizer and chat template), checks names, shapes, dtypes
+and values against config.json before a tensor is read, and saves atomically."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import pathlib
-import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -35,7 +21,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from tokred_jax.io import templates
+from tokred_jax.io import hf_params, templates
+# Part of this module's API: what callers check and rename with.
+from tokred_jax.io.hf_params import (CheckpointError, canonical_name,  # noqa: F401
+                                     param_shapes)
 from tokred_jax.models import config as config_lib
 from tokred_jax.models.config import LlavaConfig
 
@@ -47,210 +36,6 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that cannot be read or written; the message says how to fix it."""
-
-
-def _always(cfg: LlavaConfig) -> bool:
-  del cfg
-  return True
-
-
-def _clip(cfg: LlavaConfig) -> bool:
-  return cfg.vision.kind == "clip"
-
-
-def _siglip(cfg: LlavaConfig) -> bool:
-  return cfg.vision.kind == "siglip"
-
-
-def _projector_bias(cfg: LlavaConfig) -> bool:
-  return cfg.projector_bias
-
-
-def _qkv_bias(cfg: LlavaConfig) -> bool:
-  return cfg.text.attention_bias
-
-
-def _untied(cfg: LlavaConfig) -> bool:
-  return not cfg.text.tie_word_embeddings
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-  """One HF tensor <-> one leaf of our tree. "{i}" in names stands for a layer index."""
-  hf: str
-  ours: str  # "/"-separated path
-  hf_shape: tuple[str, ...]
-  our_shape: tuple[str, ...]
-  perm: tuple[int, ...] | None = None  # HF axes in our order, applied before the reshape
-  when: Callable[[LlavaConfig], bool] = _always
-
-
-def _r(hf, ours, hf_shape, our_shape=None, perm=None, when=_always) -> _Rule:
-  """Shorthand: shapes are space-separated dimension expressions, e.g. "H*dh D"."""
-  our_shape = hf_shape if our_shape is None else our_shape
-  return _Rule(hf, ours, tuple(hf_shape.split()), tuple(our_shape.split()), perm, when)
-
-
-_T = (1, 0)  # HF Linear weight [out, in] -> our kernel [in, out].
-_CONV = (2, 3, 1, 0)  # HF conv [Dv, C, p, p] -> [p, p, C, Dv]: patches flatten as (p1 p2 c).
-
-_TOP_RULES = (
-    _r("vision_tower.embeddings.patch_embedding.weight", "vision/patch_embed/kernel",
-       "Dv C p p", "p*p*C Dv", _CONV),
-    _r("vision_tower.embeddings.patch_embedding.bias", "vision/patch_embed/bias", "Dv",
-       when=_siglip),
-    _r("vision_tower.embeddings.class_embedding", "vision/cls", "Dv", when=_clip),
-    _r("vision_tower.embeddings.position_embedding.weight", "vision/pos_embed", "Sv Dv"),
-    _r("vision_tower.pre_layrnorm.weight", "vision/pre_ln/scale", "Dv", when=_clip),
-    _r("vision_tower.pre_layrnorm.bias", "vision/pre_ln/bias", "Dv", when=_clip),
-    _r("vision_tower.post_layernorm.weight", "vision/post_ln/scale", "Dv"),
-    _r("vision_tower.post_layernorm.bias", "vision/post_ln/bias", "Dv"),
-    _r("multi_modal_projector.linear_1.weight", "projector/linear_1/kernel", "D Dv", "Dv D",
-       _T),
-    _r("multi_modal_projector.linear_1.bias", "projector/linear_1/bias", "D",
-       when=_projector_bias),
-    _r("multi_modal_projector.linear_2.weight", "projector/linear_2/kernel", "D D", "D D", _T),
-    _r("multi_modal_projector.linear_2.bias", "projector/linear_2/bias", "D",
-       when=_projector_bias),
-    _r("language_model.model.embed_tokens.weight", "llm/embed/embedding", "V D"),
-    _r("language_model.model.norm.weight", "llm/final_norm/scale", "D"),
-    _r("language_model.lm_head.weight", "llm/lm_head/kernel", "V D", "D V", _T, when=_untied),
-)
-
-_VISION_LAYER_RULES = tuple(
-    dataclasses.replace(rule, hf="vision_tower.encoder.layers.{i}." + rule.hf,
-                        ours="vision/layers_{i}/" + rule.ours) for rule in (
-        _r("layer_norm1.weight", "ln1/scale", "Dv"),
-        _r("layer_norm1.bias", "ln1/bias", "Dv"),
-        _r("self_attn.q_proj.weight", "attn/q/kernel", "Hv*dv Dv", "Dv Hv dv", _T),
-        _r("self_attn.q_proj.bias", "attn/q/bias", "Hv*dv", "Hv dv"),
-        _r("self_attn.k_proj.weight", "attn/k/kernel", "Hv*dv Dv", "Dv Hv dv", _T),
-        _r("self_attn.k_proj.bias", "attn/k/bias", "Hv*dv", "Hv dv"),
-        _r("self_attn.v_proj.weight", "attn/v/kernel", "Hv*dv Dv", "Dv Hv dv", _T),
-        _r("self_attn.v_proj.bias", "attn/v/bias", "Hv*dv", "Hv dv"),
-        _r("self_attn.out_proj.weight", "attn/o/kernel", "Dv Hv*dv", "Hv dv Dv", _T),
-        _r("self_attn.out_proj.bias", "attn/o/bias", "Dv"),
-        _r("layer_norm2.weight", "ln2/scale", "Dv"),
-        _r("layer_norm2.bias", "ln2/bias", "Dv"),
-        _r("mlp.fc1.weight", "mlp/fc1/kernel", "Fv Dv", "Dv Fv", _T),
-        _r("mlp.fc1.bias", "mlp/fc1/bias", "Fv"),
-        _r("mlp.fc2.weight", "mlp/fc2/kernel", "Dv Fv", "Fv Dv", _T),
-        _r("mlp.fc2.bias", "mlp/fc2/bias", "Dv"),
-    ))
-
-_TEXT_LAYER_RULES = tuple(
-    dataclasses.replace(rule, hf="language_model.model.layers.{i}." + rule.hf,
-                        ours="llm/layers_{i}/" + rule.ours) for rule in (
-        _r("input_layernorm.weight", "attn_norm/scale", "D"),
-        _r("self_attn.q_proj.weight", "attn/q/kernel", "H*dh D", "D H dh", _T),
-        _r("self_attn.q_proj.bias", "attn/q/bias", "H*dh", "H dh", when=_qkv_bias),
-        _r("self_attn.k_proj.weight", "attn/k/kernel", "K*dh D", "D K dh", _T),
-        _r("self_attn.k_proj.bias", "attn/k/bias", "K*dh", "K dh", when=_qkv_bias),
-        _r("self_attn.v_proj.weight", "attn/v/kernel", "K*dh D", "D K dh", _T),
-        _r("self_attn.v_proj.bias", "attn/v/bias", "K*dh", "K dh", when=_qkv_bias),
-        _r("self_attn.o_proj.weight", "attn/o/kernel", "D H*dh", "H dh D", _T),
-        _r("post_attention_layernorm.weight", "mlp_norm/scale", "D"),
-        _r("mlp.gate_proj.weight", "mlp/gate/kernel", "F D", "D F", _T),
-        _r("mlp.up_proj.weight", "mlp/up/kernel", "F D", "D F", _T),
-        _r("mlp.down_proj.weight", "mlp/down/kernel", "D F", "F D", _T),
-    ))
-
-# p-MoD routers, in the layers `TextConfig.router_layers` names. transformers does not
-# know them: it loads such a checkpoint as the dense model and reports them as unused.
-_ROUTER_RULES = (
-    _r("language_model.model.layers.{i}.router.weight", "llm/layers_{i}/router/kernel",
-       "1 D", "D 1", _T),
-    _r("language_model.model.layers.{i}.router.bias", "llm/layers_{i}/router/bias", "1"),
-)
-
-# Older layouts -> the transformers 5 names above; applied in order, each at most once.
-_RENAMES = (
-    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
-    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
-    (re.compile(r"^model\.language_model\."), "language_model.model."),
-    (re.compile(r"^lm_head\."), "language_model.lm_head."),
-    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
-)
-# Tensors LLaVA never uses: SigLIP's attention-pooling head and buffers that old
-# transformers versions saved alongside the weights.
-_IGNORED = re.compile(
-    r"^vision_tower\.head\.|rotary_emb\.inv_freq$|^vision_tower\.embeddings\.position_ids$")
-
-
-# What each dimension letter of the table stands for, as config.json names it.
-_DIM_NAMES = dict(
-    Dv="vision hidden_size", Fv="vision intermediate_size", Hv="vision num_attention_heads",
-    dv="vision head size", C="num_channels", p="patch_size",
-    Sv="vision positions (patches, +1 for CLIP's CLS)", D="text hidden_size",
-    F="text intermediate_size", H="text num_attention_heads", K="num_key_value_heads",
-    dh="text head_dim", V="vocab_size", **{"1": "one router output"})
-
-
-def _dims(cfg: LlavaConfig) -> dict[str, int]:
-  v, t = cfg.vision, cfg.text
-  return {"Dv": v.hidden_size, "Fv": v.intermediate_size, "Hv": v.num_heads,
-          "dv": v.head_dim, "C": v.num_channels, "p": v.patch_size, "Sv": v.seq_len,
-          "D": t.hidden_size, "F": t.intermediate_size, "H": t.num_heads,
-          "K": t.num_kv_heads, "dh": t.head_dim, "V": t.vocab_size, "1": 1}
-
-
-def _shape(spec: tuple[str, ...], dims: dict[str, int]) -> tuple[int, ...]:
-  return tuple(math.prod(dims[name] for name in expr.split("*")) for expr in spec)
-
-
-def _describe(spec: tuple[str, ...]) -> str:
-  """E.g. ("H*dh", "D") -> "text num_attention_heads*text head_dim, text hidden_size"."""
-  return ", ".join("*".join(_DIM_NAMES[name] for name in expr.split("*")) for expr in spec)
-
-
-def _rules(cfg: LlavaConfig) -> list[_Rule]:
-  """The concrete rules for `cfg`: conditions applied, "{i}" expanded per layer."""
-  if cfg.text.kind == "llama" and cfg.text.attention_bias:
-    # Llama's attention_bias also adds an o_proj bias, which our tree has no place for.
-    raise CheckpointError("Llama with attention_bias=True (biased o_proj) is not supported.")
-  rules = [rule for rule in _TOP_RULES if rule.when(cfg)]
-  for layer_rules, layers in ((_VISION_LAYER_RULES, range(cfg.vision.num_layers)),
-                              (_TEXT_LAYER_RULES, range(cfg.text.num_layers)),
-                              (_ROUTER_RULES, cfg.text.router_layers)):
-    for i in layers:
-      rules.extend(
-          dataclasses.replace(rule, hf=rule.hf.format(i=i), ours=rule.ours.format(i=i))
-          for rule in layer_rules if rule.when(cfg))
-  return rules
-
-
-def param_shapes(cfg: LlavaConfig) -> Params:
-  """The shape of every leaf of our parameter tree for `cfg`, as nested dicts of tuples."""
-  dims = _dims(cfg)
-  shapes: Params = {}
-  for rule in _rules(cfg):
-    _set(shapes, rule.ours, _shape(rule.our_shape, dims))
-  return shapes
-
-
-def _to_ours(rule: _Rule, x: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-  if rule.perm is not None:
-    x = np.transpose(x, rule.perm)
-  return x.reshape(_shape(rule.our_shape, dims))
-
-
-def _to_hf(rule: _Rule, x: np.ndarray, dims: dict[str, int]) -> np.ndarray:
-  hf_shape = _shape(rule.hf_shape, dims)
-  if rule.perm is None:
-    return x.reshape(hf_shape)
-  permuted = tuple(hf_shape[axis] for axis in rule.perm)
-  return np.transpose(x.reshape(permuted), np.argsort(rule.perm))
-
-
-def canonical_name(name: str) -> str:
-  """The transformers 5 name of a tensor saved under any of the supported layouts."""
-  for pattern, replacement in _RENAMES:
-    name = pattern.sub(replacement, name, count=1)
-  return name
 
 
 def _short_list(names, limit: int = 5) -> str:
@@ -381,7 +166,7 @@ def _headers(path: pathlib.Path, stack: contextlib.ExitStack,
   return tensors
 
 
-def _check_headers(path: pathlib.Path | str, cfg: LlavaConfig, rules: list[_Rule],
+def _check_headers(path: pathlib.Path | str, cfg: LlavaConfig, rules: list[hf_params.Rule],
                    tensors: _Tensors) -> None:
   """Names, shapes and dtypes in the files against what config.json implies."""
   expected = {rule.hf for rule in rules}
@@ -392,19 +177,19 @@ def _check_headers(path: pathlib.Path | str, cfg: LlavaConfig, rules: list[_Rule
         f"{_short_list(missing)}. The weights are incomplete or belong to another model.")
   tied_head = {"language_model.lm_head.weight"} if cfg.text.tie_word_embeddings else set()
   unexpected = {tensors[k][1] for k in set(tensors) - expected - tied_head
-                if not _IGNORED.search(k)}
+                if not hf_params.IGNORED.search(k)}
   if unexpected:
     raise CheckpointError(
         f"{path} holds {len(unexpected)} tensor(s) this model does not use: "
         f"{_short_list(unexpected)}. config.json and the weights disagree (e.g. layer "
         "count, tied embeddings, biases) or the checkpoint is not a supported LLaVA.")
-  dims = _dims(cfg)
+  dims = hf_params.dim_sizes(cfg)
   for rule in rules:
-    want, got = _shape(rule.hf_shape, dims), tensors[rule.hf][2]
+    want, got = hf_params.size_of(rule.hf_shape, dims), tensors[rule.hf][2]
     if want != got:
       raise CheckpointError(
           f"tensor {tensors[rule.hf][1]!r} has shape {got} but config.json implies "
-          f"{want} = ({_describe(rule.hf_shape)}): config.json and the weights "
+          f"{want} = ({hf_params.describe(rule.hf_shape)}): config.json and the weights "
           "disagree; use the config.json that came with these weights.")
     stored_dtype = tensors[rule.hf][3]
     if stored_dtype not in _FLOAT_DTYPES:
@@ -460,8 +245,8 @@ def load_params(cfg: LlavaConfig,
     CheckpointError: weights are missing, damaged (not floats, NaN or inf), duplicated or
       disagree with `cfg`.
   """
-  rules = _rules(cfg)
-  dims = _dims(cfg)
+  rules = hf_params.table(cfg)
+  dims = hf_params.dim_sizes(cfg)
   where = " + ".join(str(directory) for directory, _ in sources)
   params: Params = {}
   with contextlib.ExitStack() as stack:
@@ -481,9 +266,9 @@ def load_params(cfg: LlavaConfig,
       except Exception as e:  # Damage past the header only shows when reading.
         raise CheckpointError(f"cannot read tensor {stored!r} in {where}: {e}. The file "
                               "is corrupt; download it again.") from e
-      x = np.ascontiguousarray(_to_ours(rule, x, dims), dtype=dtype)
+      x = np.ascontiguousarray(hf_params.to_ours(rule, x, dims), dtype=dtype)
       _check_finite(x, stored, where)
-      _set(params, rule.ours, x)
+      hf_params.set_leaf(params, rule.ours, x)
   return params
 
 
@@ -498,13 +283,6 @@ def _check_finite(x: np.ndarray, stored: str, where: str) -> None:
     raise CheckpointError(f"tensor {stored!r} in {where} holds {bad} NaN or infinite "
                           f"value(s) of {np.size(x)}; the weights are damaged (or were saved "
                           "from a diverged run): use a good copy.")
-
-
-def _set(tree: Params, path: str, value: Any) -> None:
-  *parents, leaf = path.split("/")
-  for key in parents:
-    tree = tree.setdefault(key, {})
-  tree[leaf] = value
 
 
 def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
@@ -524,7 +302,7 @@ def to_hf_tensors(cfg: LlavaConfig, params: Params) -> dict[str, np.ndarray]:
     CheckpointError: `params` does not match `cfg` (missing, extra or misshapen leaves).
   """
   flat = _flatten(params)
-  rules = _rules(cfg)
+  rules = hf_params.table(cfg)
   expected = {rule.ours for rule in rules}
   missing, extra = expected - set(flat), set(flat) - expected
   if missing or extra:
@@ -533,15 +311,15 @@ def to_hf_tensors(cfg: LlavaConfig, params: Params) -> dict[str, np.ndarray]:
         + (f"missing {_short_list(missing)}; " if missing else "")
         + (f"unexpected {_short_list(extra)}; " if extra else "")
         + "pass the config the params were built or loaded with.")
-  dims = _dims(cfg)
+  dims = hf_params.dim_sizes(cfg)
   tensors = {}
   for rule in rules:
     x = np.asarray(flat[rule.ours])
-    want = _shape(rule.our_shape, dims)
+    want = hf_params.size_of(rule.our_shape, dims)
     if x.shape != want:
       raise CheckpointError(f"param {rule.ours} has shape {x.shape} but the config implies "
-                            f"{want} = ({_describe(rule.our_shape)}).")
-    tensors[rule.hf] = np.ascontiguousarray(_to_hf(rule, x, dims))
+                            f"{want} = ({hf_params.describe(rule.our_shape)}).")
+    tensors[rule.hf] = np.ascontiguousarray(hf_params.to_hf(rule, x, dims))
   return tensors
 
 

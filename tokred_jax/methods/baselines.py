@@ -47,9 +47,9 @@ class Random(Stage):
 
   def plan(self, flow: Flow) -> RandomPlan:
     if self.keep < 1:
-      raise ConfigError(f"keep_visual must be >= 1, got {self.keep}.")
+      raise ConfigError(f"random's keep must be >= 1, got {self.keep}.")
     if self.keep > flow.visual.exact:
-      raise ConfigError(f"keep_visual {self.keep} is more than the {flow.visual.exact} "
+      raise ConfigError(f"random's keep {self.keep} is more than the {flow.visual.exact} "
                         "visual tokens available.")
     flow.change_visual(self.name)
     flow.visual = flow.bucket_to(self.keep, flow.cfg.num_image_tokens)
@@ -75,11 +75,11 @@ class Pool(Stage):
 
   def plan(self, flow: Flow) -> PoolPlan:
     if self.stride < 1:
-      raise ConfigError(f"pool_stride must be >= 1, got {self.stride}.")
+      raise ConfigError(f"pooling's stride must be >= 1, got {self.stride}.")
     n = flow.visual.exact
     grid = math.isqrt(n)
     if grid * grid != n or grid % self.stride or flow.visual.cap != n:
-      raise ConfigError(f"pool_stride {self.stride} does not divide the {grid}x{grid} "
+      raise ConfigError(f"pooling's stride {self.stride} does not divide the {grid}x{grid} "
                         "token grid (pooling needs the whole grid).")
     flow.change_visual(self.name)
     # The prompt gets a bucketed capacity of image slots; those past the pooled grid stay

@@ -217,11 +217,11 @@ class Route(Stage):
     cfg = flow.cfg
     layers = cfg.text.num_layers
     if len(self.ratios) != layers:
-      raise ConfigError(f"mod_ratios has {len(self.ratios)} entries for a {layers}-layer "
+      raise ConfigError(f"p-MoD's ratios have {len(self.ratios)} entries for a {layers}-layer "
                         "LLM; give one per layer (None for a dense layer).")
     bad = [r for r in self.ratios if r is not None and not 0 < r <= 1]
     if bad:
-      raise ConfigError(f"mod_ratios must lie in (0, 1] (None: a dense layer); got {bad[:3]}.")
+      raise ConfigError(f"p-MoD's ratios must lie in (0, 1] (None: a dense layer); got {bad[:3]}.")
     missing = [l for l, r in enumerate(self.ratios)
                if r is not None and l not in cfg.text.router_layers]
     if missing:

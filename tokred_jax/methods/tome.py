@@ -58,7 +58,7 @@ class Tome(Stage):
     cfg = flow.cfg
     layers_run = cfg.vision_layers_used
     if len(self.r) != layers_run:
-      raise ConfigError(f"tome_r has {len(self.r)} entries but the tower runs {layers_run} "
+      raise ConfigError(f"ToMe's r has {len(self.r)} entries but the tower runs {layers_run} "
                         "layers; give one merge count per layer run.")
     if flow.data_dependent:
       raise ConfigError(f"ToMe's counts are static; it cannot follow {flow.data_dependent}, "
@@ -69,7 +69,7 @@ class Tome(Stage):
       if r < 0:
         raise ConfigError(f"merge counts must be >= 0, got {r}.")
       if r > (n - has_cls) // 2:
-        raise ConfigError(f"tome_r[{layer}] = {r} is more than half of the {n - has_cls} "
+        raise ConfigError(f"ToMe's r[{layer}] = {r} is more than half of the {n - has_cls} "
                           "tokens that layer can merge.")
       exact.append(n)
       n -= r
