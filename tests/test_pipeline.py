@@ -83,20 +83,22 @@ def test_unknown_dtype():
     tokred_jax.Pipeline.load(dtype="float8")
 
 
+def run_infer(*flags: str) -> subprocess.CompletedProcess:
+  """infer.py with `flags`, from the repository root."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *flags],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
 def test_infer_script_prints_answer_and_cost():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "infer.py"), "--config.max_new_tokens=4",
-       "--config.warmup=False", "--prompt=What colour is the circle?"],
-      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  out = run_infer("--config.max_new_tokens=4", "--config.warmup=False",
+                  "--prompt=What colour is the circle?")
   assert out.returncode == 0, out.stderr[-2000:]
   for line in ("answer:", "prefill FLOPs, LLM layers", "KV cache", "prefill latency"):
     assert line in out.stdout
 
 
 def test_infer_script_reports_missing_checkpoint(tmp_path):
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "infer.py"), f"--checkpoint={tmp_path / 'nope'}"],
-      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  out = run_infer(f"--checkpoint={tmp_path / 'nope'}")
   assert out.returncode != 0
   assert "nope" in out.stderr and "Traceback" not in out.stderr
 
@@ -136,19 +138,15 @@ def test_methods_on_a_mesh_equal_one_device(pipe, method, retention):
 
 def test_infer_script_draws_surviving_patches(tmp_path):
   png = tmp_path / "kept.png"
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "infer.py"), "--config.max_new_tokens=2",
-       "--config.warmup=False", "--config.method=aim", "--config.retention=0.25",
-       f"--config.plot={png}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  out = run_infer("--config.max_new_tokens=2", "--config.warmup=False",
+                  "--config.method=aim", "--config.retention=0.25", f"--config.plot={png}")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "equivalent visual tokens" in out.stdout and png.stat().st_size > 1000
 
 
 def test_infer_script_runs_a_recipe_from_a_config_file():
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "infer.py"), "--config=configs/recipe.py",
-       "--config.max_new_tokens=2", "--config.warmup=False"],
-      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  out = run_infer("--config=configs/recipe.py", "--config.max_new_tokens=2",
+                  "--config.warmup=False")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "method: tome+fastv (fast mode)" in out.stdout
   cfg = tokred_jax.Pipeline.load(weights=False).cfg

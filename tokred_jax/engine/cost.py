@@ -288,8 +288,8 @@ def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
   """
   ex = plan.exact
   if exact:
-    vision_in, vision_mlp = ex.vision_tokens, plan.exact_vision_mlp
-    visual, projector_in = ex.visual, plan.exact_projector
+    vision_in, vision_mlp = ex.vision_tokens, ex.vision_mlp
+    visual, projector_in = ex.visual, ex.projector
     llm_visual, mod_visual = ex.llm_visual, ex.mod_visual
   else:
     vision_in, vision_mlp = plan.vision_tokens, plan.vision_mlp

@@ -84,11 +84,6 @@ class Flow:
     self.vision = [(n, n) for _ in range(self.cfg.vision_layers_used)]
 
   @property
-  def has_cls(self) -> bool:
-    """Whether the tower's output holds a CLS token that LLaVA drops."""
-    return self.cfg.vision.has_cls and self.cfg.vision_feature_select == "default"
-
-  @property
   def tower_tokens(self) -> Count:
     """Tokens leaving the tower (CLS included): what the last layer's MLP ran on."""
     return self.vision[-1][1]
@@ -107,7 +102,7 @@ class Flow:
       self.point += 1
       now = POINTS[self.point]
       if now == "before_projector":
-        tower, cls = self.tower_tokens, int(self.has_cls)
+        tower, cls = self.tower_tokens, int(self.cfg.drops_cls)
         self.visual = Count(tower.exact - cls, tower.cap - cls)
       elif now == "after_projector":
         self.projector = self.visual
@@ -227,6 +222,8 @@ class Exact(NamedTuple):
   visual: int
   llm_visual: tuple[int, ...]
   mod_visual: tuple[int | None, ...]
+  vision_mlp: tuple[int, ...]
+  projector: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,9 +257,6 @@ class Plan:
   score_layers: tuple[int, ...]
   data_dependent: str | None
   exact: Exact = dataclasses.field(compare=False, hash=False)
-  exact_vision_mlp: tuple[int, ...] = dataclasses.field(compare=False, hash=False,
-                                                        default=())
-  exact_projector: int = dataclasses.field(compare=False, hash=False, default=0)
 
   @property
   def name(self) -> str:
@@ -313,9 +307,8 @@ def make_plan(recipe: Recipe, cfg: LlavaConfig) -> Plan:
       score_layers=score_layers, data_dependent=flow.data_dependent,
       exact=Exact(tuple(a.exact for a, _ in flow.vision), flow.visual.exact,
                   tuple(c.exact for c in llm),
-                  tuple(None if r is None else r.exact for r in flow.routed)),
-      exact_vision_mlp=tuple(m.exact for _, m in flow.vision),
-      exact_projector=flow.projector.exact)
+                  tuple(None if r is None else r.exact for r in flow.routed),
+                  tuple(m.exact for _, m in flow.vision), flow.projector.exact))
 
 
 def check_retention(retention: float):

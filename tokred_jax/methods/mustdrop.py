@@ -547,7 +547,7 @@ class KeyFilter(Stage):
       raise ConfigError(f"filter_layers must increase strictly, got {self.filter_layers}.")
     if self.gamma < 0 or self.alpha < 0:
       raise ConfigError(f"gamma and alpha must be >= 0, got {self.gamma}, {self.alpha}.")
-    if not (cfg.vision.has_cls and cfg.vision_feature_select == "default"):
+    if not cfg.drops_cls:
       raise ConfigError("MustDrop's key set is the CLS token's attention: it needs a tower "
                         "with a CLS token (CLIP) and vision_feature_select 'default'.")
     if cfg.vision_layers_used != cfg.vision.num_layers - 1:

@@ -63,7 +63,7 @@ class Tome(Stage):
     if flow.data_dependent:
       raise ConfigError(f"ToMe's counts are static; it cannot follow {flow.data_dependent}, "
                         "whose counts depend on the input.")
-    has_cls, drop = int(cfg.vision.has_cls), int(flow.has_cls)
+    has_cls, drop = int(cfg.vision.has_cls), int(cfg.drops_cls)
     n, exact = cfg.vision.seq_len, []
     for layer, r in enumerate(self.r):
       if r < 0:

@@ -185,10 +185,14 @@ class LlavaConfig:
     return self.vision_feature_layer % (self.vision.num_layers + 1)
 
   @property
+  def drops_cls(self) -> bool:
+    """Whether the tower's CLS token is dropped before the projector ("default")."""
+    return self.vision.has_cls and self.vision_feature_select == "default"
+
+  @property
   def num_image_tokens(self) -> int:
     """Visual tokens per image handed to the LLM (before any reduction)."""
-    drop_cls = self.vision.has_cls and self.vision_feature_select == "default"
-    return self.vision.seq_len - int(drop_cls)
+    return self.vision.seq_len - int(self.drops_cls)
 
 
 def _get(d: dict[str, Any], key: str, defaults: dict[str, Any]):

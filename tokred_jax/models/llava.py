@@ -117,7 +117,7 @@ class Llava(nn.Module):
       ts = ts._replace(features=jnp.where(ts.valid[..., None], ts.features,
                                           jnp.zeros((), ts.features.dtype)))
     ts = run.chain("tower_output", ts)
-    if self.cfg.vision.has_cls and self.cfg.vision_feature_select == "default":
+    if self.cfg.drops_cls:
       ts = tokens.drop_first(ts)
     ts = run.chain("before_projector", ts)
     ts = ts._replace(features=self.projector(ts.features))
