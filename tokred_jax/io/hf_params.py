@@ -62,6 +62,10 @@ def _untied(cfg: LlavaConfig) -> bool:
   return not cfg.text.tie_word_embeddings
 
 
+def _anyres(cfg: LlavaConfig) -> bool:
+  return cfg.arch != "llava"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """One HF tensor <-> one leaf of our tree. "{i}" in names stands for a layer index."""
@@ -100,6 +104,7 @@ _TOP_RULES = (
     _r("multi_modal_projector.linear_2.weight", "projector/linear_2/kernel", "D D", "D D", _T),
     _r("multi_modal_projector.linear_2.bias", "projector/linear_2/bias", "D",
        when=_projector_bias),
+    _r("image_newline", "image_newline", "D", when=_anyres),
     _r("language_model.model.embed_tokens.weight", "llm/embed/embedding", "V D"),
     _r("language_model.model.norm.weight", "llm/final_norm/scale", "D"),
     _r("language_model.lm_head.weight", "llm/lm_head/kernel", "V D", "D V", _T, when=_untied),
@@ -156,6 +161,7 @@ RENAMES = (
     (re.compile(r"^model\.vision_tower\."), "vision_tower."),
     (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
     (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
     (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
 )

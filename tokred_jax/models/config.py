@@ -9,6 +9,7 @@ leave out every field equal to the config class default.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 
@@ -46,6 +47,17 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+ARCHS = {"llava": "LlavaForConditionalGeneration",
+         "llava_next": "LlavaNextForConditionalGeneration",
+         "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+# transformers' defaults for the fields a LLaVA-NeXT / OneVision config.json may omit.
+_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+_OV_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))
+_OV_DEFAULT_VISION = dict(
+    model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, patch_size=14,
+    image_size=384, num_hidden_layers=26, num_attention_heads=16)
+
+
 class ConfigError(ValueError):
   """A configuration that does not describe a model this library can build."""
 
@@ -72,8 +84,8 @@ class VisionConfig:
   def __post_init__(self):
     if self.kind not in ("clip", "siglip"):
       raise ConfigError(f"vision kind {self.kind!r} is not supported; use 'clip' or 'siglip'.")
-    if self.image_size % self.patch_size:
-      raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size "
+    if self.image_size < self.patch_size:
+      raise ConfigError(f"image_size {self.image_size} is smaller than patch_size "
                         f"{self.patch_size}.")
     if self.hidden_size % self.num_heads:
       raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by "
@@ -85,6 +97,7 @@ class VisionConfig:
 
   @property
   def grid(self) -> int:
+    """Patches per side; the patch convolution drops the rest (SigLIP-384: 27 of 14 px)."""
     return self.image_size // self.patch_size
 
   @property
@@ -166,6 +179,14 @@ class LlavaConfig:
   # which checks the name where it is used); config.json's "conversation_template".
   # None: not known (see checkpoint.read_config).
   template: str | None = None
+  # "llava" (one crop per image), or the anyres models: "llava_next" (base image + tiles,
+  # one image_newline per row) and "llava_onevision" (also multi-image and video).
+  arch: str = "llava"
+  # The (height, width) resolutions an anyres image is tiled at, in pixels.
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+  # OneVision's "anyres_max_9": tile grids over 9 crops' worth of tokens are downsampled.
+  vision_aspect_ratio: str = "anyres"
+  video_token_id: int | None = None
 
   def __post_init__(self):
     if self.vision_feature_select not in ("default", "full"):
@@ -175,6 +196,14 @@ class LlavaConfig:
     if not -n - 1 <= self.vision_feature_layer <= n:
       raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} is outside the "
                         f"tower's {n} layers (valid: {-n - 1}..{n}).")
+    if self.arch not in ARCHS:
+      raise ConfigError(f"arch {self.arch!r} is not supported; use one of {sorted(ARCHS)}.")
+    if self.arch != "llava" and not self.image_grid_pinpoints:
+      raise ConfigError(f"{self.arch} needs image_grid_pinpoints (the tiling resolutions).")
+    if self.vision_aspect_ratio != "anyres" and not re.fullmatch(
+        r"anyres_max_\d+", self.vision_aspect_ratio):
+      raise ConfigError(f"vision_aspect_ratio {self.vision_aspect_ratio!r} is not supported; "
+                        "use 'anyres' or 'anyres_max_N' (e.g. anyres_max_9).")
     if not 0 <= self.image_token_id < self.text.vocab_size:
       raise ConfigError(f"image_token_id {self.image_token_id} is outside the vocabulary "
                         f"(size {self.text.vocab_size}).")
@@ -191,8 +220,16 @@ class LlavaConfig:
 
   @property
   def num_image_tokens(self) -> int:
-    """Visual tokens per image handed to the LLM (before any reduction)."""
+    """Visual tokens per image (per crop, for the anyres models) handed to the LLM
+    (before any reduction)."""
     return self.vision.seq_len - int(self.drops_cls)
+
+  @property
+  def max_crops(self) -> int | None:
+    """anyres_max_N's N: tile grids larger than N crops are downsampled (None: never)."""
+    if self.vision_aspect_ratio == "anyres":
+      return None
+    return int(self.vision_aspect_ratio[len("anyres_max_"):])
 
 
 def _get(d: dict[str, Any], key: str, defaults: dict[str, Any]):
@@ -266,29 +303,40 @@ def text_from_hf(d: dict[str, Any]) -> TextConfig:
 
 
 def from_hf_dict(d: dict[str, Any]) -> LlavaConfig:
-  """Reads a Hugging Face LLaVA `config.json` (sparse 4.36-style or dense 5.x-style)."""
-  if d.get("model_type", "llava") != "llava":
-    raise ConfigError(f"model_type {d.get('model_type')!r} is not a LLaVA checkpoint; this "
-                      "loader reads LlavaForConditionalGeneration directories.")
-  layer = d.get("vision_feature_layer", -2)
+  """Reads a Hugging Face LLaVA, LLaVA-NeXT or LLaVA-OneVision `config.json` (sparse
+  4.36-style or dense 5.x-style)."""
+  arch = d.get("model_type", "llava")
+  if arch not in ARCHS:
+    raise ConfigError(f"model_type {arch!r} is not a LLaVA checkpoint; this loader reads "
+                      f"{', '.join(ARCHS.values())} directories.")
+  ov = arch == "llava_onevision"
+  layer = d.get("vision_feature_layer", -1 if ov else -2)
   if not isinstance(layer, int):
     raise ConfigError(f"vision_feature_layer {layer!r}: only a single layer index is supported.")
-  vision_d = d.get("vision_config") or _LLAVA_DEFAULT_VISION
-  text_d = dict(d.get("text_config") or {})
+  vision_d = d.get("vision_config") or (_OV_DEFAULT_VISION if ov else _LLAVA_DEFAULT_VISION)
+  text_d = dict(d.get("text_config") or {"model_type": "qwen2" if ov else "llama"})
   # Older configs keep the vocabulary size and tie flag at the top level.
   for key in ("vocab_size", "tie_word_embeddings"):
     if key not in text_d and key in d:
       text_d[key] = d[key]
+  pinpoints = d.get("image_grid_pinpoints") or {
+      "llava": (), "llava_next": _NEXT_PINPOINTS, "llava_onevision": _OV_PINPOINTS}[arch]
+  image_token = 151646 if ov else 32000
   return LlavaConfig(
       vision=vision_from_hf(vision_d),
       text=text_from_hf(text_d),
-      image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+      image_token_id=d.get("image_token_index", d.get("image_token_id", image_token)),
       pad_token_id=d.get("pad_token_id"),
       vision_feature_layer=layer,
-      vision_feature_select=d.get("vision_feature_select_strategy", "default"),
+      vision_feature_select=d.get("vision_feature_select_strategy",
+                                  "full" if ov else "default"),
       projector_hidden_act=d.get("projector_hidden_act", "gelu"),
       projector_bias=d.get("multimodal_projector_bias", True),
-      template=d.get("conversation_template"))
+      template=d.get("conversation_template"),
+      arch=arch,
+      image_grid_pinpoints=tuple(tuple(p) for p in pinpoints),
+      vision_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9" if ov else "anyres"),
+      video_token_id=d.get("video_token_index", d.get("video_token_id", 151647 if ov else None)))
 
 
 def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
@@ -320,8 +368,13 @@ def to_hf_dict(cfg: LlavaConfig) -> dict[str, Any]:
     if t.router_ratios:
       text["mod_router_ratios"] = list(t.router_ratios)
   extra = {} if cfg.template is None else {"conversation_template": cfg.template}
+  if cfg.arch != "llava":
+    extra["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+  if cfg.arch == "llava_onevision":
+    extra.update(vision_aspect_ratio=cfg.vision_aspect_ratio,
+                 video_token_index=cfg.video_token_id)
   return dict(
-      architectures=["LlavaForConditionalGeneration"], model_type="llava",
+      architectures=[ARCHS[cfg.arch]], model_type=cfg.arch,
       vision_config=vision, text_config=text,
       image_token_index=cfg.image_token_id, pad_token_id=cfg.pad_token_id,
       vision_feature_layer=cfg.vision_feature_layer,

@@ -28,7 +28,7 @@ from flax import linen as nn
 
 from tokred_jax.core import sharding, tokens
 from tokred_jax.core.stream import Stream, live_slots
-from tokred_jax.models import layers
+from tokred_jax.models import layers, llava_next, llava_onevision
 from tokred_jax.models.config import LlavaConfig
 from tokred_jax.models.decoder import Decoder, LayerCache
 from tokred_jax.models.hooks import Run
@@ -89,6 +89,9 @@ class Llava(nn.Module):
     self.vision = VisionTower(cfg.vision, cfg.vision_layers_used, self.dtype)
     self.projector = Projector(cfg, self.dtype)
     self.llm = Decoder(cfg.text, self.dtype, self.remat)
+    if cfg.arch != "llava":
+      d = cfg.text.hidden_size
+      self.image_newline = self.param("image_newline", nn.initializers.normal(d ** -0.5), (d,))
 
   def run(self, plan=None, counts=None, rng=None, carry=None) -> Run:
     """The per-call state for the plan's hooks (counts default to the plan's own)."""
@@ -97,6 +100,19 @@ class Llava(nn.Module):
     return Run(self, plan, counts, rng, dict(carry or {}))
 
   # --- The visual tokens -----------------------------------------------------------
+
+  def visual(self, pixel_values, run: Run) -> tokens.TokenSet:
+    """The visual tokens the LLM gets from any input: pixels f32[B, S, S, C] (one
+    image per prompt), anyres `llava_next.Crops` or video `llava_onevision.Frames`."""
+    if isinstance(pixel_values, llava_next.Crops):
+      ts = self.tower(llava_next.crop_pixels(pixel_values.pixels), run)
+      return llava_next.pack(self.visual_tokens(ts, run), pixel_values, self.image_newline)
+    if isinstance(pixel_values, llava_onevision.Frames):
+      ts = self.tower(llava_next.crop_pixels(pixel_values.pixels), run)
+      grid = self.cfg.vision.grid
+      ts = self.visual_tokens(ts, run, resample=lambda t: llava_onevision.pool(t, grid))
+      return llava_onevision.pack(ts, pixel_values, self.image_newline)
+    return self.visual_tokens(self.tower(pixel_values, run), run)
 
   def tower(self, pixel_values, run: Run, stop: int | None = None) -> tokens.TokenSet:
     """The embedding and tower layers 0..stop−1 (default: all it runs), as a TokenSet
@@ -107,10 +123,11 @@ class Llava(nn.Module):
     return self.vision.run_layers(ts, run, 0, self.cfg.vision_layers_used if stop is None
                                   else stop)
 
-  def visual_tokens(self, ts: tokens.TokenSet, run: Run, start: int | None = None
-                    ) -> tokens.TokenSet:
+  def visual_tokens(self, ts: tokens.TokenSet, run: Run, start: int | None = None,
+                    resample=None) -> tokens.TokenSet:
     """From the tower's layer `start` on (default: its output) to the tokens the LLM
-    gets: the rest of the tower, CLS dropped, the projector, with the plan's hooks."""
+    gets: the rest of the tower, CLS dropped, the projector (then `resample`, e.g.
+    video pooling), with the plan's hooks."""
     if start is not None:
       ts = self.vision.run_layers(ts, run, start, self.cfg.vision_layers_used)
     if run.vision_masked:  # empty slots carry nothing on
@@ -121,6 +138,8 @@ class Llava(nn.Module):
       ts = tokens.drop_first(ts)
     ts = run.chain("before_projector", ts)
     ts = ts._replace(features=self.projector(ts.features))
+    if resample is not None:
+      ts = resample(ts)
     ts = run.chain("after_projector", ts)
     return ts._replace(features=sharding.constrain(ts.features, sharding.STREAM))
 
@@ -131,6 +150,8 @@ class Llava(nn.Module):
     Returns (f32[B, T, D], visual slot i32[B, T] (-1 on text), slot valid bool[B, T]).
     """
     is_image = input_ids == self.cfg.image_token_id
+    if self.cfg.video_token_id is not None:  # OneVision: a video's slots are <video>
+      is_image |= input_ids == self.cfg.video_token_id
     x = self.llm.embed_tokens(input_ids)
     n = visual.features.shape[1]
     rank = jnp.cumsum(is_image, axis=1) - 1
@@ -182,7 +203,7 @@ class Llava(nn.Module):
     cache_valid) after the `prefill_caches` hooks, the visual TokenSet, per-layer
     processed visual slots bool[B, N_v]). Stages whose counts depend on the input only
     mask here; the segmented prefill (engine/segmented.py) compacts between programs."""
-    visual = self.visual_tokens(self.tower(pixel_values, run), run)
+    visual = self.visual(pixel_values, run)
     stream = self.splice(input_ids, visual, attention_mask, positions)
     # The prompt's image slots: the plan's capacity, which a set may fill only in part
     # (pooling's grid is smaller than its bucketed capacity).

@@ -104,7 +104,8 @@ class VisionTower(nn.Module):
 
   def embed(self, pixels):
     """pixels f32[B, S, S, C] -> f32[B, N, D], N = patches (+1 CLS, first)."""
-    p = self.cfg.patch_size
+    p, side = self.cfg.patch_size, self.cfg.grid * self.cfg.patch_size
+    pixels = pixels[:, :side, :side]  # as the stride-p convolution, which ignores the rest
     patches = einops.rearrange(pixels, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=p, p2=p)
     x = self.patch_embed(patches.astype(self.dtype))
     if self.cfg.has_cls:

@@ -1,0 +1,80 @@
+"""LLaVA-OneVision's video input: frames through the tower and projector, each frame's
+g×g grid pooled bilinearly to ⌈g/2⌉² tokens (27² -> 14² = 196 for SigLIP-384), the
+frames' tokens one after another and one image_newline after the whole video, as
+`LlavaOnevisionModel.get_video_features` computes them.
+
+OneVision images (anyres_max_9, multi-image) are anyres crops (models/llava_next.py).
+Frame counts are padded to a bucket: empty frames are masked out of the sequence.
+Per-frame stages (e.g. AIM's merge) act after the pooling, on B·F samples, so nothing
+they do crosses frames.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokred_jax.core import tokens
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Frames(NamedTuple):
+  """The videos of B prompts, padded to a frame bucket F.
+
+  pixels: f32[B, F, S, S, C] the frames (unused ones at the end); valid: bool[B, F].
+  """
+  pixels: jax.Array
+  valid: jax.Array
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """f32[size_out, size_in]: 1-D bilinear resampling as torch's interpolate computes it
+  (align_corners=False, no antialiasing: `jax.image.resize` antialiases downsampling)."""
+  scale = size_in / size_out
+  m = np.zeros((size_out, size_in), np.float32)
+  for i in range(size_out):
+    x = max((i + 0.5) * scale - 0.5, 0.0)
+    lo = min(int(x), size_in - 1)
+    hi = min(lo + 1, size_in - 1)
+    frac = x - lo
+    m[i, lo] += 1.0 - frac
+    m[i, hi] += frac
+  return m
+
+
+def pooled_grid(grid: int) -> int:
+  """Tokens per side of a pooled frame: ⌈g/2⌉."""
+  return math.ceil(grid / 2)
+
+
+def pool(frame_tokens: tokens.TokenSet, grid: int) -> tokens.TokenSet:
+  """features f32[B·F, g·g, D] -> a fresh TokenSet f32[B·F, ⌈g/2⌉², D], bilinear."""
+  out = pooled_grid(grid)
+  m = jnp.asarray(bilinear_matrix(grid, out))
+  x = frame_tokens.features.reshape(-1, grid, grid, frame_tokens.features.shape[-1])
+  x = jnp.einsum("ih,bhwd,jw->bijd", m, x.astype(jnp.float32), m, precision=_HIGHEST)
+  x = x.reshape(x.shape[0], out * out, -1).astype(frame_tokens.features.dtype)
+  return tokens.from_features(x)
+
+
+def pack(frame_tokens: tokens.TokenSet, frames: Frames, newline: jax.Array
+         ) -> tokens.TokenSet:
+  """The visual sequence of each prompt: its frames' tokens, then one newline.
+
+  frame_tokens: features f32[B·F, n, D] (each frame's valid tokens a prefix);
+  newline: f32[D]. Returns a TokenSet over F·n + 1 slots."""
+  b, f = frames.valid.shape
+  n, d = frame_tokens.features.shape[1:]
+  x = frame_tokens.features.reshape(b, f * n, d)
+  valid = (frame_tokens.valid.reshape(b, f, n) & frames.valid[..., None]).reshape(b, f * n)
+  x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+  x = jnp.concatenate([x, jnp.broadcast_to(newline.astype(x.dtype), (b, 1, d))], axis=1)
+  valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
+  sources = jnp.where(frame_tokens.sources >= 0, frame_tokens.sources +
+                      n * (jnp.arange(b * f) % f)[:, None], -1).reshape(b, -1)
+  return tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
