@@ -25,3 +25,15 @@ def siglip_qwen2_dir(tmp_path_factory):
 def published_dir(tmp_path_factory):
   """CLIP + Llama checkpoint in the published llava-hf layout, with a sparse config."""
   return hf_fixtures.make_published_layout(tmp_path_factory.mktemp("published"))
+
+
+@pytest.fixture(scope="session")
+def llava_next_dir(tmp_path_factory):
+  """LLaVA-NeXT (anyres CLIP + Llama) checkpoint as transformers 5 saves it."""
+  return hf_fixtures.make_llava_next(tmp_path_factory.mktemp("llava_next"))
+
+
+@pytest.fixture(scope="session")
+def llava_onevision_dir(tmp_path_factory):
+  """LLaVA-OneVision (anyres_max_9 SigLIP + Qwen2) checkpoint as transformers 5 saves it."""
+  return hf_fixtures.make_llava_onevision(tmp_path_factory.mktemp("llava_onevision"))

@@ -31,7 +31,8 @@ _WEIGHT_STD = 0.1
 _TRAINED_VOCAB = 290
 
 
-def _train_tokenizer(out_dir: pathlib.Path, add_bos: bool) -> dict[str, int]:
+def _train_tokenizer(out_dir: pathlib.Path, add_bos: bool, extra: tuple[str, ...] = ()
+                     ) -> dict[str, int]:
   """Writes a byte-level BPE tokenizer.json and returns its special-token ids.
 
   `<unk>`, `<s>`, `</s>` get ids 0, 1, 2 (the Llama defaults, so sparse configs may omit
@@ -45,13 +46,13 @@ def _train_tokenizer(out_dir: pathlib.Path, add_bos: bool) -> dict[str, int]:
       vocab_size=_TRAINED_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
-  tok.add_special_tokens(["<image>", "<pad>"])
+  tok.add_special_tokens(["<image>", "<pad>", *extra])
   if add_bos:
     # Llama tokenizers add BOS in the post-processor; Qwen2 ones do not.
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
   tok.save(str(out_dir / "tokenizer.json"))
-  return {name: tok.token_to_id(name) for name in ("<s>", "</s>", "<image>", "<pad>")}
+  return {name: tok.token_to_id(name) for name in ("<s>", "</s>", "<image>", "<pad>", *extra)}
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -125,6 +126,56 @@ def make_siglip_qwen2(out_dir, seed: int = 1) -> pathlib.Path:
       pad_token_id=ids["<pad>"])
   return _build(out_dir, vision, text, ids, seed, vision_feature_select_strategy="full",
                 vision_feature_layer=-1, tie_word_embeddings=True)
+
+
+# Tile resolutions of the tiny anyres checkpoints: llava-v1.6's five grids at 28 px crops;
+# OneVision's 1..3 x 1..3 grids of 70 px crops (so that anyres_max_9 downsamples 3x3).
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+OV_PINPOINTS = [[70 * i, 70 * j] for i in range(1, 4) for j in range(1, 4)]
+
+
+def _save(model, out_dir, seed) -> pathlib.Path:
+  _randomize(model, seed)
+  model.save_pretrained(out_dir)
+  return out_dir
+
+
+def make_llava_next(out_dir, seed: int = 4) -> pathlib.Path:
+  """LLaVA-NeXT in miniature: the CLIP + Llama pair of `make_clip_llama` with 28 px crops
+  (2x2 patches + CLS), tiled at `NEXT_PINPOINTS`; feature layer -2, "default"."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ids = _train_tokenizer(out_dir, add_bos=True)
+  config = transformers.LlavaNextConfig(
+      vision_config=_clip_config(image_size=28), text_config=_llama_config(
+          ids, max_position_embeddings=512), image_token_index=ids["<image>"],
+      pad_token_id=ids["<pad>"], image_grid_pinpoints=NEXT_PINPOINTS)
+  torch.manual_seed(seed)
+  return _save(transformers.LlavaNextForConditionalGeneration(config), out_dir, seed)
+
+
+def make_llava_onevision(out_dir, seed: int = 5) -> pathlib.Path:
+  """LLaVA-OneVision in miniature: SigLIP (70 px crops, 5x5 patches, so video frames
+  pool to 3x3 as 27x27 pools to 14x14) + Qwen2 (tied embeddings, no BOS), "full"
+  features of the last layer, anyres_max_9 over `OV_PINPOINTS`. `<pad>`'s neighbour
+  in the vocabulary is no token of its own, so `<video>` is added for the video slots."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ids = _train_tokenizer(out_dir, add_bos=False, extra=("<video>",))
+  vision = transformers.SiglipVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      image_size=70, patch_size=14, vision_use_head=False)
+  text = transformers.Qwen2Config(
+      vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+      tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids["</s>"],
+      pad_token_id=ids["<pad>"])
+  config = transformers.LlavaOnevisionConfig(
+      vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+      video_token_index=ids["<video>"], pad_token_id=ids["<pad>"],
+      image_grid_pinpoints=OV_PINPOINTS, tie_word_embeddings=True)
+  torch.manual_seed(seed)
+  return _save(transformers.LlavaOnevisionForConditionalGeneration(config), out_dir, seed)
 
 
 # Hugging Face names as transformers 4.36 wrote them (llava-hf/llava-1.5-7b-hf): the

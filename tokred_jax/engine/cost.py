@@ -295,8 +295,10 @@ def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
     vision_in, vision_mlp = plan.vision_tokens, plan.vision_mlp
     visual, projector_in = plan.num_visual, plan.projector_tokens
     llm_visual, mod_visual = plan.llm_visual, plan.mod_visual
-  vision = vision_flops(cfg, batch, vision_in, vision_mlp)
-  projector = projector_flops(cfg, projector_in, batch)
+  # Anyres models run the tower and projector on every crop (or frame) of the bucket.
+  crops = 1 if plan.packing is None else plan.packing.crops
+  vision = vision_flops(cfg, batch, vision_in, vision_mlp, images_per_sample=crops)
+  projector = projector_flops(cfg, crops * projector_in, batch)
   layers = cfg.text.num_layers
   if plan.mode == "reference":
     llm_tokens = (num_text_tokens + visual,) * layers
@@ -306,7 +308,7 @@ def plan_cost(cfg: LlavaConfig, plan, num_text_tokens: int, batch: int = 1,
                        for v, m in zip(llm_visual, mod_visual))
     visual_in = llm_visual
   extra = _stage_extras(cfg, plan, num_text_tokens, visual_in, llm_tokens)
-  vision = dataclasses.replace(vision, extra=vision.extra + extra["vision"])
+  vision = dataclasses.replace(vision, extra=vision.extra + crops * extra["vision"])
   llm = dataclasses.replace(llm_flops(cfg, llm_tokens, batch=batch), extra=extra["llm"])
   flops = PrefillFlops(vision, projector, llm, lm_head_flops(cfg, 1, batch))
   kv = kv_cache_bytes(cfg, [n + new_tokens for n in llm_tokens], batch, bytes_per_element)

@@ -29,13 +29,18 @@ import jax.numpy as jnp
 from tokred_jax.core import attention, tokens
 from tokred_jax.methods import prune
 from tokred_jax.methods.base import Flow, Recipe, Stage, StagePlan, check_retention
+from tokred_jax.models import llava_onevision
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 # Presets (METHODS.md §1, the official scripts).
 # Bipartite merge steps: the r tokens removed by each step, chained.
 LLAVA15_MERGE_252 = (288, 36)  # 576 -> 288 -> 252 tokens per image (43.75%).
 LLAVA15_MERGE_72 = (288, 144, 72)  # 576 -> 288 -> 144 -> 72 tokens per image (12.5%).
-LLAVA_OV_VIDEO_MERGE_49 = (98, 49)  # Per frame after 2x2 pooling: 196 -> 98 -> 49.
+# LLaVA-OneVision video, per frame after the projector and 2x2 pooling (196 tokens): the
+# official code's r = 196 // 2 then 196 // 4 (25%), and its commented-out variants.
+LLAVA_OV_VIDEO_MERGE_49 = (98, 49)  # 196 -> 98 -> 49 tokens per frame (25%).
+LLAVA_OV_VIDEO_MERGE_25 = (98, 49, 24)  # -> 25 per frame (12.8%).
+LLAVA_OV_VIDEO_MERGE_74 = (98, 24)  # -> 74 per frame (37.8%).
 # Pruning schedules (l1, l2): layers <= l1 see every visual token, layers >= l2 none.
 SCHEDULE_LLAMA_32 = (13, 21)  # 32-layer Vicuna / Llama (LLaVA-1.5, LLaVA-NeXT).
 SCHEDULE_QWEN2_28 = (14, 22)  # 28-layer Qwen2-7B (LLaVA-OneVision).
@@ -183,13 +188,15 @@ class MergePlan(StagePlan):
     return ts
 
   def before_projector(self, run, c, ts):
-    if self.metric != "keys":
+    if self.metric != "keys" or not self.capacities:
       return ts
     keys = run.carry["aim.keys"]
     return self._merge(ts, keys[:, keys.shape[1] - ts.features.shape[1]:], c)
 
   def after_projector(self, run, c, ts):
-    return self._merge(ts, ts.features, c) if self.metric == "features" else ts
+    if self.metric != "features" or not self.capacities:
+      return ts
+    return self._merge(ts, ts.features, c)
 
   def _merge(self, ts, metric, steps):
     """The chained bipartite steps (plain means), the metric merged alongside: one
@@ -203,7 +210,7 @@ class MergePlan(StagePlan):
     return ts._replace(features=ts.features[..., :d])
 
   def extra_flops(self, cfg, num_text, visual_in, processed):
-    if self.metric != "keys":
+    if self.metric != "keys" or not self.capacities:
       return {}
     d = cfg.vision.hidden_size  # the last layer's key projection on every tower token
     return {"vision": 2 * cfg.num_image_tokens * d * d}
@@ -213,9 +220,11 @@ class MergePlan(StagePlan):
 class Merge(Stage):
   """Chained bipartite merge steps before the LLM: step i removes steps[i] tokens.
   metric: "keys" (the tower's last-layer keys, the official choice) or "features"
-  (the projected features, after the projector)."""
+  (the projected features, after the projector). frames_only: merge video frames only
+  (LLaVA-OneVision, whose still images AIM leaves whole)."""
   steps: tuple[int, ...]
   metric: str = "keys"
+  frames_only: bool = False
   name: ClassVar[str] = "AIM's merge"
 
   @property
@@ -237,10 +246,13 @@ class Merge(Stage):
       raise ConfigError(f"AIM's key metric is computed on the tower's output, whose count "
                         f"{flow.data_dependent} makes data-dependent; use "
                         "merge_metric='features'.")
-    flow.change_visual(self.name)
     flow.advance("before_projector" if self.metric == "keys" else "after_projector",
                  self.name)
-    n, limit, caps = flow.visual.exact, flow.cfg.num_image_tokens, []
+    if self.frames_only and not isinstance(flow.packing, llava_onevision.Packing):
+      return MergePlan((), self.metric, steps=())
+    flow.change_visual(self.name)
+    limit = flow.cfg.num_image_tokens if flow.packing is None else flow.visual.cap
+    n, caps = flow.visual.exact, []
     for step, r in enumerate(self.steps):
       if r < 0:
         raise ConfigError(f"merge counts must be >= 0, got {r}.")
@@ -353,7 +365,10 @@ def build(cfg: LlavaConfig, retention: float | None = None,
     ratios = layer_ratios(n_layers, l1, l2)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  n_v = cfg.num_image_tokens
+  video = cfg.arch == "llava_onevision"  # AIM merges its video frames after pooling
+  n_v = llava_onevision.pooled_grid(cfg.vision.grid) ** 2 if video else cfg.num_image_tokens
+  if video and merge_r == LLAVA15_MERGE_252:
+    merge_r = LLAVA_OV_VIDEO_MERGE_49
   mean = sum(ratios) / n_layers if "prune" in parts else 1.0
   if retention is not None:
     check_retention(retention)
@@ -371,7 +386,8 @@ def build(cfg: LlavaConfig, retention: float | None = None,
                       f"{n_v} visual tokens.")
   stages = []
   if "merge" in parts and merge_r:
-    stages.append(Merge(tuple(merge_r), "keys" if last_layer_metric(cfg) else "features"))
+    metric = "keys" if last_layer_metric(cfg) and not video else "features"
+    stages.append(Merge(tuple(merge_r), metric, frames_only=video))
   if "prune" in parts:
     stages.append(PageRank(tuple(ratios)))
   return Recipe(tuple(stages), "aim", mode)

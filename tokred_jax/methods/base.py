@@ -63,11 +63,15 @@ class Flow:
   layer (None: the layer is dense); score_layers: layers whose attention a stage reads
   to prune; data_dependent: the stage whose counts depend on the input (None: all are
   exact); locked: a stage that needs the visual tokens unchanged until the LLM;
-  changed: the first stage that changed the visual tokens after the tower.
+  changed: the first stage that changed the visual tokens after the tower;
+  packing: how an anyres model packs crops or frames into one sequence per prompt
+  (models.llava_next.Packing, models.llava_onevision.Packing; None: one image, one
+  crop): the counts before the LLM are per crop, the LLM's per prompt.
   """
   cfg: LlavaConfig
   mode: str
   bucket: int
+  packing: Any = None
   point: int = 0
   vision: list = dataclasses.field(default_factory=list)
   visual: Count | None = None
@@ -89,7 +93,8 @@ class Flow:
     return self.vision[-1][1]
 
   def bucket_to(self, n: int, limit: int) -> Count:
-    return Count(n, bucket(n, self.bucket, limit))
+    size = self.bucket if self.packing is None else self.packing.crop_bucket(self.bucket)
+    return Count(n, bucket(n, size, limit))
 
   def advance(self, point: str, stage: str):
     """Moves planning on to `point` (a stage of `stage` acts there)."""
@@ -106,7 +111,13 @@ class Flow:
         self.visual = Count(tower.exact - cls, tower.cap - cls)
       elif now == "after_projector":
         self.projector = self.visual
+        if self.packing is not None:  # e.g. video frames pooled after the projector
+          self.visual = Count(*self.packing.after_projector(tuple(self.visual),
+                                                            self.cfg.num_image_tokens))
       elif now == "llm":
+        if self.packing is not None:  # crops or frames into one sequence per prompt
+          self.visual = Count(*self.packing.visual(tuple(self.visual),
+                                                   self.cfg.num_image_tokens))
         self.llm = [self.visual] * self.cfg.text.num_layers
         self.routed = [None] * self.cfg.text.num_layers
 
@@ -242,7 +253,8 @@ class Plan:
   mod_visual: visual tokens each p-MoD layer processes (capacity), None: not routed;
   score_layers: layers whose attention ranks the visual tokens for the next layer,
     those after which the EXACT count drops; data_dependent: the stage whose counts
-    depend on the input (None: every count is exact).
+    depend on the input (None: every count is exact); packing: the input bucket of an
+    anyres model (see `Flow`), None for one crop per prompt.
   """
   recipe: Recipe = dataclasses.field(compare=False)
   stages: tuple[StagePlan, ...]
@@ -257,6 +269,7 @@ class Plan:
   score_layers: tuple[int, ...]
   data_dependent: str | None
   exact: Exact = dataclasses.field(compare=False, hash=False)
+  packing: Any = None
 
   @property
   def name(self) -> str:
@@ -283,12 +296,17 @@ class Plan:
     return tuple(sorted({c for s in self.stages for c in s.cuts}, key=order))
 
 
-def make_plan(recipe: Recipe, cfg: LlavaConfig) -> Plan:
+def make_plan(recipe: Recipe, cfg: LlavaConfig, packing: Any = None) -> Plan:
   """Plans every stage of `recipe` for the model, in order; checks each against what
-  reaches it (a ConfigError names the stage and the fix)."""
+  reaches it (a ConfigError names the stage and the fix). packing: the input bucket of
+  an anyres model (see `Flow`)."""
   if not isinstance(recipe, Recipe):
     raise TypeError(f"make_plan needs a Recipe (methods.get(name, cfg)), got {recipe!r}.")
-  flow = Flow(cfg, recipe.mode, recipe.token_bucket)
+  if (packing is None) != (cfg.arch == "llava"):
+    raise ConfigError(f"{cfg.arch} plans are made per input bucket: pass packing= (from "
+                      "the prepared batch)." if packing is None else
+                      "packing is for the anyres models; a llava model takes one crop.")
+  flow = Flow(cfg, recipe.mode, recipe.token_bucket, packing)
   stages = []
   for stage in recipe.stages:
     flow.advance(stage.point, stage.name)
@@ -308,7 +326,8 @@ def make_plan(recipe: Recipe, cfg: LlavaConfig) -> Plan:
       exact=Exact(tuple(a.exact for a, _ in flow.vision), flow.visual.exact,
                   tuple(c.exact for c in llm),
                   tuple(None if r is None else r.exact for r in flow.routed),
-                  tuple(m.exact for _, m in flow.vision), flow.projector.exact))
+                  tuple(m.exact for _, m in flow.vision), flow.projector.exact),
+      packing=packing)
 
 
 def check_retention(retention: float):

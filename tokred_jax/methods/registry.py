@@ -33,6 +33,10 @@ METHODS = ("none",) + tuple(BUILDERS)
 PRESETS = {
     "aim-252": ("aim", dict(merge_r=aim.LLAVA15_MERGE_252)),
     "aim-72": ("aim", dict(merge_r=aim.LLAVA15_MERGE_72)),
+    # LLaVA-OneVision video: tokens per frame after the merge.
+    "aim-74": ("aim", dict(merge_r=aim.LLAVA_OV_VIDEO_MERGE_74)),
+    "aim-49": ("aim", dict(merge_r=aim.LLAVA_OV_VIDEO_MERGE_49)),
+    "aim-25": ("aim", dict(merge_r=aim.LLAVA_OV_VIDEO_MERGE_25)),
     "fastv-k2-r50": ("fastv", dict(k=fastv.FASTV_K, r=fastv.FASTV_R)),
     "pooling-2x2": ("pooling", dict(stride=2)),
     **{f"mustdrop-{label}": ("mustdrop", dict(gamma=g, alpha=a))

@@ -106,7 +106,9 @@ class Llava(nn.Module):
     image per prompt), anyres `llava_next.Crops` or video `llava_onevision.Frames`."""
     if isinstance(pixel_values, llava_next.Crops):
       ts = self.tower(llava_next.crop_pixels(pixel_values.pixels), run)
-      return llava_next.pack(self.visual_tokens(ts, run), pixel_values, self.image_newline)
+      capacity = None if run.plan is None else run.plan.num_visual
+      return llava_next.pack(self.visual_tokens(ts, run), pixel_values, self.image_newline,
+                             capacity)
     if isinstance(pixel_values, llava_onevision.Frames):
       ts = self.tower(llava_next.crop_pixels(pixel_values.pixels), run)
       grid = self.cfg.vision.grid

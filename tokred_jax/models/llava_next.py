@@ -13,6 +13,7 @@ empty slots are masked, and the positions of later tokens close the gap.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -26,8 +27,8 @@ class Crops(NamedTuple):
 
   pixels: f32[B, P, S, S, C] each prompt's crops, image after image (base, then tiles
     row by row), unused crops at the end (their contents never reach the sequence).
-  src: i32[B, N, 4] the crop tokens each visual slot reads, as crop · n + token (n
-    tokens per crop after the projector); weight: f32[B, N, 4] their weights (unused
+  src: i32[B, N, 4] the crop patches each visual slot reads, as crop · g² + patch
+    (a crop's g×g patch grid row-major); weight: f32[B, N, 4] their weights (unused
     entries 0); newline: bool[B, N] the slot holds the image_newline embedding;
   valid: bool[B, N] the slot holds a token (False: empty capacity).
   """
@@ -38,33 +39,79 @@ class Crops(NamedTuple):
   valid: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """The static shape of a `Crops` bucket, for planning: P crops of a g×g patch grid
+  each, packed into N visual slots."""
+  crops: int
+  slots: int
+  grid: int
+
+  def crop_bucket(self, bucket: int) -> int:
+    return bucket
+
+  def after_projector(self, per_crop: tuple[int, int], full: int) -> tuple[int, int]:
+    del full
+    return per_crop
+
+  def visual(self, per_crop: tuple[int, int], full: int) -> tuple[int, int]:
+    """(exact, capacity) of the packed sequence when each crop holds `per_crop` (exact,
+    capacity) of its `full` tokens: the layout's N slots, or when a stage reduced the
+    crops, at most what the crops still hold plus a newline per patch row."""
+    if per_crop == (full, full):
+      return self.slots, self.slots
+    rows = self.crops * self.grid
+    return tuple(min(self.slots, self.crops * n + rows) for n in per_crop)
+
+
+def packing(crops: Crops, grid: int) -> Packing:
+  return Packing(crops.pixels.shape[1], crops.valid.shape[1], grid)
+
+
 def crop_pixels(pixels: jax.Array) -> jax.Array:
   """f32[B, P, S, S, C] -> f32[B·P, S, S, C]: the crops as one batch for the tower."""
   return pixels.reshape((-1,) + pixels.shape[2:])
 
 
-def pack(crop_tokens: tokens.TokenSet, layout: Crops, newline: jax.Array) -> tokens.TokenSet:
+def pack(crop_tokens: tokens.TokenSet, layout: Crops, newline: jax.Array,
+         capacity: int | None = None) -> tokens.TokenSet:
   """The visual sequence of each prompt from its crops' tokens.
 
-  crop_tokens: features f32[B·P, n, D] (every crop's tokens, each crop's valid ones a
-  prefix); newline: f32[D]. Returns a TokenSet over the N slots (features f32[B, N, D];
-  sources i32[B, P·n]: the slot that reads each crop token with weight 1, else -1).
-  A slot is valid where the layout says so and the token it reads first is valid.
-  """
+  crop_tokens: features f32[B·P, n, D], each crop's valid tokens a prefix, and its
+  `sources` i32[B·P, g·g] (the slot holding each patch); newline: f32[D]. A slot reads
+  the tokens holding the patches its layout names. When a stage reduced the crops, a
+  token stands where the first patch it holds stands in the layout, and nowhere else,
+  so the sequence keeps the spatial order of what is left. capacity: slots to compact
+  the valid ones into (None: the layout's N).
+
+  Returns a TokenSet over the slots (features f32[B, N, D]; sources i32[B, P·g·g], the
+  slot holding each patch, -1 where none does)."""
   b, n_slots, k = layout.src.shape
-  features = crop_tokens.features.reshape(b, -1, crop_tokens.features.shape[-1])
-  token_valid = crop_tokens.valid.reshape(b, -1)
-  flat = layout.src.reshape(b, n_slots * k)
-  read = jnp.take_along_axis(features, flat[..., None], axis=1).reshape(
-      b, n_slots, k, features.shape[-1])
+  n, d = crop_tokens.features.shape[1:]
+  patches = crop_tokens.sources.shape[1]
+  crop = jnp.arange(crop_tokens.sources.shape[0], dtype=jnp.int32)[:, None]
+  # Each patch's token, as an index into the prompt's crop tokens (-1: dropped).
+  holder = jnp.where(crop_tokens.sources >= 0, crop_tokens.sources + n * (crop % (
+      crop.shape[0] // b)), -1).reshape(b, -1)
+  first = jnp.full((b, holder.shape[1] // patches * n), holder.shape[1], jnp.int32)
+  first = first.at[jnp.arange(b)[:, None], jnp.maximum(holder, 0)].min(
+      jnp.where(holder >= 0, jnp.arange(holder.shape[1], dtype=jnp.int32), holder.shape[1]))
+  src = jnp.take_along_axis(holder, layout.src.reshape(b, -1), axis=1).reshape(b, n_slots, k)
+  features = crop_tokens.features.reshape(b, -1, d)
+  read = jnp.take_along_axis(features, jnp.maximum(src, 0).reshape(b, -1)[..., None],
+                             axis=1).reshape(b, n_slots, k, d)
   # Elementwise in float32, not a matmul, so no platform lowers its precision.
   x = jnp.sum(layout.weight[..., None].astype(read.dtype) * read, axis=2)
   x = jnp.where(layout.newline[..., None], newline.astype(x.dtype), x)
-  valid = layout.valid & (layout.newline | jnp.take_along_axis(
-      token_valid, layout.src[..., 0], axis=1))
+  holds_first = (src[..., 0] >= 0) & (jnp.take_along_axis(
+      first, jnp.maximum(src[..., 0], 0), axis=1) == layout.src[..., 0])
+  valid = layout.valid & (layout.newline | holds_first)
   x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
-  whole = valid & ~layout.newline & (layout.weight[..., 0] == 1)
   slot = jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.int32), (b, n_slots))
-  sources = jnp.full(token_valid.shape, -1, jnp.int32).at[
-      jnp.arange(b)[:, None], layout.src[..., 0]].max(jnp.where(whole, slot, -1))
-  return tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
+  placed = jnp.full((b, first.shape[1]), -1, jnp.int32).at[
+      jnp.arange(b)[:, None], jnp.maximum(src[..., 0], 0)].max(
+          jnp.where(valid & ~layout.newline, slot, -1))
+  sources = jnp.where(holder >= 0, jnp.take_along_axis(placed, jnp.maximum(holder, 0),
+                                                       axis=1), -1)
+  ts = tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
+  return ts if capacity is None or capacity == n_slots else tokens.compact(ts, capacity)

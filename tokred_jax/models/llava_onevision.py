@@ -11,6 +11,7 @@ they do crosses frames.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax.core import tokens
+from tokred_jax.models.config import ConfigError
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -30,6 +32,42 @@ class Frames(NamedTuple):
   """
   pixels: jax.Array
   valid: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """The static shape of a `Frames` bucket, for planning: F frames of a g×g grid."""
+  frames: int
+  grid: int
+
+  @property
+  def crops(self) -> int:
+    return self.frames
+
+  def crop_bucket(self, bucket: int) -> int:
+    """Per-frame counts stay exact: rounding each frame's up would waste F times as
+    much as rounding the sequence."""
+    del bucket
+    return 1
+
+  def after_projector(self, per_crop: tuple[int, int], full: int) -> tuple[int, int]:
+    """Each frame's (exact, capacity) after the pooling that follows the projector."""
+    if per_crop != (full, full):
+      raise ConfigError("video frames are pooled on their whole patch grid after the "
+                        "projector; a stage before it must leave the frames' tokens as "
+                        "they are (act after the projector, or in the LLM).")
+    n = pooled_grid(self.grid) ** 2
+    return n, n
+
+  def visual(self, per_crop: tuple[int, int], full: int) -> tuple[int, int]:
+    """(exact, capacity) of the sequence when each frame keeps `per_crop`: every
+    frame's tokens and one newline."""
+    del full
+    return tuple(self.frames * n + 1 for n in per_crop)
+
+
+def packing(frames: Frames, grid: int) -> Packing:
+  return Packing(frames.pixels.shape[1], grid)
 
 
 def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -67,14 +105,14 @@ def pack(frame_tokens: tokens.TokenSet, frames: Frames, newline: jax.Array
   """The visual sequence of each prompt: its frames' tokens, then one newline.
 
   frame_tokens: features f32[B·F, n, D] (each frame's valid tokens a prefix);
-  newline: f32[D]. Returns a TokenSet over F·n + 1 slots."""
+  newline: f32[D]. Returns a TokenSet over F·n + 1 slots (empty frames masked)."""
   b, f = frames.valid.shape
-  n, d = frame_tokens.features.shape[1:]
-  x = frame_tokens.features.reshape(b, f * n, d)
-  valid = (frame_tokens.valid.reshape(b, f, n) & frames.valid[..., None]).reshape(b, f * n)
-  x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
-  x = jnp.concatenate([x, jnp.broadcast_to(newline.astype(x.dtype), (b, 1, d))], axis=1)
+  ts = tokens.join_frames(frame_tokens, f)
+  n = ts.valid.shape[1] // f
+  valid = ts.valid & jnp.repeat(frames.valid, n, axis=1)
+  x = jnp.where(valid[..., None], ts.features, jnp.zeros((), ts.features.dtype))
+  x = jnp.concatenate([x, jnp.broadcast_to(newline.astype(x.dtype), (b, 1, x.shape[-1]))],
+                      axis=1)
   valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
-  sources = jnp.where(frame_tokens.sources >= 0, frame_tokens.sources +
-                      n * (jnp.arange(b * f) % f)[:, None], -1).reshape(b, -1)
-  return tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
+  sizes = jnp.concatenate([jnp.where(valid[:, :-1], ts.sizes, 0.0), jnp.ones((b, 1))], axis=1)
+  return tokens.TokenSet(x, valid, sizes, ts.sources)
