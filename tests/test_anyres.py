@@ -118,7 +118,7 @@ def test_token_counts_match_processors(name, tokenizer):
   sizes = [tuple(int(v) for v in s) for s in rng.integers(1, high, (300, 2))]
   want = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
   assert [anyres.num_image_tokens(s, spec) for s in sizes] == want
-  assert [len(anyres.image_layout(s, spec)) for s in sizes[:40]] == want[:40]
+  assert [anyres.image_layout(s, spec).num_tokens for s in sizes[:40]] == want[:40]
   # The full path: the processor expands <image> for real pixels.
   image_id = tokenizer.convert_tokens_to_ids("<image>")
   for size in (TINY_SIZES if name.startswith("tiny") else REAL_SIZES[:2])[:4]:
@@ -174,11 +174,13 @@ def test_layout_matches_pack_image_features(name):
   if spec.max_patches:  # The cases include shrunk grids (four-tap tokens).
     assert (np.count_nonzero(layout.weight, axis=1) > 1).any()
 
-  padded = anyres.pad_layout(layout, len(layout) + 7)
-  assert padded.valid.sum() == len(layout) and not padded.valid[len(layout):].any()
-  assert not padded.weight[len(layout):].any() and not padded.newline[len(layout):].any()
+  n = layout.num_tokens
+  padded = anyres.pad_layout(layout, n + 7)
+  assert padded.num_tokens == n + 7 and padded.valid.sum() == n and not padded.valid[n:].any()
+  assert not padded.weight[n:].any() and not padded.newline[n:].any()
+  np.testing.assert_allclose(apply_layout(padded, tokens, newline)[:n], got)
   with pytest.raises(ValueError, match="capacity"):
-    anyres.pad_layout(layout, len(layout) - 1)
+    anyres.pad_layout(layout, n - 1)
 
 
 def test_single_crop_layout_matches_pack_image_features():

@@ -188,7 +188,9 @@ class Layout(NamedTuple):
   newline: np.ndarray
   valid: np.ndarray
 
-  def __len__(self) -> int:
+  @property
+  def num_tokens(self) -> int:
+    """N, padding slots included."""
     return int(self.valid.shape[0])
 
 
@@ -303,7 +305,7 @@ def concat_layouts(layouts: Sequence[Layout]) -> Layout:
 
 def pad_layout(layout: Layout, capacity: int) -> Layout:
   """`layout` with invalid slots (src 0, weight 0, not newline) appended up to `capacity`."""
-  n = len(layout)
+  n = layout.num_tokens
   if n > capacity:
     raise ValueError(f"the layout has {n} tokens but the capacity is {capacity}; pick a "
                      "larger bucket (bucket_for).")
@@ -315,7 +317,7 @@ def pad_layout(layout: Layout, capacity: int) -> Layout:
 
 
 def num_image_tokens(size_hw: Sequence[int], spec: AnyresSpec) -> int:
-  """len(image_layout(size_hw, spec)) without building it: the number of `<image>` slots
+  """image_layout(size_hw, spec).num_tokens without building it: the `<image>` slots
   transformers' LlavaNextProcessor / LlavaOnevisionProcessor give one image, configured as
   the published checkpoints are (NeXT: the CLS token counted, then dropped by "default";
   OneVision: "full", num_image_tokens g * g)."""
