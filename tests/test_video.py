@@ -3,14 +3,17 @@ processor counts and the SigLIP image processor the LLaVA-OneVision code uses on
 
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from tests.test_anyres import OV, TINY_OV, _hf_processor, _stub, apply_layout, tokenizer
+from tests.test_anyres import OV, TINY_OV, _hf_processor, _stub, tokenizer
+from tokred_jax.core import tokens as core_tokens
 from tokred_jax.io import anyres, video
+from tokred_jax.models import llava_onevision
 
 __all__ = ["tokenizer"]  # A module fixture, shared with test_anyres.
 
@@ -40,19 +43,15 @@ def test_video_pixels_match_siglip_processor(spec):
 
 
 @pytest.mark.parametrize("spec", [TINY_OV, OV], ids=["tiny", "ov"])
-def test_video_layout_matches_apply_pooling(spec, tokenizer):
-  frames, dim, g2 = 5, 4, spec.grid ** 2
+def test_frame_pooling_matches_apply_pooling(spec, tokenizer):
+  frames, dim, g = 3, 4, spec.grid
   rng = np.random.default_rng(1)
-  features = rng.standard_normal((frames, g2, dim), np.float32)
-  newline = rng.standard_normal(dim, np.float32)
-  pooled = LlavaOnevisionModel.apply_pooling(_stub(spec), torch.from_numpy(features))
-  # As get_video_features: the frames one after the other, then one newline.
-  want = np.concatenate([pooled.numpy().reshape(-1, dim), newline[None]])
-  # The video's frames follow two crops of another image in the same sample.
-  layout = video.video_layout(frames, spec, crop_offset=2)
-  tokens = np.concatenate([np.zeros((2 * g2, dim), np.float32), features.reshape(-1, dim)])
-  np.testing.assert_allclose(apply_layout(layout, tokens, newline), want, atol=1e-6, rtol=0)
-  assert layout.num_tokens == video.video_token_count(frames, spec.grid)
+  features = rng.standard_normal((frames, g * g, dim), np.float32)
+  want = LlavaOnevisionModel.apply_pooling(_stub(spec), torch.from_numpy(features)).numpy()
+  got = llava_onevision.pool(core_tokens.from_features(jnp.asarray(features)), g)
+  np.testing.assert_allclose(np.asarray(got.features), want, atol=1e-6, rtol=0)
+  n = llava_onevision.pooled_grid(g) ** 2
+  assert frames * n + 1 == video.video_token_count(frames, g)
   counts = _hf_processor(spec, tokenizer)._get_num_multimodal_tokens(
       video_sizes=[(n, 100, 100) for n in (1, 8, 32)])["num_video_tokens"]
   assert counts == [video.video_token_count(n, spec.grid) for n in (1, 8, 32)]

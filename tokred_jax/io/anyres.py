@@ -27,6 +27,7 @@ import PIL.Image
 
 from tokred_jax.io.processing import ImageLike, _to_rgb, pad_to_square
 from tokred_jax.models.config import CLIP_MEAN, CLIP_STD
+from tokred_jax.models.llava_onevision import bilinear_taps
 
 # llava-v1.6 (LLaVA-NeXT) grid resolutions, (height, width).
 NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -211,24 +212,10 @@ def _copy_tokens(indices: np.ndarray) -> Layout:
   return _layout(src, weight, np.zeros(n, bool))
 
 
-def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
-  """i64[out, 2], f32[out, 2]: source rows and weights of torch's 1-D bilinear resize
-  (align_corners=False, no antialias), computed in float32 as torch's CPU kernel does:
-  the source position scale * (i + 0.5) - 0.5 as one fused multiply-add (the product
-  of two float32 values is exact in float64), else weights drift by up to 1e-5."""
-  scale = np.float64(np.float32(size_in) / np.float32(size_out))
-  centre = np.arange(size_out, dtype=np.float32) + np.float32(0.5)
-  src = np.maximum((scale * centre.astype(np.float64) - 0.5).astype(np.float32), np.float32(0))
-  low = np.floor(src).astype(np.int64)
-  high = np.where(low < size_in - 1, low + 1, low)
-  frac = np.clip(src - low.astype(np.float32), 0, 1).astype(np.float32)
-  return np.stack([low, high], 1), np.stack([np.float32(1) - frac, frac], 1)
-
-
 def _bilinear(index: np.ndarray, out_hw: tuple[int, int]) -> Layout:
   """The tokens of torch's bilinear interpolate of the map `index` (i[h, w] of crop-token
   indices) to `out_hw`, row-major."""
-  (rows, row_w), (cols, col_w) = (_bilinear_taps(n, m) for n, m in zip(index.shape, out_hw))
+  (rows, row_w), (cols, col_w) = (bilinear_taps(n, m) for n, m in zip(index.shape, out_hw))
   src = index[rows[:, None, :, None], cols[None, :, None, :]]  # [oh, ow, 2, 2]
   weight = row_w[:, None, :, None] * col_w[None, :, None, :]
   n = out_hw[0] * out_hw[1]

@@ -1,9 +1,9 @@
 """LLaVA-OneVision video inputs: frame sampling, decoding, pixels and visual tokens.
 
 Frames are sampled uniformly as lmms-eval and the LLaVA-OneVision code sample them,
-each is squashed to S x S and normalised, and the model pools each frame's g x g tokens
-bilinearly to ceil(g / 2) a side (`apply_pooling`), then adds one newline embedding
-after the whole video. Decoding needs PyAV (the `video` extra); everything else takes
+each is squashed to S x S and normalised; the model (models/llava_onevision.py) pools
+each frame's g x g tokens bilinearly to ceil(g / 2) a side (`apply_pooling`), then adds
+one newline embedding after the whole video. Decoding needs PyAV (the `video` extra); everything else takes
 frame arrays.
 """
 
@@ -16,8 +16,7 @@ import os
 import numpy as np
 import PIL.Image
 
-from tokred_jax.io.anyres import AnyresSpec, Layout, _bilinear, _newline_tokens, _normalize, \
-    concat_layouts
+from tokred_jax.io.anyres import AnyresSpec, _normalize
 
 
 def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
@@ -97,14 +96,3 @@ def video_pixels(frames: np.ndarray, spec: AnyresSpec) -> np.ndarray:
 def video_token_count(num_frames: int, grid: int) -> int:
   """Visual tokens of a video: ceil(g / 2)² per frame and one newline."""
   return num_frames * math.ceil(grid / 2) ** 2 + 1
-
-
-def video_layout(num_frames: int, spec: AnyresSpec, crop_offset: int = 0) -> Layout:
-  """The video's tokens from its frames' crop tokens (frame f is crop crop_offset + f):
-  each frame's g x g map bilinearly pooled to ceil(g / 2) a side (LLaVA-OneVision's
-  apply_pooling), frame after frame, then one newline."""
-  g = spec.grid
-  pooled = (math.ceil(g / 2),) * 2
-  frames = [_bilinear(((crop_offset + f) * g * g + np.arange(g * g)).reshape(g, g), pooled)
-            for f in range(num_frames)]
-  return concat_layouts(frames + [_newline_tokens(1)])

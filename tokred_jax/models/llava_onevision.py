@@ -70,18 +70,26 @@ def packing(frames: Frames, grid: int) -> Packing:
   return Packing(frames.pixels.shape[1], grid)
 
 
+def bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+  """i64[out, 2], f32[out, 2]: source rows and weights of torch's 1-D bilinear resize
+  (align_corners=False, no antialiasing, which `jax.image.resize` would apply when
+  downsampling), computed in float32 as torch's CPU kernel does: the source position
+  scale · (i + 0.5) − 0.5 as one fused multiply-add (the product of two float32 values
+  is exact in float64), else weights drift by up to 1e-5."""
+  scale = np.float64(np.float32(size_in) / np.float32(size_out))
+  centre = np.arange(size_out, dtype=np.float32) + np.float32(0.5)
+  src = np.maximum((scale * centre.astype(np.float64) - 0.5).astype(np.float32), np.float32(0))
+  low = np.floor(src).astype(np.int64)
+  high = np.where(low < size_in - 1, low + 1, low)
+  frac = np.clip(src - low.astype(np.float32), 0, 1).astype(np.float32)
+  return np.stack([low, high], 1), np.stack([np.float32(1) - frac, frac], 1)
+
+
 def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """f32[size_out, size_in]: 1-D bilinear resampling as torch's interpolate computes it
-  (align_corners=False, no antialiasing: `jax.image.resize` antialiases downsampling)."""
-  scale = size_in / size_out
+  """f32[size_out, size_in]: `bilinear_taps` as a resampling matrix."""
+  rows, weights = bilinear_taps(size_in, size_out)
   m = np.zeros((size_out, size_in), np.float32)
-  for i in range(size_out):
-    x = max((i + 0.5) * scale - 0.5, 0.0)
-    lo = min(int(x), size_in - 1)
-    hi = min(lo + 1, size_in - 1)
-    frac = x - lo
-    m[i, lo] += 1.0 - frac
-    m[i, hi] += frac
+  np.add.at(m, (np.arange(size_out)[:, None], rows), weights)
   return m
 
 
