@@ -8,9 +8,9 @@ Two stages: `Merge`, chained bipartite steps on the visual tokens before the LLM
 (similarity of the tower's last-layer keys, or of the projected features), and
 `PageRank`, pruning inside the LLM on the (l1, l2) schedule, scored by PageRank over
 each head's attention graph. The scorer sees one scoring layer's post-RoPE queries and
-keys and builds the full attention rows it needs in float32; the layer's own output
-still comes from the fused attention path. `build` makes the recipe from a preset or a
-retention level.
+keys and builds the attention rows it needs in float32 (the whole matrix for short
+prompts, blocks of query rows for long ones); the layer's own output still comes from
+the fused attention path. `build` makes the recipe from a preset or a retention level.
 
 Axis letters as in layers.py: B batch, T tokens (queries and keys alike: prefill
 self-attention), H query heads, K key/value heads, h head dim.
@@ -19,6 +19,7 @@ self-attention), H query heads, K key/value heads, h head dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import ClassVar
@@ -52,10 +53,17 @@ PAGERANK_DAMPING = 0.0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+# Above this many tokens the scorer walks by blocks of query rows: the full per-head
+# T x T matrix of a 32-frame video (~6,300 tokens, 28 heads) is 4.4 GB per sample.
+FULL_MATRIX_MAX_TOKENS = 1024
+BLOCK_TARGET = 512
+
+
 def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
                     key_valid: jax.Array, *, tau: float = PAGERANK_TAU,
                     iterations: int = PAGERANK_ITERATIONS,
-                    damping: float = PAGERANK_DAMPING) -> jax.Array:
+                    damping: float = PAGERANK_DAMPING,
+                    block_size: int | None = None) -> jax.Array:
   """Each token's PageRank importance in one prefill layer's attention graph.
 
   Per query head h (grouped-query: head i reads kv head i // (H / K)):
@@ -71,6 +79,11 @@ def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
   and every earlier key are masked) is all zeros: its mass leaves the walk rather than
   being spread arbitrarily. With no valid query at all, every valid key scores 0.
 
+  Memory: with blocks, each step recomputes M_h one block of query rows at a time (rows
+  are complete within a block, so each row's softmax is exact) and accumulates π M_h,
+  holding f32[B, H, block, T] instead of f32[B, H, T, T], at `iterations` times the
+  logit FLOPs.
+
   Args:
     q: f32[B, T, H, h] post-RoPE queries (any float dtype; computed in float32).
     k: f32[B, T, K, h] post-RoPE keys, H % K == 0.
@@ -79,7 +92,11 @@ def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
     tau: softmax temperature (> 0), applied on top of the 1/√h scaling.
     iterations: power-iteration steps (>= 0).
     damping: teleport probability in [0, 1]; the official code uses 0.
-    (tau, iterations and damping are Python numbers: settings, not traced values.)
+    block_size: query rows per block (>= 1; T is padded up to a multiple of it with
+      invalid rows), or None: the full matrix for T <= FULL_MATRIX_MAX_TOKENS, else
+      blocks of about BLOCK_TARGET rows (`auto_block_size`).
+    (tau, iterations, damping and block_size are Python numbers: settings, not traced
+    values.)
 
   Returns:
     f32[B, T]: scores >= 0 for valid keys and -inf for invalid ones, so a top-k over
@@ -93,27 +110,74 @@ def pagerank_scores(q: jax.Array, k: jax.Array, query_valid: jax.Array,
     raise ValueError(f"iterations must be >= 0, got {iterations}.")
   if not 0 <= damping <= 1:
     raise ValueError(f"damping must lie in [0, 1], got {damping}.")
+  if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+    raise ValueError(f"block_size must be an int >= 1 or None, got {block_size!r}.")
+  if block_size is None:
+    block_size = auto_block_size(t)
 
   # At HIGHEST precision: τ = 0.1 multiplies logit errors by 10.
-  logits = attention.grouped_logits(q, k) * (1.0 / (math.sqrt(head_dim) * tau))
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  visible = causal[None] & query_valid[:, :, None] & key_valid[:, None, :]  # [B, T, T]
-  # `where` leaves masked entries at exactly 0 and fully masked rows all 0, so the
-  # contents of invalid slots (even inf/NaN) never reach the walk.
-  walk = jax.nn.softmax(logits, axis=-1, where=visible[:, None])  # [B, H, T, T]
-
+  scale = 1.0 / (math.sqrt(head_dim) * tau)
   n_valid = jnp.maximum(jnp.sum(query_valid, axis=-1), 1).astype(jnp.float32)
   n_valid = n_valid[:, None, None]  # [B, 1, 1]; the max avoids 0/0 with no valid query.
   start = query_valid.astype(jnp.float32)[:, None, :] / n_valid  # [B, 1, T]
   pi = jnp.broadcast_to(start, (b, num_heads, t))
 
+  if block_size >= t:
+    walk = _transition(q, k, jnp.arange(t), query_valid, key_valid, scale)  # [B, H, T, T]
+    moved = lambda pi: jnp.einsum("bhi,bhij->bhj", pi, walk, precision=_HIGHEST)
+  else:
+    moved = functools.partial(_blocked_step, q=q, k=k, query_valid=query_valid,
+                              key_valid=key_valid, scale=scale, block_size=block_size)
+
   def step(_, pi):
-    moved = jnp.einsum("bhi,bhij->bhj", pi, walk, precision=_HIGHEST)
-    return moved * (1.0 - damping) + damping / n_valid
+    return moved(pi) * (1.0 - damping) + damping / n_valid
 
   pi = jax.lax.fori_loop(0, iterations, step, pi)
   scores = jnp.sqrt(jnp.mean(jnp.square(pi), axis=1))
   return jnp.where(key_valid, scores, -jnp.inf)
+
+
+def auto_block_size(num_tokens: int) -> int:
+  """`pagerank_scores`' default: T itself (the full matrix) up to FULL_MATRIX_MAX_TOKENS,
+  else ceil(T / n) for the fewest n blocks of at most BLOCK_TARGET rows, rounded up to a
+  multiple of 8, so that little padding is walked (6,300 tokens: 13 blocks of 488)."""
+  if num_tokens <= FULL_MATRIX_MAX_TOKENS:
+    return max(num_tokens, 1)
+  blocks = -(-num_tokens // BLOCK_TARGET)
+  rows = -(-num_tokens // blocks)
+  return -(-rows // 8) * 8
+
+
+def _transition(q_rows, k, rows, rows_valid, key_valid, scale):
+  """M_h for some query rows: q_rows f32[B, Q, H, h] at positions rows i32[Q], valid
+  rows_valid bool[B, Q], over every key k f32[B, T, K, h]. Returns f32[B, H, Q, T]."""
+  logits = attention.grouped_logits(q_rows, k) * scale
+  causal = rows[:, None] >= jnp.arange(k.shape[1])[None]
+  visible = causal[None] & rows_valid[:, :, None] & key_valid[:, None, :]  # [B, Q, T]
+  # `where` leaves masked entries at exactly 0 and fully masked rows all 0, so the
+  # contents of invalid slots (even inf/NaN) never reach the walk.
+  return jax.nn.softmax(logits, axis=-1, where=visible[:, None])
+
+
+def _blocked_step(pi, *, q, k, query_valid, key_valid, scale, block_size):
+  """π M_h (pi: f32[B, H, T]) by a scan over blocks of query rows, each block's rows of
+  M_h recomputed: the compiled loop holds one f32[B, H, block_size, T] at a time."""
+  b, t, num_heads, _ = q.shape
+  blocks = -(-t // block_size)
+  pad = blocks * block_size - t  # Padded rows are invalid queries: all-zero rows of M.
+  split = lambda x: jnp.moveaxis(x.reshape((b, blocks, block_size) + x.shape[2:]), 1, 0)
+  xs = (split(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))),
+        split(jnp.pad(query_valid, ((0, 0), (0, pad)))),
+        split(jnp.pad(jnp.moveaxis(pi, 2, 1), ((0, 0), (0, pad), (0, 0)))),  # [n, B, Q, H]
+        jnp.arange(blocks * block_size).reshape(blocks, block_size))
+
+  def block(acc, x):
+    q_rows, rows_valid, pi_rows, rows = x
+    walk = _transition(q_rows, k, rows, rows_valid, key_valid, scale)
+    return acc + jnp.einsum("bih,bhij->bhj", pi_rows, walk, precision=_HIGHEST), None
+
+  acc, _ = jax.lax.scan(block, jnp.zeros((b, num_heads, t), jnp.float32), xs)
+  return acc
 
 
 def layer_ratios(num_layers: int, l1: int, l2: int) -> tuple[float, ...]:
