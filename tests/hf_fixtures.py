@@ -129,9 +129,10 @@ def make_siglip_qwen2(out_dir, seed: int = 1) -> pathlib.Path:
 
 
 # Tile resolutions of the tiny anyres checkpoints: llava-v1.6's five grids at 28 px crops;
-# OneVision's 1..3 x 1..3 grids of 70 px crops (so that anyres_max_9 downsamples 3x3).
+# OneVision's 1..4 x 1..4 grids of 70 px crops (anyres_max_9 shrinks maps over 9 crops'
+# worth of 5x5 tokens by more than 1.1², so 4x3 and 4x4 grids).
 NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
-OV_PINPOINTS = [[70 * i, 70 * j] for i in range(1, 4) for j in range(1, 4)]
+OV_PINPOINTS = [[70 * i, 70 * j] for i in range(1, 5) for j in range(1, 5)]
 
 
 def _save(model, out_dir, seed) -> pathlib.Path:

@@ -345,12 +345,15 @@ def _grids(spec: AnyresSpec) -> list[tuple[int, int]]:
 
 
 def crop_buckets(spec: AnyresSpec) -> tuple[Bucket, ...]:
-  """Buckets covering every pinpoint grid: tile counts rounded up to a square k² (NeXT's
-  2-4 tiles share 1 + 4 crops; OneVision's 1..36 go to 1 + {1, 4, 9, 16, 25, 36}); each
-  bucket's capacity is the largest layout_capacity of its grids."""
+  """Buckets covering every pinpoint grid: a few distinct tile counts are a bucket each
+  (llava-v1.6's 2, 3 and 4 tiles: 3, 4 and 5 crops); many are rounded up to a square k²
+  (OneVision's 1..36 go to 1 + {1, 4, 9, 16, 25, 36}); each bucket's capacity is the
+  largest layout_capacity of its grids."""
+  grids = _grids(spec)
+  few = len({rows * cols for rows, cols in grids}) <= 4
   buckets: dict[int, int] = {}
-  for rows, cols in _grids(spec):
-    crops = 1 + math.ceil(math.sqrt(rows * cols)) ** 2
+  for rows, cols in grids:
+    crops = 1 + (rows * cols if few else math.ceil(math.sqrt(rows * cols)) ** 2)
     buckets[crops] = max(buckets.get(crops, 0), layout_capacity((rows, cols), spec))
   return tuple(Bucket(c, buckets[c]) for c in sorted(buckets))
 
