@@ -13,9 +13,9 @@ import PIL.Image
 import pytest
 import safetensors.numpy
 
-from tests import faults
+from tests import faults, hf_fixtures
 from tokred_jax import methods
-from tokred_jax.io import checkpoint, llava_original, processing
+from tokred_jax.io import anyres, checkpoint, llava_original, processing
 from tokred_jax.io.checkpoint import CheckpointError
 from tokred_jax.methods import pmod
 from tokred_jax.models import config as config_lib, llava
@@ -36,16 +36,18 @@ def original_name(hf_name: str, tower_prefix: str, mod_layers=MOD_LAYERS) -> str
   for old, new in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
                    ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
-                   ("vision_tower.", tower_prefix)):
+                   ("image_newline", "model.image_newline"), ("vision_tower.", tower_prefix)):
     if hf_name.startswith(old):
       return new + hf_name[len(old):]
   raise AssertionError(hf_name)
 
 
 def original_config(hf_dir: pathlib.Path, mm_vision_tower: str) -> dict:
+  """The original config.json of hf_dir's model; for LLaVA-NeXT as llava-v1.6 and
+  p-MoD's NeXT training write it, the pinpoints as (width, height) pairs."""
   hf = json.loads((hf_dir / "config.json").read_text())
   text = hf["text_config"]
-  return dict(
+  d = dict(
       text, model_type="pmod_llava_llama", architectures=["PmodLlavaLlamaForCausalLM"],
       pad_token_id=0, mm_vision_tower=mm_vision_tower,
       mm_hidden_size=hf["vision_config"]["hidden_size"], mm_projector_type="mlp2x_gelu",
@@ -55,6 +57,11 @@ def original_config(hf_dir: pathlib.Path, mm_vision_tower: str) -> dict:
       mod_target_layers="interleave", mod_target_layer_indices=list(MOD_LAYERS),
       mod_router_factor=0.5, mod_weight_norm="tanh_0.2_1", mod_bias_enabled=True,
       mod_special_init=True, mod_target_token_type="vision_all")
+  if hf["model_type"] == "llava_next":
+    d.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+             image_grid_pinpoints=[[w, h] for h, w in hf["image_grid_pinpoints"]],
+             max_num_patches=None)
+  return d
 
 
 def routers(hidden: int) -> dict:
@@ -254,7 +261,7 @@ def test_config_derives_layers_and_alpha_from_the_schedule():
     (dict(mod_weight_norm="sigmoid_1_0"), "mod_weight_norm"),
     (dict(mm_vision_tower="openai/clip-vit-large-patch14-336"), "no vision tower"),
     (dict(intermediate_size=96), "has shape"),
-    (dict(image_aspect_ratio="anyres"), "image_aspect_ratio"),
+    (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio"),
     (dict(model_type="llava"), "model_type"),
 ])
 def test_errors(layouts, tmp_path, change, message):
@@ -406,3 +413,129 @@ def test_schedule_errors(layouts, tmp_path, change, message, case):
   with pytest.raises(CheckpointError, match=message) as e:
     llava_original.load_original(path)
   faults.record("llava_original.load_original", case, str(e.value), before="weights load")
+
+
+# ---------------------------------------------------------------- LLaVA-NeXT (anyres)
+@pytest.fixture(scope="module")
+def next_layout(llava_next_dir, tmp_path_factory):
+  """The LLaVA-NeXT fixture (saved by transformers' LlavaNextForConditionalGeneration) in
+  p-MoD's NeXT layout, with routers; its tower in a CLIPVisionModel directory."""
+  return write_original(llava_next_dir, tmp_path_factory.mktemp("original_next") / "next",
+                        "separate")
+
+
+@pytest.mark.filterwarnings("ignore:.*tokenizer.model")
+def test_next_load_matches_transformers_checkpoint(next_layout, llava_next_dir):
+  src_cfg, src_params = checkpoint.load_checkpoint(llava_next_dir)
+  for l, (w, b) in routers(src_cfg.text.hidden_size).items():
+    src_params["llm"][f"layers_{l}"]["router"] = {"kernel": w.T, "bias": b}
+  cfg, params, _ = llava_original.load_original(next_layout)
+  assert cfg.arch == src_cfg.arch == "llava_next"
+  # The original (width, height) pairs come back as transformers' (height, width) ones.
+  assert cfg.image_grid_pinpoints == tuple(map(tuple, hf_fixtures.NEXT_PINPOINTS))
+  assert cfg.vision == src_cfg.vision and not cfg.vision.pad_to_square
+  assert cfg.text == dataclasses.replace(src_cfg.text, router_layers=MOD_LAYERS,
+                                         router_ratios=(None, 0.5))
+  assert (cfg.vision_feature_layer, cfg.vision_feature_select) == (-2, "default")
+  assert cfg.template == "vicuna_v1" and cfg.vision_aspect_ratio == "anyres"
+  _assert_same_params(params, src_params)
+  saved = safetensors.numpy.load_file(llava_next_dir / "model.safetensors")["image_newline"]
+  np.testing.assert_array_equal(params["image_newline"], saved)
+
+
+NEXT_DICT = dict(  # llava-v1.6-vicuna-7b's multimodal fields, with p-MoD's PRD settings
+    model_type="pmod_llava_llama", mm_vision_tower="openai/clip-vit-large-patch14-336",
+    mm_hidden_size=1024, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+    image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    mod_target_layers="shiftedcos_decay_0.85_0.15", mod_router_factor=0.5,
+    mod_weight_norm="tanh_0.2_1", mod_bias_enabled=True, mod_target_token_type="vision_all")
+V16_HW = ((672, 336), (336, 672), (672, 672), (336, 1008), (1008, 336))
+
+
+@pytest.mark.parametrize("pinpoints, want", [
+    (NEXT_DICT["image_grid_pinpoints"], V16_HW),
+    ("[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]", V16_HW),
+    ("[[336, 1008]]", ((1008, 336),)),
+    # LLaVA-VL's range: grids (columns x rows) from the first to the last, columns major.
+    ("(1x1),...,(2x3)", ((336, 336), (672, 336), (1008, 336),
+                         (336, 672), (672, 672), (1008, 672))),
+])
+def test_next_config_fields(pinpoints, want):
+  cfg = llava_original.original_config(dict(NEXT_DICT, image_grid_pinpoints=pinpoints))
+  assert cfg.arch == "llava_next" and cfg.image_grid_pinpoints == want
+  assert cfg.num_image_tokens == 576 and not cfg.vision.pad_to_square
+  assert cfg.text.router_ratios == pytest.approx(pmod.prd_cosine(32), abs=1e-12)
+  assert cfg.text.router_layers == tuple(range(8, 32)) and cfg.text.router_alpha == 0.2
+
+
+def original_grid_shape(size_wh, pinpoints_wh, crop):
+  """mm_utils.get_anyres_image_grid_shape / select_best_resolution of the original code,
+  restated: (width, height) in and out."""
+  width, height = size_wh
+  best, best_effective, best_waste = None, 0, float("inf")
+  for w, h in pinpoints_wh:
+    scale = min(w / width, h / height)
+    effective = min(int(width * scale) * int(height * scale), width * height)
+    waste = w * h - effective
+    if effective > best_effective or (effective == best_effective and waste < best_waste):
+      best, best_effective, best_waste = (w, h), effective, waste
+  return best[0] // crop, best[1] // crop
+
+
+def test_next_pinpoints_pick_the_original_grids():
+  """Every grid the original code cuts an image into is the one our (h, w) pinpoints give,
+  ties between transposed grids (small or square images) included."""
+  original = NEXT_DICT["image_grid_pinpoints"]
+  cfg = llava_original.original_config(NEXT_DICT)
+  sizes = [(h, w) for h in (100, 300, 336, 500, 700, 1000, 2000) for w in (100, 300, 336, 700)]
+  ours = [anyres.grid_shape(hw, cfg.image_grid_pinpoints, 336) for hw in sizes]
+  assert ours == [original_grid_shape(hw[::-1], original, 336)[::-1] for hw in sizes]
+  # Read as (height, width) unswapped, square images below 336 px would tile the other way.
+  assert ours != [anyres.grid_shape(hw, original, 336) for hw in sizes]
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize("change, message, case", [
+    (dict(mm_patch_merge_type="spatial"), "only 'spatial_unpad'",
+     "image_aspect_ratio='anyres', mm_patch_merge_type='spatial'"),
+    (dict(mm_patch_merge_type=DROP), "mm_patch_merge_type 'flat'",
+     "image_aspect_ratio='anyres' without mm_patch_merge_type"),
+    (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio 'anyres_max_9'",
+     "image_aspect_ratio='anyres_max_9'"),
+    (dict(max_num_patches=9), "max_num_patches 9", "anyres with max_num_patches=9"),
+    (dict(mod_target_token_type=DROP), "'vision_hr'",
+     "anyres without mod_target_token_type (official default: 'vision_hr')"),
+    (dict(image_grid_pinpoints=DROP), "image_grid_pinpoints None is missing",
+     "anyres without image_grid_pinpoints"),
+    (dict(image_grid_pinpoints=[[28, 42]]), "whole number of the tower's 28 px",
+     "image_grid_pinpoints=[[28, 42]] (28 px crops)"),
+    (dict(image_grid_pinpoints="[(28, 56), (56,)]"), r"entry \(56,\) is not",
+     "image_grid_pinpoints='[(28, 56), (56,)]'"),
+    (dict(image_grid_pinpoints="[(28, 56"), "not a list of",
+     "image_grid_pinpoints='[(28, 56' (unparsable)"),
+    (dict(image_grid_pinpoints="(AxB)"), "names no", "image_grid_pinpoints='(AxB)'"),
+])
+def test_next_errors(next_layout, tmp_path, change, message, case):
+  path = tmp_path / "ckpt"
+  shutil.copytree(next_layout, path)
+  d = json.loads((path / "config.json").read_text())
+  d = {k: v for k, v in dict(d, **change).items() if v is not DROP}
+  (path / "config.json").write_text(json.dumps(d))
+  with pytest.raises(CheckpointError, match=message) as e:
+    llava_original.load_original(path)
+  faults.record("llava_original.load_original", case, str(e.value), before="weights load")
+
+
+def test_next_without_image_newline(next_layout, tmp_path):
+  path = tmp_path / "ckpt"
+  shutil.copytree(next_layout, path)
+  tensors = safetensors.numpy.load_file(path / "model.safetensors")
+  del tensors["model.image_newline"]
+  safetensors.numpy.save_file(tensors, str(path / "model.safetensors"))
+  with pytest.raises(CheckpointError, match="holds no model.image_newline") as e:
+    llava_original.load_original(path)
+  faults.record("llava_original.load_original", "LLaVA-NeXT weights without model.image_newline",
+                str(e.value), before="weights load")

@@ -1,4 +1,5 @@
-"""Checkpoints in the original LLaVA repository's layout, e.g. MCG-NJU/p-MoD-LLaVA-v1.5-7B.
+"""Checkpoints in the original LLaVA repository's layout, e.g. MCG-NJU/p-MoD-LLaVA-v1.5-7B
+and MCG-NJU/p-MoD-LLaVA-NeXT-7B.
 
 The original code (haotian-liu/LLaVA and its p-MoD fork) saves `LlavaLlamaForCausalLM`
 (model_type "llava_llama") or `PmodLlavaLlamaForCausalLM` ("pmod_llava_llama"):
@@ -9,7 +10,14 @@ and the p-MoD ones (`mod_*`) at the top level, and the tensors are named
   model.layers.{i}.{self_attn,mlp,input_layernorm,post_attention_layernorm}.*   dense
   model.layers.{i}.decoder_layer.*, model.layers.{i}.router.router.{weight,bias} MoD
   model.mm_projector.{0,2}.{weight,bias}                        (mlp2x_gelu: Linear, GELU, Linear)
+  model.image_newline                                           LLaVA-NeXT (anyres) only
   model.vision_tower.vision_tower.vision_model.*                (CLIP, when saved with it)
+
+LLaVA-1.5 (`image_aspect_ratio` "pad" or "square") sees one crop per image; LLaVA-NeXT
+(llava-v1.6 and p-MoD's NeXT models: "anyres" with `mm_patch_merge_type` "spatial_unpad")
+becomes `arch="llava_next"`: a base crop, then the unpadded tile grid with
+`image_newline` after each row, tiled at `image_grid_pinpoints`, which the original code
+reads as (width, height) pairs (see `original_pinpoints`).
 
 The CLIP tower is the Hugging Face model named by `mm_vision_tower` (a `CLIPVisionModel`,
 or a full `CLIPModel` such as openai/clip-vit-large-patch14-336, of which only the vision
@@ -40,6 +48,7 @@ our model takes every occurrence of the image id as an image slot.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -85,10 +94,12 @@ _RENAMES = (
     (re.compile(r"^model\.layers\.(\d+)\.decoder_layer\."), r"language_model.model.layers.\1."),
     (re.compile(r"^model\.layers\.(\d+)\.router\.router\."),
      r"language_model.model.layers.\1.router."),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),
     (re.compile(r"^model\."), "language_model.model."),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
 )
 _EMBEDDED_TOWER = "model.vision_tower."
+_NEWLINE = "model.image_newline"
 
 
 def canonical_name(name: str) -> str:
@@ -218,23 +229,92 @@ def _router_alpha(d: dict[str, Any]) -> float:
   return float(match.group(1))
 
 
-def _mod_fields(d: dict[str, Any], num_layers: int) -> dict[str, Any]:
+def _mod_fields(d: dict[str, Any], num_layers: int, anyres: bool) -> dict[str, Any]:
   """p-MoD settings as `config.text_from_hf` reads them ({} for a dense LLaVA)."""
   if d.get("mod_target_layers") is None and d.get("mod_target_layer_indices") is None:
     if d.get("model_type") == "pmod_llava_llama":
       raise CheckpointError("a pmod_llava_llama config.json without mod_target_layers: "
                             "its MoD layers are unknown; restore the original config.json.")
     return {}
-  token_type = d.get("mod_target_token_type", "vision_all")
+  # The official code reads a missing field as "vision_hr", which routes every visual
+  # token of LLaVA-1.5 (as "vision_all") but only the tiles of LLaVA-NeXT.
+  token_type = d.get("mod_target_token_type", "vision_hr" if anyres else "vision_all")
   if token_type != "vision_all":
     raise CheckpointError(f"mod_target_token_type {token_type!r} is not supported: only "
-                          "visual tokens are routed here ('vision_all').")
+                          "'vision_all' (every visual token routed: on LLaVA-NeXT the base "
+                          "crop, tiles and newlines; a missing field means 'vision_hr' there).")
   if not d.get("mod_bias_enabled", False):
     raise CheckpointError("mod_bias_enabled is false: routers without a bias are not "
                           "supported (p-MoD's published models have one).")
   ratios = _mod_schedule(d, num_layers)
   return {"mod_router_layers": [l for l, r in enumerate(ratios) if r is not None],
           "mod_router_alpha": _router_alpha(d), "mod_router_ratios": list(ratios)}
+
+
+def _pinpoint_pairs(value: Any, crop_size: int) -> list[Any]:
+  """The (width, height) pairs an `image_grid_pinpoints` spelling stands for."""
+  if isinstance(value, str) and "x" in value:
+    grids = re.findall(r"\((\d+)x(\d+)\)", value)
+    if not grids:
+      raise CheckpointError(f"image_grid_pinpoints {value!r} names no grid; write the range "
+                            "as (columnsxrows) grids, e.g. '(1x1),...,(3x3)'.")
+    (w0, h0), (w1, h1) = (tuple(map(int, g)) for g in (grids[0], grids[-1]))
+    return [(w * crop_size, h * crop_size) for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)]
+  if isinstance(value, str):
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError) as e:
+      raise CheckpointError(f"image_grid_pinpoints {value!r} is not a list of (width, "
+                            f"height) pairs: {e}.") from e
+  if not isinstance(value, (list, tuple)) or not value:
+    raise CheckpointError(f"image_grid_pinpoints {value!r} is missing or empty; anyres needs "
+                          "the tiling resolutions: restore the original config.json.")
+  return list(value)
+
+
+def original_pinpoints(value: Any, crop_size: int) -> tuple[tuple[int, int], ...]:
+  """Our (height, width) pinpoints for an original config's `image_grid_pinpoints`.
+
+  The original code (select_best_resolution, resize_and_pad_image in mm_utils.py) takes
+  a pinpoint as (width, height) and transformers takes it as (height, width), so each
+  pair is swapped and the order kept (the first best fit wins ties in both). Spellings:
+
+    [[w, h], ...]        a JSON list (what LLaVA-1.6 and p-MoD save)
+    "[(w, h), ...]"      the same as Python literal text
+    "(1x1),...,(3x3)"    LLaVA-VL/LLaVA-NeXT's range: every grid (columns, rows) from the
+                         first to the last, columns major, in crops of `crop_size`
+
+  Raises:
+    CheckpointError: not one of these, or a size that is not a whole number of crops.
+  """
+  pinpoints = []
+  for pair in _pinpoint_pairs(value, crop_size):
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+      raise CheckpointError(f"image_grid_pinpoints entry {pair!r} is not a (width, height) "
+                            "pair of positive integers.")
+    w, h = pair
+    if w % crop_size or h % crop_size:
+      raise CheckpointError(f"image_grid_pinpoints entry {list(pair)} is not a whole number "
+                            f"of the tower's {crop_size} px crops a side; restore the "
+                            "config.json the weights were trained with.")
+    pinpoints.append((h, w))
+  return tuple(pinpoints)
+
+
+def _check_anyres(d: dict[str, Any]) -> None:
+  """What LLaVA-NeXT's packing needs from config.json, checked before any weights load."""
+  merge = d.get("mm_patch_merge_type", "flat")
+  if merge != "spatial_unpad":
+    raise CheckpointError(f"mm_patch_merge_type {merge!r} is not supported with "
+                          "image_aspect_ratio 'anyres'; only 'spatial_unpad' (LLaVA-NeXT's "
+                          "unpadded tile grid with an image_newline after each row).")
+  # p-MoD's "anyres_max_N" training: grids over 1.01² · N crops' worth of tokens shrink
+  # bilinearly (OneVision's anyres_max_N: over 1.1²), so vision_aspect_ratio cannot stand in.
+  if d.get("max_num_patches") is not None:
+    raise CheckpointError(f"max_num_patches {d['max_num_patches']!r} (p-MoD's anyres_max "
+                          "grid shrink) is not supported; only LLaVA-NeXT trained with plain "
+                          "'anyres' (max_num_patches null).")
 
 
 def _vision_dict(d: dict[str, Any], tower_dir: pathlib.Path | None) -> dict[str, Any]:
@@ -282,9 +362,12 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
     raise CheckpointError(f"mm_vision_select_feature {select!r} is not supported; use "
                           f"{' or '.join(_SELECT_FEATURE)}.")
   aspect = d.get("image_aspect_ratio", "square")
-  if aspect not in ("pad", "square"):
-    raise CheckpointError(f"image_aspect_ratio {aspect!r} is not supported (only LLaVA-1.5's "
-                          "'pad' and 'square'; 'anyres' is LLaVA-NeXT).")
+  if aspect not in ("pad", "square", "anyres"):
+    raise CheckpointError(f"image_aspect_ratio {aspect!r} is not supported; use LLaVA-1.5's "
+                          "'pad' or 'square', or LLaVA-NeXT's 'anyres'.")
+  anyres = aspect == "anyres"
+  if anyres:
+    _check_anyres(d)
   if d.get("mm_use_im_start_end") or d.get("mm_use_im_patch_token"):
     raise CheckpointError("mm_use_im_start_end / mm_use_im_patch_token add image marker "
                           "tokens, which are not supported.")
@@ -294,13 +377,13 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
   try:
     vision = config_lib.vision_from_hf(_vision_dict(d, tower_dir))
     if vision.kind != "clip":
-      raise CheckpointError("original LLaVA-1.5 checkpoints use a CLIP tower.")
+      raise CheckpointError("original LLaVA checkpoints use a CLIP tower.")
     if d.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
       raise CheckpointError(f"mm_hidden_size {d['mm_hidden_size']} is not the vision tower's "
                             f"hidden_size {vision.hidden_size}: the tower does not belong "
                             "to this checkpoint.")
     text = config_lib.text_from_hf(
-        {**d, "model_type": "llama", **_mod_fields(d, d.get("num_hidden_layers", 32))})
+        {**d, "model_type": "llama", **_mod_fields(d, d.get("num_hidden_layers", 32), anyres)})
     if not text.eos_ids or text.eos_ids[0] == IMAGE_PLACEHOLDER_ID:
       raise CheckpointError("the LLM needs an EOS id other than the image placeholder "
                             f"{IMAGE_PLACEHOLDER_ID}, to pad batches with.")
@@ -313,7 +396,10 @@ def original_config(d: dict[str, Any], tower_dir: str | os.PathLike | None = Non
         vision_feature_select=_SELECT_FEATURE[select],
         projector_hidden_act="gelu",
         projector_bias=True,
-        template="vicuna_v1")  # conv_vicuna_v1: what LLaVA-1.5 and p-MoD train with
+        template="vicuna_v1",  # conv_vicuna_v1: what LLaVA-1.5, -1.6 and p-MoD train with
+        arch="llava_next" if anyres else "llava",
+        image_grid_pinpoints=(original_pinpoints(d.get("image_grid_pinpoints"),
+                                                 vision.image_size) if anyres else ()))
   except CheckpointError:
     raise
   except (ValueError, TypeError, KeyError) as e:  # ConfigError included.
@@ -382,7 +468,8 @@ def _tokenizer(path: pathlib.Path, tokenizer_path: str | os.PathLike | None,
 def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike | None = None,
                   tokenizer_path: str | os.PathLike | None = None, dtype: Any = np.float32
                   ) -> tuple[LlavaConfig, checkpoint.Params, processing.Tokenizer | None]:
-  """Loads a checkpoint in the original LLaVA / p-MoD repository layout.
+  """Loads a checkpoint in the original LLaVA / p-MoD repository layout (LLaVA-1.5, or
+  LLaVA-NeXT with its image_newline).
 
   Args:
     path: the checkpoint directory: config.json and safetensors weights (single or
@@ -422,6 +509,10 @@ def load_original(path: str | os.PathLike, vision_tower_path: str | os.PathLike 
           "its Hugging Face CLIPModel (e.g. openai/clip-vit-large-patch14-336).")
     tower_dir = local
   cfg = original_config(d, tower_dir)
+  if cfg.arch == "llava_next" and _NEWLINE not in _weight_names(path):
+    raise CheckpointError(f"{path} holds no {_NEWLINE}, the row-end embedding "
+                          "mm_patch_merge_type 'spatial_unpad' appends; the weights are "
+                          "incomplete or not LLaVA-NeXT's: restore the original safetensors.")
   if tower_dir is not None:  # Given, or the only copy there is.
     tower_dir = pathlib.Path(tower_dir)
     require_safetensors(tower_dir)
