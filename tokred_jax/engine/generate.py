@@ -75,17 +75,20 @@ class Generator:
                pad_token_id: int = 0, eos_ids: tuple[int, ...] | None = None,
                plan: Plan | None = None):
     """eos_ids: tokens that end a sample (default: the model config's); () never stops.
-    plan: the token reduction (default: none)."""
+    plan: the token reduction (default: none; for the anyres models, whose plans are
+    made per input bucket, None runs the plain model on any bucket)."""
     self.model = model
     self.sampling = sampling
-    self.plan = plan or make_plan(Recipe(), model.cfg)
+    if plan is None and model.cfg.arch == "llava":
+      plan = make_plan(Recipe(), model.cfg)
+    self.plan = plan
     eos_ids = model.cfg.text.eos_ids if eos_ids is None else eos_ids
     self.eos_ids = jnp.asarray(eos_ids or (-1,), jnp.int32)
     self.pad_token_id = pad_token_id
     self.trace_counts = collections.Counter()
     self._prefill = jax.jit(self._prefill_impl)
     self._segmented = None
-    if self.plan.data_dependent and self.plan.mode == "fast":
+    if plan is not None and plan.data_dependent and plan.mode == "fast":
       self._segmented = segmented.SegmentedPrefill(model, self.plan, self.trace_counts)
     self._decode = jax.jit(self._decode_impl)
 
@@ -138,7 +141,8 @@ class Generator:
       return out["logits"], out["state"]
     return self._prefill(params, batch["input_ids"], batch["pixel_values"],
                          batch["attention_mask"], batch["positions"],
-                         counts if counts is not None else self.plan.counts())
+                         counts if counts is not None else
+                         () if self.plan is None else self.plan.counts())
 
   def decode(self, params, logits, state: DecodeState, rng=None) -> np.ndarray:
     """The new tokens i32[B, max_new_tokens], padded with `pad_token_id` after each

@@ -114,4 +114,5 @@ def pack(crop_tokens: tokens.TokenSet, layout: Crops, newline: jax.Array,
   sources = jnp.where(holder >= 0, jnp.take_along_axis(placed, jnp.maximum(holder, 0),
                                                        axis=1), -1)
   ts = tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
-  return ts if capacity is None or capacity == n_slots else tokens.compact(ts, capacity)
+  # Valid tokens first, as everywhere (tokens.py): a reduced crop leaves gaps.
+  return tokens.compact(ts, n_slots if capacity is None else capacity)

@@ -113,7 +113,7 @@ def pack(frame_tokens: tokens.TokenSet, frames: Frames, newline: jax.Array
   """The visual sequence of each prompt: its frames' tokens, then one newline.
 
   frame_tokens: features f32[B·F, n, D] (each frame's valid tokens a prefix);
-  newline: f32[D]. Returns a TokenSet over F·n + 1 slots (empty frames masked)."""
+  newline: f32[D]. Returns a TokenSet over F·n + 1 slots, the empty frames' slots last."""
   b, f = frames.valid.shape
   ts = tokens.join_frames(frame_tokens, f)
   n = ts.valid.shape[1] // f
@@ -123,4 +123,5 @@ def pack(frame_tokens: tokens.TokenSet, frames: Frames, newline: jax.Array
                       axis=1)
   valid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
   sizes = jnp.concatenate([jnp.where(valid[:, :-1], ts.sizes, 0.0), jnp.ones((b, 1))], axis=1)
-  return tokens.TokenSet(x, valid, sizes, ts.sources)
+  # Valid tokens first, as everywhere (tokens.py): the newline follows the last real frame.
+  return tokens.compact(tokens.TokenSet(x, valid, sizes, ts.sources), x.shape[1])
