@@ -53,3 +53,25 @@ def make_batch(num_visual: int, text_lengths=(5, 11), bucket: int = 96, seed: in
   size = TINY.vision.image_size
   pixels = rng.normal(size=(b, size, size, 3)).astype(np.float32)
   return dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels)
+
+
+# LLaVA-NeXT in miniature: a CLIP tower at 56 px (4x4 patches + CLS), llava-v1.6's five
+# grids scaled to 56 px crops, TINY's 8-layer Llama.
+TINY_NEXT = dataclasses.replace(
+    TINY, vision=dataclasses.replace(VISION_112, image_size=56), arch="llava_next",
+    image_grid_pinpoints=((56, 112), (112, 56), (112, 112), (168, 56), (56, 168)))
+# LLaVA-OneVision in miniature: SigLIP at 70 px (5x5 patches; video frames pool to 3x3),
+# "full" features of the last layer, anyres_max_9 over 1..4 x 1..4 grids, an 8-layer
+# Qwen2 (q/k/v bias) with <video> slots of their own.
+TINY_OV = LlavaConfig(
+    vision=VisionConfig(kind="siglip", hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, image_size=70, patch_size=14, layer_norm_eps=1e-6,
+                        hidden_act="gelu_pytorch_tanh", image_mean=(0.5,) * 3,
+                        image_std=(0.5,) * 3),
+    text=TextConfig(kind="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128,
+                    num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16,
+                    max_position_embeddings=2048, attention_bias=True, bos_token_id=None,
+                    eos_token_id=2),
+    image_token_id=126, pad_token_id=0, vision_feature_layer=-1, vision_feature_select="full",
+    arch="llava_onevision", vision_aspect_ratio="anyres_max_9", video_token_id=127,
+    image_grid_pinpoints=tuple((70 * i, 70 * j) for i in range(1, 5) for j in range(1, 5)))
