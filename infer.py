@@ -5,6 +5,9 @@ r"""Answer a question about an image with a LLaVA model, and print what it cost.
   python infer.py --checkpoint=/path/to/llava-1.5-7b-hf --config.dtype=bfloat16
   python infer.py --config.method=aim --config.budget=0.5   # AIM at half the dense FLOPs
   python infer.py --config.method=tome+fastv --config.budget=0.3   # a composed recipe
+  python infer.py --checkpoint=/path/to/llava-onevision-qwen2-7b-ov-hf \
+      --video=clip.mp4 --config.method=aim-49 --prompt="What happens?"   # 32 frames
+  python infer.py --checkpoint=/path/to/llava-v1.6-vicuna-7b-hf --image=a.jpg,b.jpg
 
 Options not given as flags come from --config (default: configs/default.py), each
 overridable as --config.NAME=VALUE. Every option, the image and the prompt are checked
@@ -34,7 +37,10 @@ def _define_flags():
   process that also holds other entry points' flags (train.py's --config)."""
   cli.define_config("config", os.path.join(_HERE, "configs", "default.py"),
                     "Inference config file.")
-  flags.DEFINE_string("image", None, "Image path (default: the bundled sample).")
+  flags.DEFINE_string("image", None, "Image path (default: the bundled sample); several, "
+                      "comma-separated, for a LLaVA-NeXT or OneVision checkpoint.")
+  flags.DEFINE_string("video", None, "Video file for a LLaVA-OneVision checkpoint "
+                      "(--config.num_frames sampled uniformly), instead of an image.")
   flags.DEFINE_string("prompt", None, "Question about the image (default: the one stored "
                       "beside the checkpoint's sample image).")
   flags.DEFINE_string("checkpoint", None,
@@ -82,17 +88,19 @@ def _check_method(name: str):
                        f"{', '.join(methods.PARTS)} with '+'.")
 
 
-def _solve_budget(pipe, config, image, prompt, max_new_tokens):
-  """The budget's solution at this prompt's text length (None without a budget)."""
+def _solve_budget(pipe, config, prepare):
+  """The budget's solution at this prompt's text length and input bucket (None without
+  a budget)."""
   if config.get("budget") is None:
     return None
   if config.retention is not None:
     raise ValueError("give --config.retention or --config.budget, not both: the budget sets "
                      "the retention.")
-  dense = pipe.prepare([image], [prompt], max_new_tokens, plan=pipe.plan("none"))
-  text = int(dense["attention_mask"][0].sum()) - pipe.cfg.num_image_tokens
+  dense = prepare("none")
+  plan = pipe.batch_plan(dense, "none")
+  text = int(dense["attention_mask"][0].sum()) - plan.num_visual
   return pipe.solve(config.method, config.budget, config.get("budget_measure", "flops"), text,
-                    config.mode, **_options(config))
+                    config.mode, packing=plan.packing, **_options(config))
 
 
 def _options(config) -> dict:
@@ -101,10 +109,11 @@ def _options(config) -> dict:
   return {} if options is None else options.to_dict()
 
 
-def infer(config, checkpoint=None, image=None, prompt=None):
-  """Answers `prompt` about `image` with the config's model and method and prints the
-  answer and its cost. Checks everything (options, image, prompt, mesh, output path)
-  before the weights are read; raises ValueError for any of them."""
+def infer(config, checkpoint=None, image=None, prompt=None, video=None):
+  """Answers `prompt` about `image` (several comma-separated, or a `video`) with the
+  config's model and method and prints the answer and its cost. Checks everything
+  (options, inputs, prompt, mesh, output path) before the weights are read; raises
+  ValueError for any of them."""
   if config.get("preset") and not (checkpoint or config.checkpoint):
     raise ValueError(f"the {config.preset!r} preset has no weights here; pass "
                      "--checkpoint=DIR with a Hugging Face LLaVA directory.")
@@ -123,14 +132,27 @@ def infer(config, checkpoint=None, image=None, prompt=None):
   pipe = tokred_jax.Pipeline.load(checkpoint, dtype=config.dtype, weights=False,
                                   mesh_shape=sharding.parse_mesh(config.get("mesh", "")),
                                   template=config.get("template") or None)
-  solution = _solve_budget(pipe, config, image, prompt, sampling.max_new_tokens)
-  plan = solution.plan if solution else pipe.plan(config.method, config.retention, config.mode,
-                                                  **_options(config))
-  batch = pipe.prepare([image], [prompt], sampling.max_new_tokens, plan=plan)
+  images = image.split(",")
+  if pipe.anyres and config.plot:
+    raise ValueError("--config.plot draws the kept patches of one-crop (LLaVA-1.5) models; "
+                     "leave it out for this anyres checkpoint.")
+  if not pipe.anyres and (len(images) > 1 or video):
+    raise ValueError(f"this {pipe.cfg.arch} checkpoint takes one image per prompt; give one "
+                     "--image (several images and videos need LLaVA-NeXT / OneVision).")
+  inputs = dict(videos=[video], images=None) if video else dict(
+      images=[images if len(images) > 1 else images[0]])
+  prepare = lambda plan: pipe.prepare(prompts=[prompt], max_new_tokens=sampling.max_new_tokens,
+                                      plan=plan, num_frames=config.num_frames,
+                                      **inputs)
+  solution = _solve_budget(pipe, config, prepare)
+  method = solution.plan if solution else pipe.recipe(config.method, config.retention,
+                                                      config.mode, **_options(config))
+  batch = prepare(method)
+  plan = pipe.batch_plan(batch, method)
   # A mesh splits the batch over data x fsdp: the one prompt is repeated to fill it.
   copies = 1 if pipe.mesh is None else math.prod(
       pipe.mesh.shape[a] for a in ("data", "fsdp") if a in pipe.mesh.shape)
-  run_batch = {k: np.repeat(v, copies, axis=0) for k, v in batch.items()}
+  run_batch = jax.tree_util.tree_map(lambda v: np.repeat(v, copies, axis=0), batch)
 
   pipe.load_weights()
   rng = jax.random.PRNGKey(config.seed)
@@ -138,7 +160,8 @@ def infer(config, checkpoint=None, image=None, prompt=None):
     pipe.generate_tokens(run_batch, sampling, rng, plan)
   tokens, timings = pipe.generate_tokens(run_batch, sampling, rng, plan)
 
-  print(f"checkpoint: {checkpoint}\nimage: {image}\nprompt: {prompt}\n"
+  print(f"checkpoint: {checkpoint}\n{'video' if video else 'image'}: {video or image}\n"
+        f"prompt: {prompt}\n"
         f"method: {plan.name} ({plan.mode} mode)")
   if solution:
     print(f"budget: {solution.note}")
@@ -164,7 +187,7 @@ def infer(config, checkpoint=None, image=None, prompt=None):
 def main(argv):
   del argv
   values = flags.FLAGS
-  infer(values.config, values.checkpoint, values.image, values.prompt)
+  infer(values.config, values.checkpoint, values.image, values.prompt, values.video)
 
 
 if __name__ == "__main__":

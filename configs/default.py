@@ -41,6 +41,8 @@ def get_config(arg=None):
   config.template = ""
   # A PNG path: draws which image patches survive each stage ("" draws nothing).
   config.plot = ""
+  # Frames sampled uniformly from a --video (LLaVA-OneVision).
+  config.num_frames = 32
   config.max_new_tokens = 24
   config.temperature = 0.0
   config.top_p = 1.0

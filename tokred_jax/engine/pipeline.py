@@ -24,9 +24,10 @@ from tokred_jax.core import sharding
 from tokred_jax.engine import budget as budgets
 from tokred_jax.engine import cost, segmented
 from tokred_jax.engine.generate import Generator, SamplingConfig
-from tokred_jax.io import checkpoint, processing, templates
+from tokred_jax.io import batching, checkpoint, processing, templates
 from tokred_jax.methods.base import Plan, Recipe, make_plan
 from tokred_jax.models.config import ConfigError, LlavaConfig
+from tokred_jax.models import llava_next, llava_onevision
 from tokred_jax.models.llava import Llava
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -49,8 +50,9 @@ def default_prompt(checkpoint: str) -> str:
   return "What is in the image?"
 
 
-def _check_inputs(images: Any, prompts: Any):
-  """Lists of images and prompts, one image per prompt (raises TypeError/ValueError)."""
+def _check_inputs(images: Any, prompts: Any, what: str = "image"):
+  """Lists of images (or videos) and prompts, one entry per prompt (raises TypeError /
+  ValueError)."""
   if prompts is None or isinstance(prompts, str):
     given = "None" if prompts is None else "one string"
     raise TypeError(f"prompts must be a list of strings, one per image; got {given}: "
@@ -67,8 +69,8 @@ def _check_inputs(images: Any, prompts: Any):
       raise TypeError(f"prompt {b} is {prompt!r}, not a string; write a question about "
                       "its image.")
   if len(images) != len(prompts):
-    raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; LLaVA-1.5 "
-                     "takes exactly one image per prompt.")
+    raise ValueError(f"got {len(images)} {what}s for {len(prompts)} prompts; give one "
+                     f"entry per prompt (a list of images for several).")
 
 
 def _check_sampling(sampling: Any, rng: Any):
@@ -122,7 +124,8 @@ class Pipeline:
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
            mesh_shape: dict[str, int] | None = None, template: str | None = None,
            weights: bool = True, **kwargs) -> "Pipeline":
-    """Loads a Hugging Face LLaVA directory (config.json, safetensors, tokenizer.json).
+    """Loads a Hugging Face LLaVA, LLaVA-NeXT or LLaVA-OneVision directory (config.json,
+    safetensors, tokenizer.json).
 
     mesh_shape: e.g. {"data": 2, "fsdp": 1, "tensor": 4} (-1: the remaining devices)
     shards the parameters by logical axis over a device mesh; batches must then be a
@@ -157,9 +160,22 @@ class Pipeline:
                    else sharding.shard_params(params, self.mesh, self.rules))
     return self
 
+  @property
+  def anyres(self) -> bool:
+    """Whether the model takes anyres crops, several images and (OneVision) videos,
+    whose plans are made per input bucket."""
+    return self.cfg.arch != "llava"
+
+  def recipe(self, method: str | Recipe | None = None, retention: float | None = None,
+             mode: str = "fast", **kwargs) -> Recipe:
+    """The recipe of a method by name (see `plan`), not yet planned for an input."""
+    if isinstance(method, Recipe):
+      return method
+    return methods.get(method or "none", self.cfg, retention, mode, **kwargs)
+
   def plan(self, method: str | Recipe | Plan | None = None, retention: float | None = None,
            mode: str = "fast", budget: float | None = None, measure: str = "flops",
-           text_tokens: int | None = None, **kwargs) -> Plan:
+           text_tokens: int | None = None, packing=None, **kwargs) -> Plan:
     """The static plan of a token-reduction method for this model: a name from
     `methods.METHODS` / `methods.PRESETS` / `methods.PARTS`, or several joined with "+"
     (optionally at a retention level), a `Recipe`, or a plan already made. None: no
@@ -168,21 +184,27 @@ class Pipeline:
     budget: instead of a retention, the cost the method's parameters must meet, e.g.
     `pipe.plan("aim", budget=0.3)` for 30% of dense prefill FLOPs; measure "flops",
     "kv" (KV-cache bytes) or "tokens" (equivalent visual tokens, a count), at prompts of
-    `text_tokens` text tokens (default `budget.TEXT_TOKENS`). See `solve`."""
+    `text_tokens` text tokens (default `budget.TEXT_TOKENS`). See `solve`.
+    packing: the input bucket, which the anyres models plan for (`batch_plan` finds it
+    in a prepared batch)."""
     if budget is not None:
-      return self.solve(method, budget, measure, text_tokens, mode, retention, **kwargs).plan
+      return self.solve(method, budget, measure, text_tokens, mode, retention,
+                        packing=packing, **kwargs).plan
     if text_tokens is not None:
       raise ConfigError("text_tokens is the prompt length a budget is solved at; give a "
                         "budget too, or leave it out.")
     if isinstance(method, Plan):
       return method
-    if method is None or isinstance(method, str):
-      method = methods.get(method or "none", self.cfg, retention, mode, **kwargs)
-    return make_plan(method, self.cfg)
+    return make_plan(self.recipe(method, retention, mode, **kwargs), self.cfg, packing)
+
+  def batch_plan(self, batch: dict[str, Any], plan: str | Recipe | Plan | None = None
+                 ) -> Plan:
+    """`plan` planned for the input bucket of a prepared batch (a Plan as it is)."""
+    return self.plan(plan, packing=batching.packing(batch["pixel_values"], self.cfg))
 
   def solve(self, method: str, budget: float, measure: str = "flops",
             text_tokens: int | None = None, mode: str = "fast",
-            retention: float | None = None, **kwargs) -> budgets.Solution:
+            retention: float | None = None, packing=None, **kwargs) -> budgets.Solution:
     """The parameters of `method` (a name, composed ones such as "tome+fastv" included)
     that meet `budget` on this model, with the plan, what they achieve and whether that
     is within tolerance (`budget.solve`)."""
@@ -193,14 +215,24 @@ class Pipeline:
       raise ConfigError(f"a budget is solved for a method by name (e.g. 'aim'), not "
                         f"{type(method).__name__}.")
     text = budgets.TEXT_TOKENS if text_tokens is None else text_tokens
+    if packing is not None:  # the anyres models' input bucket
+      kwargs["packing"] = packing
     return budgets.solve(self.cfg, method, budget, measure=measure, num_text_tokens=text,
                          mode=mode, **kwargs)
 
-  def prepare(self, images: Sequence[Any], prompts: Sequence[str], max_new_tokens: int = 0,
-              chat_template: bool = True, plan: Plan | None = None,
-              template: str | None = None) -> dict[str, np.ndarray]:
+  def prepare(self, images: Sequence[Any] | None, prompts: Sequence[str],
+              max_new_tokens: int = 0, chat_template: bool = True,
+              plan: str | Recipe | Plan | None = None, template: str | None = None,
+              videos: Sequence[Any] | None = None, num_frames: int = 32
+              ) -> dict[str, np.ndarray]:
     """Images (paths, PIL images or uint8 arrays) and prompts -> padded model inputs,
     with as many image-token slots as the plan has visual tokens.
+
+    The anyres models take, per prompt, one image or a list of them, or instead of
+    images one video each in `videos` (u8[F, H, W, 3] frames, or a file path whose
+    `num_frames` frames are sampled uniformly): LLaVA-OneVision only. A question names
+    its images' places with `<image>` (a video's with `<video>` or `<image>`); without
+    one they go first. Inputs are padded to a bucket (`batch_plan` plans for it).
 
     The prompts are questions, written into the chat template `template` (None: the
     model's, `cfg.template`); with chat_template=False, full prompts already in it.
@@ -208,16 +240,33 @@ class Pipeline:
     Every check runs here, before anything is compiled or computed; it needs no
     weights (see `load`).
     """
-    _check_inputs(images, prompts)
-    plan = self.plan(plan)
+    if videos is not None and images is not None:
+      raise ValueError("give images or videos, not both.")
+    given, what = (images, "image") if videos is None else (videos, "video")
+    _check_inputs(given, prompts, what)
     template = templates.get(template or self.cfg.template or "tokred")
     self._check_room(max_new_tokens)
+    visuals = None
+    if self.anyres:
+      visuals = (batching.image_batch([i if isinstance(i, (list, tuple)) else [i]
+                                       for i in images], self.cfg) if videos is None else
+                 batching.video_batch(videos, self.cfg, num_frames))
+      plan = self.plan(plan, packing=batching.packing(visuals.pixels, self.cfg))
+      slots = [batching.slot_counts(c, plan.num_visual) for c in visuals.counts]
+      prompts = [_placeholders(p, len(c)) for p, c in zip(prompts, visuals.counts)]
+    else:
+      if videos is not None or any(isinstance(i, (list, tuple)) for i in images):
+        raise ValueError(f"this {self.cfg.arch} model takes one image per prompt; several "
+                         "images and videos need a LLaVA-NeXT or OneVision checkpoint.")
+      plan = self.plan(plan)
+      slots = plan.num_visual
     if chat_template:
       prompts = [processing.build_prompt(p, template) for p in prompts]
     max_length = self.cfg.text.max_position_embeddings - max_new_tokens
-    batch = processing.encode_batch(self.tokenizer, prompts, self.cfg, plan.num_visual,
-                                    self.buckets, max_length, template)
-    batch["pixel_values"] = processing.preprocess_images(images, self.cfg.vision)
+    batch = processing.encode_batch(self.tokenizer, prompts, self.cfg, slots, self.buckets,
+                                    max_length, template)
+    batch["pixel_values"] = (processing.preprocess_images(images, self.cfg.vision)
+                             if visuals is None else visuals.pixels)
     return batch
 
   def _check_room(self, max_new_tokens: int):
@@ -234,24 +283,29 @@ class Pipeline:
     if self.params is None:
       raise ValueError("this pipeline has no weights yet (Pipeline.load(..., "
                        "weights=False)); call pipe.load_weights() first.")
-    processing.validate_pixels(batch["pixel_values"], self.cfg.vision)
+    pixels = batch["pixel_values"]
+    # Anyres crops and video frames: each prompt's crops as a batch of the tower's inputs.
+    crops = getattr(pixels, "pixels", None)
+    processing.validate_pixels(pixels if crops is None else
+                               crops.reshape((-1,) + crops.shape[2:]), self.cfg.vision)
     slots = np.sum(np.asarray(batch["input_ids"]) == self.cfg.image_token_id, axis=1)
     if np.any(slots != plan.num_visual):
       raise ValueError(f"the prompts hold {sorted(set(slots.tolist()))} image-token slots but "
                        f"the plan has {plan.num_visual} visual tokens; prepare the batch with "
                        "the same plan.")
-    images, prompts = len(batch["pixel_values"]), len(batch["input_ids"])
+    images, prompts = len(getattr(pixels, "pixels", pixels)), len(batch["input_ids"])
     if images != prompts:
-      raise ValueError(f"pixel_values holds {images} images for {prompts} prompts; LLaVA-1.5 "
-                       "takes exactly one image per prompt.")
+      raise ValueError(f"pixel_values holds {images} inputs for {prompts} prompts; prepare "
+                       "images and prompts together (Pipeline.prepare).")
     if self.mesh is None:
       return batch
     split = math.prod(self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape)
     if prompts % split:
       raise ValueError(f"a batch of {prompts} does not split over the mesh's data x fsdp = "
                        f"{split} devices; send a multiple of {split} prompts.")
-    return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, np.ndim(v), self.rules))
-            for k, v in batch.items()}
+    return jax.tree_util.tree_map(
+        lambda v: jax.device_put(v, sharding.batch_sharding(self.mesh, np.ndim(v), self.rules)),
+        batch)
 
   def _sharded(self):
     """Traces inside it lay activations out on the mesh (a no-op without one)."""
@@ -264,7 +318,7 @@ class Pipeline:
     """Logits f32[B, T, V] for every position of a prepared batch (zeros where a
     fast-mode method pruned the token); with return_aux also which visual tokens
     survive each stage (see `Llava.__call__`)."""
-    plan = self.plan(plan)
+    plan = self.batch_plan(batch, plan)
     batch = self._validate(batch, plan)
     with self._sharded():
       if plan.data_dependent and plan.mode == "fast":
@@ -288,7 +342,7 @@ class Pipeline:
                       ) -> tuple[np.ndarray, Timings]:
     """New tokens i32[B, max_new_tokens] for a prepared batch, and how long it took."""
     _check_sampling(sampling, rng)
-    plan = self.plan(plan)
+    plan = self.batch_plan(batch, plan)
     batch = self._validate(batch, plan)
     gen = self.generator(sampling, plan)
     with self._sharded():
@@ -301,14 +355,17 @@ class Pipeline:
     new = int(np.max(np.sum(tokens != gen.pad_token_id, axis=1))) if tokens.size else 0
     return tokens, Timings(mid - start, end - mid, new)
 
-  def generate(self, images: Sequence[Any], prompts: Sequence[str],
+  def generate(self, images: Sequence[Any] | None, prompts: Sequence[str],
                sampling: SamplingConfig = SamplingConfig(), rng: jax.Array | None = None,
-               plan: Plan | str | None = None) -> list[str]:
-    """Answers, one string per prompt, with the token reduction `plan` (see `plan`)."""
+               plan: Plan | str | None = None, videos: Sequence[Any] | None = None
+               ) -> list[str]:
+    """Answers, one string per prompt, with the token reduction `plan` (see `plan`;
+    images and videos as `prepare` takes them)."""
     _check_sampling(sampling, rng)
-    plan = self.plan(plan)
-    batch = self.prepare(images, prompts, sampling.max_new_tokens, plan=plan)
-    tokens, _ = self.generate_tokens(batch, sampling, rng, plan)
+    if not self.anyres:
+      plan = self.plan(plan)
+    batch = self.prepare(images, prompts, sampling.max_new_tokens, plan=plan, videos=videos)
+    tokens, _ = self.generate_tokens(batch, sampling, rng, self.batch_plan(batch, plan))
     return [self.tokenizer.decode(row) for row in tokens]
 
   def token_counts(self, batch: dict[str, np.ndarray], plan: Plan | None = None,
@@ -318,20 +375,22 @@ class Pipeline:
     MustDrop's counts depend on the image, so they are the ones the sample really got
     (one more prefill), its equivalent tokens in both conventions: each layer with the
     tokens it processed, and the official script's (a filter layer after its filter)."""
-    plan = self.plan(plan)
+    plan = self.batch_plan(batch, plan)
     mask = np.asarray(batch["attention_mask"][0])
     slots = int(np.sum(np.asarray(batch["input_ids"][0]) == self.cfg.image_token_id))
     into_llm, per_layer, aux = plan.exact.visual, plan.visual_per_layer, {}
-    if plan.data_dependent:
+    if plan.data_dependent or plan.packing is not None:  # the sample's own counts
       _, aux = self.forward(batch, plan, return_aux=True)
       per_layer = np.asarray(aux["visual_per_layer"])[:, 0].tolist()
       into_llm = per_layer[0]
-    counts = {"visual tokens before reduction": self.cfg.num_image_tokens,
+    counts = {"visual tokens before reduction": self._visual_tokens(batch["pixel_values"]),
               "visual tokens into the LLM": into_llm,
               "equivalent visual tokens": round(cost.equivalent_visual_tokens(per_layer), 1)}
     if "equivalent_tokens_official" in aux:
       counts["equivalent visual tokens, official MustDrop count"] = round(
           float(aux["equivalent_tokens_official"][0]), 1)
+    if plan.packing is not None:
+      counts["visual slots (bucket)"] = plan.num_visual
     return {**counts, "text tokens": int(mask.sum()) - slots,
             "bucket length": mask.shape[0], "new tokens": new_tokens}
 
@@ -339,7 +398,26 @@ class Pipeline:
            new_tokens: int = 0) -> dict[str, Any]:
     """Analytic prefill FLOPs per stage and KV-cache bytes of what the compiled program
     computes for a prepared batch (padding and bucket capacities included)."""
-    plan = self.plan(plan)
+    plan = self.batch_plan(batch, plan)
     batch_size, length = batch["input_ids"].shape
     return cost.plan_cost(self.cfg, plan, length - plan.num_visual, batch_size, new_tokens,
                           jnp.dtype(self.dtype).itemsize)
+
+  def _visual_tokens(self, pixels) -> int:
+    """The first sample's visual tokens before any reduction."""
+    if isinstance(pixels, llava_next.Crops):
+      return int(np.sum(pixels.valid[0]))
+    if isinstance(pixels, llava_onevision.Frames):
+      pooled = llava_onevision.pooled_grid(self.cfg.vision.grid) ** 2
+      return int(np.sum(pixels.valid[0])) * pooled + 1
+    return self.cfg.num_image_tokens
+
+
+def _placeholders(question: str, count: int) -> str:
+  """A question with one `<image>` per image of its prompt (a video's `<video>` read as
+  `<image>`: its slots are visual slots like any other); without any, they go first."""
+  image = processing.IMAGE_TOKEN
+  question = question.replace("<video>", image)
+  if image not in question:
+    question = f"{image}\n" * count + question.strip()
+  return question

@@ -46,11 +46,12 @@ def spec_for(cfg: LlavaConfig) -> anyres.AnyresSpec:
                            v.image_mean, v.image_std, max_patches=cfg.max_crops)
 
 
-def _buckets(spec: anyres.AnyresSpec, multi_image: bool) -> list[anyres.Bucket]:
+def _buckets(spec: anyres.AnyresSpec, one_crop_each: bool) -> list[anyres.Bucket]:
+  """One image's buckets, then k images' for k on IMAGE_LADDER: one crop each
+  (OneVision), or k times the largest one-image bucket (NeXT tiles every image)."""
   buckets = list(anyres.crop_buckets(spec))
-  if multi_image:
-    per_image = spec.grid ** 2 + 1
-    buckets += [anyres.Bucket(k, k * per_image) for k in IMAGE_LADDER]
+  crops, capacity = (1, spec.grid ** 2 + 1) if one_crop_each else max(buckets)
+  buckets += [anyres.Bucket(k * crops, k * capacity) for k in IMAGE_LADDER]
   return sorted(buckets, key=lambda b: (b.capacity, b.num_crops))
 
 

@@ -139,19 +139,21 @@ def default_buckets(max_length: int) -> tuple[int, ...]:
 
 
 def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
-                 num_image_tokens: int, bucket_lengths: Sequence[int], max_length: int,
+                 num_image_tokens: int | Sequence[Sequence[int]],
+                 bucket_lengths: Sequence[int], max_length: int,
                  template: str | templates.Template = "tokred") -> dict[str, np.ndarray]:
   """Tokenizes full prompts into one left-padded batch.
 
-  Each prompt must hold exactly one `<image>`; it is expanded into `num_image_tokens`
-  copies of `cfg.image_token_id`, the slots the visual tokens fill. The batch length T
-  is the smallest bucket that fits the longest prompt.
+  Each prompt holds one `<image>` per image; each is expanded into copies of
+  `cfg.image_token_id`, the slots the visual tokens fill. The batch length T is the
+  smallest bucket that fits the longest prompt.
 
   Args:
     tokenizer: the checkpoint's tokenizer.
     prompts: B full prompts (e.g. from `build_prompt`).
     cfg: the model config (image token id, pad id).
-    num_image_tokens: visual tokens per image handed to the LLM.
+    num_image_tokens: visual tokens per image handed to the LLM (one image per prompt),
+      or per prompt the slots of each of its images (`batching.slot_counts`).
     bucket_lengths: allowed batch lengths.
     max_length: the longest sequence allowed (the caller leaves room for new tokens).
     template: the chat template the prompts were written in; it decides how the text
@@ -174,14 +176,16 @@ def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
   for b, prompt in enumerate(prompts):
     if not prompt.strip():
       raise ValueError(f"prompt {b} is empty; write a question (see build_prompt).")
+    slots = num_image_tokens if isinstance(num_image_tokens, (int, np.integer)) \
+        else num_image_tokens[b]
     try:
       ids, _ = expand_image_token(template.encode(tokenizer, prompt)[0],
-                                  cfg.image_token_id, num_image_tokens)
+                                  cfg.image_token_id, slots)
     except ValueError as e:
       raise ValueError(f"prompt {b}: {e} (build_prompt adds it when missing).") from None
     if len(ids) > max_length:
       raise ValueError(
-          f"prompt {b} is {len(ids)} tokens long ({num_image_tokens} of them for the "
+          f"prompt {b} is {len(ids)} tokens long ({np.sum(slots)} of them for the "
           f"image) but at most {max_length} fit; shorten the prompt or generate fewer "
           "new tokens.")
     sequences.append(ids)
@@ -204,19 +208,27 @@ def encode_batch(tokenizer: Tokenizer, prompts: Sequence[str], cfg: LlavaConfig,
 
 
 def expand_image_token(ids: Sequence[int], image_token_id: int,
-                       num_image_tokens: int) -> tuple[list[int], int]:
-  """Replaces the single image token in `ids` with `num_image_tokens` slots (the ones the
-  visual tokens fill). Returns the expanded ids and the index of the first slot.
+                       num_image_tokens: int | Sequence[int]) -> tuple[list[int], int]:
+  """Replaces the image token in `ids` with `num_image_tokens` slots (the ones the visual
+  tokens fill), or each of several image tokens with its own number of slots (a list,
+  one entry per image). Returns the expanded ids and the index of the first slot.
 
-  Raises ValueError when `ids` does not hold exactly one image token.
+  Raises ValueError when `ids` does not hold one image token per entry.
   """
   ids = list(ids)
-  count = ids.count(image_token_id)
-  if count != 1:
-    raise ValueError(f"the token ids hold {count} {IMAGE_TOKEN} tokens; LLaVA-1.5 takes "
-                     f"exactly one image per sequence, so write {IMAGE_TOKEN} once")
-  at = ids.index(image_token_id)
-  return ids[:at] + [image_token_id] * num_image_tokens + ids[at + 1:], at
+  counts = [num_image_tokens] if isinstance(num_image_tokens, (int, np.integer)) \
+      else list(num_image_tokens)
+  found = ids.count(image_token_id)
+  if found != len(counts):
+    if len(counts) == 1:
+      raise ValueError(f"the token ids hold {found} {IMAGE_TOKEN} tokens; one image takes "
+                       f"exactly one, so write {IMAGE_TOKEN} once")
+    raise ValueError(f"the token ids hold {found} {IMAGE_TOKEN} tokens for {len(counts)} "
+                     f"images; write {IMAGE_TOKEN} once per image")
+  out, rest = [], iter(counts)
+  for token in ids:
+    out += [image_token_id] * next(rest) if token == image_token_id else [token]
+  return out, ids.index(image_token_id)
 
 
 def load_image(image: ImageLike, vision_cfg: VisionConfig) -> np.ndarray:
