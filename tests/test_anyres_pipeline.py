@@ -73,7 +73,7 @@ def test_several_images_per_prompt(ov_pipe):
 
 
 def test_video_file_is_decoded_and_sampled(ov_pipe, tmp_path):
-  av = pytest.importorskip("av")
+  import av  # The `video` extra, also in the `test` one.
   frames = _video(12, 4)
   path = tmp_path / "clip.mkv"
   with av.open(str(path), "w") as container:

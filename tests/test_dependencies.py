@@ -1,7 +1,8 @@
 """Every third-party module the project imports is declared in pyproject.toml, so a fresh
 environment made with the README's install commands has it: the library, the entry
-points, configs, benchmarks and tools need only the base dependencies; the tests and the
-notebook may also use the `test` extra."""
+points, configs, benchmarks and tools need only the base dependencies at module level,
+and an optional extra's package (e.g. `video`'s av) only inside the function that uses
+it; the tests and the notebook may also use the `test` extra."""
 
 import ast
 import importlib.metadata
@@ -42,11 +43,18 @@ def _sources(paths):
         yield f, "\n".join(code)
 
 
-def _imports(paths) -> dict[str, set[str]]:
-  """Top-level third-party module -> the files importing it."""
+def _imports(paths, lazy: bool | None = None) -> dict[str, set[str]]:
+  """Top-level third-party module -> the files importing it; lazy=False only imports
+  at module level, True only those inside a function, None both."""
   found = {}
   for f, text in _sources(paths):
-    for node in ast.walk(ast.parse(text, str(f))):
+    tree = ast.parse(text, str(f))
+    nested = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef,
+                                                               ast.AsyncFunctionDef))
+              for n in ast.walk(fn) if n is not fn}
+    for node in ast.walk(tree):
+      if lazy is not None and (id(node) in nested) != lazy:
+        continue
       if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
       elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -60,10 +68,10 @@ def _imports(paths) -> dict[str, set[str]]:
   return found
 
 
-def _undeclared(paths, declared: set[str]) -> list[str]:
+def _undeclared(paths, declared: set[str], lazy: bool | None = None) -> list[str]:
   owners = importlib.metadata.packages_distributions()
   bad = []
-  for module, files in sorted(_imports(paths).items()):
+  for module, files in sorted(_imports(paths, lazy).items()):
     dists = {_norm(d) for d in owners.get(module, [])}
     if not dists:
       bad.append(f"{module} (imported in {sorted(files)[0]}) is not installed: declare it")
@@ -73,8 +81,22 @@ def _undeclared(paths, declared: set[str]) -> list[str]:
   return bad
 
 
+def _optional_extras() -> list[str]:
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  return [e for e in project["optional-dependencies"] if e != "test"]
+
+
 def test_runtime_imports_are_base_dependencies():
-  assert _undeclared(RUNTIME, _declared()) == []
+  assert _undeclared(RUNTIME, _declared(), lazy=False) == []
+  assert _undeclared(RUNTIME, _declared(*_optional_extras()), lazy=True) == []
+
+
+def test_optional_extras_are_only_imported_lazily():
+  # av (the `video` extra) is imported inside load_video: at module level it would fail
+  # the first check, which must see it there.
+  lazy = _imports(RUNTIME, lazy=True)
+  assert "tokred_jax/io/video.py" in lazy.get("av", set())
+  assert any(m.startswith("av ") for m in _undeclared(RUNTIME, _declared(), lazy=True))
 
 
 def test_test_imports_are_declared_in_the_test_extra():

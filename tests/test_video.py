@@ -70,7 +70,7 @@ def _write_video(av, path, frames, codec):
 # The .mkv records no frame count (frames are counted first); the others do.
 @pytest.mark.parametrize("codec,suffix", [("ffv1", "mkv"), ("png", "mov"), ("mpeg4", "mp4")])
 def test_load_video(codec, suffix, tmp_path):
-  av = pytest.importorskip("av")  # The optional `video` extra.
+  import av  # The `video` extra, also in the `test` one.
   # Frame i is a flat grey of 10 * i, so a decoded frame tells its index.
   frames = np.repeat(np.arange(0, 200, 10, dtype=np.uint8), 16 * 24 * 3).reshape(20, 16, 24, 3)
   path = tmp_path / f"clip.{suffix}"

@@ -9,7 +9,6 @@ frame arrays.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -33,9 +32,7 @@ def load_video(path: str | os.PathLike, num_frames: int) -> np.ndarray:
   """u8[num_frames, H, W, 3]: `num_frames` RGB frames of the video file at `path`,
   sampled uniformly over all its frames (sample_frame_indices), decoded with PyAV."""
   try:
-    # PyAV is the optional `video` extra, imported only here; tests/test_dependencies.py
-    # checks static imports against the base dependencies and knows no extras.
-    av = importlib.import_module("av")
+    import av  # The optional `video` extra: imported where it is needed only.
   except ImportError:
     raise ValueError("decoding videos needs PyAV: pip install 'tokred-jax[video]' (or pass "
                      "decoded u8[F, H, W, 3] frames to video_pixels).") from None
