@@ -14,6 +14,7 @@ empty slots are masked, and the positions of later tokens close the gap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -86,33 +87,37 @@ def pack(crop_tokens: tokens.TokenSet, layout: Crops, newline: jax.Array,
 
   Returns a TokenSet over the slots (features f32[B, N, D]; sources i32[B, P·g·g], the
   slot holding each patch, -1 where none does)."""
-  b, n_slots, k = layout.src.shape
+  b, n_slots, _ = layout.src.shape
   n, d = crop_tokens.features.shape[1:]
-  patches = crop_tokens.sources.shape[1]
-  crop = jnp.arange(crop_tokens.sources.shape[0], dtype=jnp.int32)[:, None]
-  # Each patch's token, as an index into the prompt's crop tokens (-1: dropped).
-  holder = jnp.where(crop_tokens.sources >= 0, crop_tokens.sources + n * (crop % (
-      crop.shape[0] // b)), -1).reshape(b, -1)
-  first = jnp.full((b, holder.shape[1] // patches * n), holder.shape[1], jnp.int32)
-  first = first.at[jnp.arange(b)[:, None], jnp.maximum(holder, 0)].min(
-      jnp.where(holder >= 0, jnp.arange(holder.shape[1], dtype=jnp.int32), holder.shape[1]))
-  src = jnp.take_along_axis(holder, layout.src.reshape(b, -1), axis=1).reshape(b, n_slots, k)
-  features = crop_tokens.features.reshape(b, -1, d)
-  read = jnp.take_along_axis(features, jnp.maximum(src, 0).reshape(b, -1)[..., None],
-                             axis=1).reshape(b, n_slots, k, d)
-  # Elementwise in float32, not a matmul, so no platform lowers its precision.
-  x = jnp.sum(layout.weight[..., None].astype(read.dtype) * read, axis=2)
-  x = jnp.where(layout.newline[..., None], newline.astype(x.dtype), x)
-  holds_first = (src[..., 0] >= 0) & (jnp.take_along_axis(
-      first, jnp.maximum(src[..., 0], 0), axis=1) == layout.src[..., 0])
-  valid = layout.valid & (layout.newline | holds_first)
-  x = jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
-  slot = jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.int32), (b, n_slots))
-  placed = jnp.full((b, first.shape[1]), -1, jnp.int32).at[
-      jnp.arange(b)[:, None], jnp.maximum(src[..., 0], 0)].max(
-          jnp.where(valid & ~layout.newline, slot, -1))
-  sources = jnp.where(holder >= 0, jnp.take_along_axis(placed, jnp.maximum(holder, 0),
-                                                       axis=1), -1)
-  ts = tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
+  p = crop_tokens.sources.shape[0] // b
+  # Each patch's token, as an index into its prompt's P·n crop tokens (-1: dropped).
+  offset = n * (jnp.arange(b * p, dtype=jnp.int32) % p)[:, None]
+  holder = jnp.where(crop_tokens.sources >= 0, crop_tokens.sources + offset, -1)
+  one = functools.partial(_pack_one, newline=newline)
+  ts = jax.vmap(one)(holder.reshape(b, -1), crop_tokens.features.reshape(b, -1, d),
+                     layout.src, layout.weight, layout.newline, layout.valid)
   # Valid tokens first, as everywhere (tokens.py): a reduced crop leaves gaps.
   return tokens.compact(ts, n_slots if capacity is None else capacity)
+
+
+def _pack_one(holder, features, src, weight, is_newline, valid, newline) -> tokens.TokenSet:
+  """`pack` for one prompt (vmapped, so the batch axis stays a batching dimension of the
+  gathers and scatters): holder i32[P·g²], features f32[P·n, D], the layout's rows
+  src i32[N, 4], weight f32[N, 4], is_newline and valid bool[N]."""
+  patches, num_tokens = holder.shape[0], features.shape[0]
+  # The first patch each token holds, where it stands in the sequence.
+  first = jnp.full(num_tokens, patches, jnp.int32).at[jnp.maximum(holder, 0)].min(
+      jnp.where(holder >= 0, jnp.arange(patches, dtype=jnp.int32), patches))
+  token = holder[src]  # [N, 4]
+  read = features[jnp.maximum(token, 0)]  # [N, 4, D]
+  # Elementwise in float32, not a matmul, so no platform lowers its precision.
+  x = jnp.sum(weight[..., None].astype(read.dtype) * read, axis=1)
+  x = jnp.where(is_newline[:, None], newline.astype(x.dtype), x)
+  stands = (token[:, 0] >= 0) & (first[jnp.maximum(token[:, 0], 0)] == src[:, 0])
+  valid = valid & (is_newline | stands)
+  x = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+  slot = jnp.arange(src.shape[0], dtype=jnp.int32)
+  placed = jnp.full(num_tokens, -1, jnp.int32).at[jnp.maximum(token[:, 0], 0)].max(
+      jnp.where(valid & ~is_newline, slot, -1))
+  sources = jnp.where(holder >= 0, placed[jnp.maximum(holder, 0)], -1)
+  return tokens.TokenSet(x, valid, valid.astype(jnp.float32), sources)
