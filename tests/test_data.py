@@ -268,6 +268,10 @@ def test_expand_image_token():
   for ids in ([1, 5], [3, 1, 3]):
     with pytest.raises(ValueError, match="exactly one image"):
       expand_image_token(ids, 3, 4)
+  # Several images: each placeholder its own slots.
+  assert expand_image_token([1, 3, 5, 3, 6], 3, [2, 1]) == ([1, 3, 3, 5, 3, 6], 1)
+  with pytest.raises(ValueError, match="2 <image> tokens for 3 images"):
+    expand_image_token([1, 3, 5, 3, 6], 3, [2, 1, 1])
 
 
 # The grain pipeline.

@@ -221,8 +221,8 @@ def expand_image_token(ids: Sequence[int], image_token_id: int,
   found = ids.count(image_token_id)
   if found != len(counts):
     if len(counts) == 1:
-      raise ValueError(f"the token ids hold {found} {IMAGE_TOKEN} tokens; one image takes "
-                       f"exactly one, so write {IMAGE_TOKEN} once")
+      raise ValueError(f"the token ids hold {found} {IMAGE_TOKEN} tokens for exactly one "
+                       f"image; write {IMAGE_TOKEN} once")
     raise ValueError(f"the token ids hold {found} {IMAGE_TOKEN} tokens for {len(counts)} "
                      f"images; write {IMAGE_TOKEN} once per image")
   out, rest = [], iter(counts)
