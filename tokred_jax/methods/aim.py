@@ -343,9 +343,17 @@ class PageRankPlan(prune.PrunePlan):
                            iterations=self.iterations, damping=self.damping)
 
   def scorer_flops(self, cfg, num_tokens):
-    t = cfg.text  # the full attention logits, then one walk over them per iteration
-    return (2 * num_tokens * num_tokens * t.num_heads * t.head_dim
-            + self.iterations * 2 * t.num_heads * num_tokens * num_tokens)
+    """The full matrix: the logits once, then one walk over them per iteration. Blocks
+    (`auto_block_size`): every iteration recomputes the logits of every block, padded
+    rows included, and walks them."""
+    t, n = cfg.text, num_tokens
+    logits = lambda rows: 2 * rows * n * t.num_heads * t.head_dim
+    walk = lambda rows: 2 * t.num_heads * rows * n
+    block = auto_block_size(n)
+    if block >= n:
+      return logits(n) + self.iterations * walk(n)
+    rows = -(-n // block) * block
+    return self.iterations * (logits(rows) + walk(rows))
 
 
 @dataclasses.dataclass(frozen=True)
