@@ -11,6 +11,7 @@ T = 2,048 the full matrix is itself 2.3e-6 (absolute) from float64, the blocks c
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.test_aim import _random_qk, reference_pagerank
 from tokred_jax.methods import aim
+from tokred_jax.models import presets
 
 T = 40
 
@@ -121,3 +123,41 @@ def test_rejects_bad_block_size(block_size):
   valid = np.ones((1, 12), bool)
   with pytest.raises(ValueError, match="block_size"):
     aim.pagerank_scores(q, k, valid, valid, block_size=block_size)
+
+
+def _matmul_flops(jaxpr) -> int:
+  """2·M·N·K of every dot_general the program runs, loops counted by their trip count
+  (`fori_loop` with static bounds traces to a scan, whose length is known)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(
+          np.prod([lhs[d] for d in contract]))
+    elif eqn.primitive.name == "while":
+      raise AssertionError("a while loop: its trip count is unknown")
+    else:
+      trips = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        total += trips * _matmul_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize("t,iterations", [(100, 5), (1024, 5), (1025, 5), (6300, 5),
+                                          (1500, 2), (2000, 0), (500, 0)])
+def test_scorer_flops_count_what_the_program_computes(t, iterations):
+  """Blocks recompute the logits in every iteration; the cost model says so. Counted on
+  the traced program of the 7B's shapes (28 query heads over 4 KV heads)."""
+  cfg = presets.get("llava-onevision-qwen2-7b-ov")
+  text = cfg.text
+  args = (jax.ShapeDtypeStruct((1, t, text.num_heads, text.head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((1, t, text.num_kv_heads, text.head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((1, t), jnp.bool_), jax.ShapeDtypeStruct((1, t), jnp.bool_))
+  scorer = functools.partial(aim.pagerank_scores, iterations=iterations)
+  traced = _matmul_flops(jax.make_jaxpr(scorer)(*args).jaxpr)
+  plan = aim.PageRankPlan((), (), False, counts=(), ratios=(), iterations=iterations)
+  assert plan.scorer_flops(cfg, t) == traced
+  if iterations and t > aim.FULL_MATRIX_MAX_TOKENS:  # the logits, once per iteration
+    rows = -(-t // aim.auto_block_size(t)) * aim.auto_block_size(t)
+    assert traced > iterations * 2 * rows * t * text.num_heads * text.head_dim

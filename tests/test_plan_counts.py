@@ -236,6 +236,7 @@ PERTURB = {
     "Tome.r": ("tome", lambda v: v[:-1] + (v[-1] + 1,)),
     "Merge.steps": ("aim", lambda v: v[:-1] + (v[-1] - 1,)),
     "Merge.metric": ("aim", lambda v: "features"),
+    "Merge.frames_only": ("aim", lambda v: True),  # no video here: no merge at all
     "Pool.stride": ("pooling", lambda v: 4),  # 16 tokens or 4: one bucket
     "Random.keep": ("random", lambda v: v - 2),
     "Random.seed": ("random", lambda v: 1),

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
+from tokred_jax.models import llava
 from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 
 # CLIP tower, 112 px in 14 px patches: an 8x8 grid (64 image tokens) + CLS; 3 layers, width 32.
@@ -75,3 +77,29 @@ TINY_OV = LlavaConfig(
     image_token_id=126, pad_token_id=0, vision_feature_layer=-1, vision_feature_select="full",
     arch="llava_onevision", vision_aspect_ratio="anyres_max_9", video_token_id=127,
     image_grid_pinpoints=tuple((70 * i, 70 * j) for i in range(1, 5) for j in range(1, 5)))
+
+
+def random_params(cfg, seed=0):
+  """Random weights of the model's shapes, without compiling `init_params`: norms' scales
+  1, biases 0, every other tensor N(0, 0.05²)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: llava.init_params(cfg, jax.random.PRNGKey(0)))
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return np.ones(leaf.shape, np.float32)
+    if "bias" in name:
+      return np.zeros(leaf.shape, np.float32)
+    return (0.05 * rng.normal(size=leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def official_aim_keep(num_visual, num_layers, l1, l2):
+  """Visual tokens each layer processes: the official Qwen2 code's retain_rate (written
+  for (14, 22) on 28 layers) and keep_num = int(N_v · rate + protected) − protected."""
+  rate = [max(0, 1.0 - (l - l1 + 1) / (l2 - l1)) if l >= l1 else 1.0
+          for l in range(num_layers)]
+  protected = 100
+  return [num_visual] + [int(num_visual * r + protected) - protected for r in rate[:-1]]

@@ -320,9 +320,9 @@ class Merge(Stage):
     for step, r in enumerate(self.steps):
       if r < 0:
         raise ConfigError(f"merge counts must be >= 0, got {r}.")
-      if r > (n + 1) // 2:
+      if r > n // 2:  # the official code silently merges ⌊n/2⌋ instead
         raise ConfigError(f"merge_r[{step}] = {r} is more than half of the {n} tokens it "
-                          "merges (a bipartite step merges at most the even half).")
+                          f"merges (AIM's bipartite step merges at most {n // 2}).")
       n -= r
       caps.append(flow.bucket_to(n, limit).cap)
     flow.visual = flow.bucket_to(n, limit)
@@ -343,9 +343,17 @@ class PageRankPlan(prune.PrunePlan):
                            iterations=self.iterations, damping=self.damping)
 
   def scorer_flops(self, cfg, num_tokens):
-    t = cfg.text  # the full attention logits, then one walk over them per iteration
-    return (2 * num_tokens * num_tokens * t.num_heads * t.head_dim
-            + self.iterations * 2 * t.num_heads * num_tokens * num_tokens)
+    """The full matrix: the logits once, then one walk over them per iteration. Blocks
+    (`auto_block_size`): every iteration recomputes the logits of every block, padded
+    rows included, and walks them."""
+    t, n = cfg.text, num_tokens
+    logits = lambda rows: 2 * rows * n * t.num_heads * t.head_dim
+    walk = lambda rows: 2 * t.num_heads * rows * n
+    block = auto_block_size(n)
+    if block >= n:
+      return logits(n) + self.iterations * walk(n)
+    rows = -(-n // block) * block
+    return self.iterations * (logits(rows) + walk(rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,10 +386,10 @@ def default_schedule(num_layers: int) -> tuple[int, int]:
 
 def merge_steps(num_visual: int, target: int) -> tuple[int, ...]:
   """Bipartite steps that take num_visual tokens down to target, each as large as it
-  can be (a step merges at most the ceil(n/2) even-slot tokens)."""
+  can be (the official code merges at most ⌊n/2⌋ tokens in a step)."""
   steps, n = [], num_visual
   while n > target:
-    r = min(n - target, (n + 1) // 2 if n > 1 else 0)
+    r = min(n - target, n // 2)
     if r == 0:
       break
     steps.append(r)
@@ -407,11 +415,13 @@ def _steepen(ratios: tuple[float, ...], retention: float) -> tuple[float, ...]:
 
 
 def build(cfg: LlavaConfig, retention: float | None = None,
-          merge_r: tuple[int, ...] = LLAVA15_MERGE_252, schedule=None, mode: str = "fast",
+          merge_r: tuple[int, ...] | None = None, schedule=None, mode: str = "fast",
           l1: int | None = None, l2: int | None = None, parts=("merge", "prune")) -> Recipe:
   """AIM: merge before the LLM, then PageRank pruning on the (l1, l2) schedule
   (`schedule`, or `l1` and `l2` given one by one, e.g. as evaluation options; default
-  the published one for the depth, `default_schedule`).
+  the published one for the depth, `default_schedule`). merge_r: the merge steps
+  (default: LLAVA15_MERGE_252 on LLaVA-1.5 and LLaVA-NeXT; on LLaVA-OneVision, per video
+  frame of n pooled tokens, the official n // 2 then n // 4, i.e. LLAVA_OV_VIDEO_MERGE_49).
 
   With `retention`, the merge target M is chosen so that M times the schedule's mean
   ratio gives retention·N_v; if that needs no merging at all (retention above the
@@ -431,8 +441,8 @@ def build(cfg: LlavaConfig, retention: float | None = None,
     raise ConfigError(str(e)) from None
   video = cfg.arch == "llava_onevision"  # AIM merges its video frames after pooling
   n_v = llava_onevision.pooled_grid(cfg.vision.grid) ** 2 if video else cfg.num_image_tokens
-  if video and merge_r == LLAVA15_MERGE_252:
-    merge_r = LLAVA_OV_VIDEO_MERGE_49
+  if merge_r is None:  # the official video steps are r = n // 2, then n // 4 (98, 49)
+    merge_r = (n_v // 2, n_v // 4) if video else LLAVA15_MERGE_252
   mean = sum(ratios) / n_layers if "prune" in parts else 1.0
   if retention is not None:
     check_retention(retention)
@@ -445,7 +455,7 @@ def build(cfg: LlavaConfig, retention: float | None = None,
       ratios = _steepen(ratios, retention)
     else:
       merge_r = merge_steps(n_v, max(1, round(retention * n_v / mean)))
-  elif sum(merge_r) >= n_v:
+  elif "merge" in parts and sum(merge_r) >= n_v:
     raise ConfigError(f"AIM merge steps {merge_r} remove {sum(merge_r)} of the model's "
                       f"{n_v} visual tokens.")
   stages = []

@@ -9,6 +9,9 @@ their original positions; with h = x + Attn(·) over that set:
   text           h + MLP(norm(h))
   skipped visual w·x                    (STRing: the router learns from skipped tokens)
 Skipped tokens stay in the stream for the next layer, whose router picks again.
+k_ℓ = trunc(N_v · R_ℓ) in float32, as the official code computes it, of each sample's own
+N_v (an anyres bucket's samples hold different counts below its capacity), chosen
+jointly over all of the sample's visual tokens.
 
 Schedules give R_ℓ per layer, or None for an ordinary dense layer (no router). PRD is a
 shifted cosine, R̃_ℓ = ½·cos(π·ℓ/(L−1)) + shift; layers with R̃_ℓ > dense_above are
@@ -31,7 +34,7 @@ import numpy as np
 from tokred_jax.core import sharding
 from tokred_jax.core.stream import keep_chosen, take, top_visual
 from tokred_jax.methods.base import Count, Flow, Recipe, Stage, StagePlan, bucket, \
-    check_retention, floor_count
+    check_retention
 from tokred_jax.models import layers as model_layers
 from tokred_jax.models.config import ConfigError, LlavaConfig
 from tokred_jax.models.llava import LayerOut
@@ -101,10 +104,20 @@ def router_layers(ratios: Ratios) -> tuple[int, ...]:
   return tuple(l for l, r in enumerate(ratios) if r is not None)
 
 
+def kept_count(num_visual: int, ratio: float) -> int:
+  """k = ⌊N_v · R⌋ as the official code computes it: trunc(float32(N_v) · float32(R))
+  (`routed_counts` is the same in the program)."""
+  return int(np.trunc(np.float32(num_visual) * np.float32(ratio)))
+
+
+def routed_counts(num_visual: jax.Array, ratio: jax.Array) -> jax.Array:
+  """`kept_count` in the program: num_visual i32[B], ratio f32[] -> i32[B]."""
+  return jnp.trunc(num_visual.astype(jnp.float32) * ratio).astype(jnp.int32)
+
+
 def kept_counts(num_visual: int, ratios: Ratios) -> tuple[int, ...]:
-  """k_ℓ = ⌊N_v · R_ℓ⌋ visual tokens per layer (N_v in dense layers)."""
-  return tuple(num_visual if r is None else int(math.floor(num_visual * r + 1e-9))
-               for r in ratios)
+  """k_ℓ = ⌊N_v · R_ℓ⌋ visual tokens per layer (`kept_count`; N_v in dense layers)."""
+  return tuple(num_visual if r is None else kept_count(num_visual, r) for r in ratios)
 
 
 def mean_kept_ratio(num_visual: int, ratios: Ratios) -> float:
@@ -166,14 +179,19 @@ def _check_layers(num_layers: int):
 @dataclasses.dataclass(frozen=True)
 class RoutePlan(StagePlan):
   """capacities: visual tokens each layer routes through (static), None: a dense layer;
-  counts: the exact routed counts (traced); ratios: the R_ℓ they came from."""
+  relative: the routed counts are `kept_count` of the sample's own visual tokens,
+  computed in the program (an anyres bucket, whose samples hold different counts, or
+  an earlier stage whose counts depend on the input); counts: the exact routed counts
+  for the plan's own N_v (traced); ratios: the R_ℓ they came from (traced, float32)."""
   name: ClassVar[str] = "p-MoD"
   capacities: tuple[int | None, ...]
+  relative: bool
   counts: tuple[int | None, ...] = dataclasses.field(compare=False)
   ratios: tuple[float | None, ...] = dataclasses.field(compare=False)
 
   def traced(self):
-    return jnp.asarray([-1 if k is None else k for k in self.counts], jnp.int32)
+    return (jnp.asarray([-1 if k is None else k for k in self.counts], jnp.int32),
+            jnp.asarray([0.0 if r is None else r for r in self.ratios], jnp.float32))
 
   def llm_layer(self, run, c, index, layer, stream, next):
     """The router picks the visual tokens the layer processes (text always is); the
@@ -181,8 +199,12 @@ class RoutePlan(StagePlan):
     capacity = self.capacities[index]
     if capacity is None:
       return next(stream)
+    counts, ratios = c
+    count = counts[index]
+    if self.relative:  # i32[B]: trunc(N_v · R_ℓ) of each sample's own visual tokens
+      count = routed_counts(run.carry["visual_in"], ratios[index])
     w = tanh_norm(layer.route(stream.x), run.model.cfg.text.router_alpha)  # [B, T]
-    chosen, kept = top_visual(stream, w, capacity, c[index])
+    chosen, kept = top_visual(stream, w, capacity, count)
     # Text and the chosen visual slots, in original order (a fixed count per sample).
     order = keep_chosen(stream, chosen, run.visual_slots, capacity)
     sub_visual = take(stream.visual, order)
@@ -238,10 +260,11 @@ class Route(Stage):
       if r is None:
         routed.append(flow.routed[l])
         continue
-      exact = min(flow.llm[l].exact, floor_count(visual.exact, r))
+      exact = min(flow.llm[l].exact, kept_count(visual.exact, r))
       routed.append(Count(exact, min(flow.llm[l].cap, bucket(exact, flow.bucket, visual.cap))))
     flow.routed = routed
     return RoutePlan(tuple(None if k is None else k.cap for k in routed),
+                     flow.data_dependent is not None or flow.packing is not None,
                      counts=tuple(None if k is None else k.exact for k in routed),
                      ratios=tuple(self.ratios))
 
