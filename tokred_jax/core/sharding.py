@@ -90,6 +90,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"vision/patch_embed/bias", ("embed",)),
     (r"vision/pos_embed", ("length", "embed")),
     (r"vision/cls", ("embed",)),
+    # LLaVA-NeXT / OneVision's newline token, one D vector spliced into the stream.
+    (r"image_newline", ("embed",)),
     (r".*(norm|ln\d?)/(scale|bias)", ("norm",)),
 )
 

@@ -296,14 +296,16 @@ def check(method: str, target: float, measure: str = "flops", tolerance: float =
                         "or drop the budget.")
 
 
-def measure_of(cfg: LlavaConfig, measure: str, num_text_tokens: int = TEXT_TOKENS
-               ) -> Callable[[Plan], float]:
+def measure_of(cfg: LlavaConfig, measure: str, num_text_tokens: int = TEXT_TOKENS,
+               packing: Any = None) -> Callable[[Plan], float]:
   """plan -> its value of `measure` (see the module docstring) for a model of `cfg` and
-  a prompt of `num_text_tokens` text tokens."""
+  a prompt of `num_text_tokens` text tokens (packing: the input bucket of an anyres
+  model, against whose dense plan fractions are taken)."""
   if measure == "tokens":
     return lambda plan: cost.equivalent_visual_tokens(plan.visual_per_layer)
   of = (lambda c: c["flops"].total) if measure == "flops" else (lambda c: c["kv_bytes"].total)
-  dense = of(cost.plan_cost(cfg, make_plan(Recipe(), cfg), num_text_tokens, exact=True))
+  dense = of(cost.plan_cost(cfg, make_plan(Recipe(), cfg, packing), num_text_tokens,
+                            exact=True))
   return lambda plan: of(cost.plan_cost(cfg, plan, num_text_tokens, exact=True)) / dense
 
 
@@ -323,14 +325,16 @@ def _nearest(spans, target: float, tolerance: float):
 
 def solve(cfg: LlavaConfig, method: str, budget: float, *, measure: str = "flops",
           num_text_tokens: int = TEXT_TOKENS, mode: str = "fast",
-          tolerance: float = TOLERANCE, **method_kwargs) -> Solution:
+          tolerance: float = TOLERANCE, packing: Any = None, **method_kwargs) -> Solution:
   """The parameters of `method` (a name of methods.METHODS or PRESETS; a preset solves
   with its method, keeping what the budget does not set, e.g. FastV's k; a part of
   methods.PARTS or several names joined with "+") whose `measure` is `budget` for a
   model of `cfg` and a prompt of `num_text_tokens` text tokens (see the module
   docstring). method_kwargs go to the method's builder (AIM's l1 and l2, FastV's k,
   p-MoD's schedule, ...; for a composed recipe `split` and a dict per part, e.g.
-  fastv={"k": 1}); those the budget sets are refused.
+  fastv={"k": 1}); those the budget sets are refused. packing: the input bucket of an
+  anyres model (`io.batching.packing`, required there, as for `make_plan`): its packed
+  visual count, crops and frames are what the measure counts.
 
   Raises ConfigError for malformed input, a method without a budget (MustDrop), and a
   budget outside what the method reaches here (the message names the range)."""
@@ -344,10 +348,10 @@ def solve(cfg: LlavaConfig, method: str, budget: float, *, measure: str = "flops
     raise ConfigError(f"{name}'s {given[0]} is what the budget sets; drop it, or drop the "
                       "budget.")
   unit = _UNITS[measure]
-  of = measure_of(cfg, measure, num_text_tokens)
+  of = measure_of(cfg, measure, num_text_tokens, packing)
   spans = []
   for family in FAMILIES.get(name, _recipe(name))(cfg, mode, kwargs):
-    span = search(lambda x, f=family: make_plan(f.make(x), cfg), of, budget)
+    span = search(lambda x, f=family: make_plan(f.make(x), cfg, packing), of, budget)
     spans.append((family, span))
   family, span, point = _nearest(spans, budget, tolerance)
   low = min(s.lowest.value for _, s in spans)

@@ -4,6 +4,14 @@
            (each sample draws its own; the subset keeps the tokens' order).
   pooling  s×s average pooling of the visual grid after the projector (LLaVA-OneVision's
            2×2 on video frames; Gemma 3), retention 1/s².
+
+On anyres inputs both act per crop (per frame): LLaVA-NeXT and OneVision images keep or
+pool each crop's tokens, and the packing places what is left (llava_next.pack). Video
+frames are pooled 2×2 by LLaVA-OneVision itself right after the projector, so on video
+both act after that pooling: random keeps the same fraction of each frame's pooled
+tokens as it keeps of a crop's (a random subset commutes with the per-token projector,
+so it stays the same baseline), and pooling pools the pooled grid further (OneVision-7B:
+14×14, strides 2 and 7; the tiny test model's 3×3, stride 3).
 """
 
 from __future__ import annotations
@@ -16,25 +24,35 @@ import jax
 import jax.numpy as jnp
 
 from tokred_jax.core import tokens
-from tokred_jax.methods.base import Flow, Recipe, Stage, StagePlan, check_retention
+from tokred_jax.methods.base import Flow, Recipe, Stage, StagePlan, check_retention, \
+    floor_count
+from tokred_jax.models import llava_onevision
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomPlan(StagePlan):
   """capacity: visual tokens kept (static); seed: the subset's seed when the call gives
-  no PRNG key; keep: how many are kept (traced)."""
+  no PRNG key; pooled: acts after the projector, on pooled video frames; keep: how many
+  are kept (traced)."""
   name: ClassVar[str] = "random"
   capacity: int
   seed: int
+  pooled: bool
   keep: int = dataclasses.field(compare=False)
 
   def traced(self):
     return jnp.asarray(self.keep, jnp.int32)
 
-  def before_projector(self, run, c, ts):
+  def _keep(self, run, c, ts):
     rng = run.rng if run.rng is not None else jax.random.PRNGKey(self.seed)
     return tokens.random_keep(ts, rng, self.capacity, c)
+
+  def before_projector(self, run, c, ts):
+    return ts if self.pooled else self._keep(run, c, ts)
+
+  def after_projector(self, run, c, ts):
+    return self._keep(run, c, ts) if self.pooled else ts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +69,14 @@ class Random(Stage):
     if self.keep > flow.visual.exact:
       raise ConfigError(f"random's keep {self.keep} is more than the {flow.visual.exact} "
                         "visual tokens available.")
+    keep, full = self.keep, flow.cfg.num_image_tokens
+    pooled = isinstance(flow.packing, llava_onevision.Packing)
+    if pooled:  # video: after the frames' own pooling, the same fraction of each frame
+      flow.advance("after_projector", self.name)
+      keep = max(1, floor_count(flow.visual.exact, keep / full))
     flow.change_visual(self.name)
-    flow.visual = flow.bucket_to(self.keep, flow.cfg.num_image_tokens)
-    return RandomPlan(flow.visual.cap, self.seed, keep=self.keep)
+    flow.visual = flow.bucket_to(keep, full)
+    return RandomPlan(flow.visual.cap, self.seed, pooled, keep=keep)
 
 
 @dataclasses.dataclass(frozen=True)

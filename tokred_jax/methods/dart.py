@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax.core import tokens
-from tokred_jax.methods import prune
+from tokred_jax.methods import fastv, prune
 from tokred_jax.methods.base import Recipe, check_retention
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
@@ -251,7 +251,7 @@ class Duplication(prune.Prune):
 
   def plan(self, flow):
     _check_pivots(self.num_image_pivots, self.num_text_pivots)
-    return super().plan(flow)
+    return fastv.per_sample(super().plan(flow), flow)
 
   def plan_settings(self) -> dict:
     return dict(num_image_pivots=self.num_image_pivots, num_text_pivots=self.num_text_pivots)
@@ -264,7 +264,9 @@ def build(cfg: LlavaConfig, retention: float | None = None, k: int = DART_K,
   duplicate the pivots of layer k−1. The count kept: `official_keep_count(budget)` for
   the official `max_num_trunction` = budget (default DART_BUDGET), or with `retention`
   solved from (k + (L − k) · keep) / L = retention, keep the fraction kept. (After an
-  earlier stage that reduces, the budget's count is a fraction of the model's N_v.)"""
+  earlier stage that reduces, and on anyres inputs, the budget's count is a fraction of
+  the model's N_v, the tokens of one crop, taken of each prompt's own count, as the
+  official LLaVA-NeXT code keeps a ratio of the image's tokens.)"""
   n_layers, n_visual = cfg.text.num_layers, cfg.num_image_tokens
   _check_pivots(num_image_pivots, num_text_pivots)
   if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_layers:

@@ -73,6 +73,7 @@ import numpy as np
 
 from tokred_jax.core import attention, tokens
 from tokred_jax.methods.base import Flow, Recipe, Stage, StagePlan
+from tokred_jax.models import llava_onevision
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 # Presets (official scripts/v1_5/eval/textvqa_*.sh): (gamma, alpha) = the global and
@@ -432,6 +433,10 @@ class Window(Stage):
     grid = math.isqrt(flow.cfg.vision.num_patches)
     if grid % self.window:
       raise ConfigError(f"window {self.window} does not divide the {grid}x{grid} patch grid.")
+    if isinstance(flow.packing, llava_onevision.Packing):
+      raise ConfigError("video frames are pooled on their whole patch grid after the "
+                        "projector; MustDrop's window merge in the tower would change the "
+                        "frames' tokens before it.")
     if flow.vision[0][1].cap != flow.cfg.vision.seq_len:
       raise ConfigError("MustDrop's window merge needs the whole patch grid after layer 0; "
                         "put it before stages that merge inside the tower.")
@@ -553,6 +558,12 @@ class KeyFilter(Stage):
     if cfg.vision_layers_used != cfg.vision.num_layers - 1:
       raise ConfigError("MustDrop reads the CLS attention of the tower's last layer on the "
                         "feature layer's output; it needs vision_feature_layer -2.")
+    if flow.packing is not None:
+      # The key set is per crop, the filters act on the packed sequence; no hook hands a
+      # stage the packed set's patch -> slot map that would carry the one to the other.
+      raise ConfigError("MustDrop's key set is chosen per crop, and the model does not give "
+                        "its filters the crops' place in the packed sequence; on anyres "
+                        "images run 'mustdrop.window' alone.")
     layers = cfg.text.num_layers
     bad = [l for l in self.filter_layers if not 0 <= l < layers - 1]
     if bad:

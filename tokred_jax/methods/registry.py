@@ -5,6 +5,11 @@ level, and recipes composed of several methods' stages.
   recipe = methods.get("fastv", cfg, retention=0.25)   # FastV keeping 25% on average
   recipe = methods.get("tome+fastv", cfg, retention=0.25)  # ToMe in the tower, FastV after
   plan = base.make_plan(recipe, cfg)
+  plan = base.make_plan(recipe, cfg, batching.packing(visuals.pixels, cfg))  # anyres
+
+On LLaVA-NeXT and OneVision, stages before the LLM act per crop (per frame) and counts
+derived from `cfg.num_image_tokens` are per crop; FastV and DART keep their ratio of
+each prompt's own packed visual tokens (the bucket's count only bounds them).
 
 A retention level ρ asks for ρ·N_v "equivalent tokens": the mean number of visual
 tokens over the LLM layers, the field's measure (METHODS.md section 5). Every method

@@ -76,6 +76,10 @@ class Tome(Stage):
     seq = cfg.vision.seq_len
     visual = flow.bucket_to(n - drop, cfg.num_image_tokens)
     caps = [seq] + [flow.bucket_to(t, seq).cap for t in exact[1:]] + [visual.cap + drop]
+    # A merge compacts into at most the slots it got: rounding the visual count up (CLS
+    # added back) may pass the capacity of the layer before it.
+    for i in range(1, len(caps)):
+      caps[i] = min(caps[i], caps[i - 1])
     flow.vision = [(Count(e, caps[i]), Count((exact[1:] + [n])[i], caps[i + 1]))
                    for i, e in enumerate(exact)]
     return TomePlan(tuple(caps[1:]), bool(has_cls), merges=tuple(self.r))
