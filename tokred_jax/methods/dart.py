@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax.core import tokens
-from tokred_jax.methods import fastv, prune
+from tokred_jax.methods import prune
 from tokred_jax.methods.base import Recipe, check_retention
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
@@ -251,7 +251,7 @@ class Duplication(prune.Prune):
 
   def plan(self, flow):
     _check_pivots(self.num_image_pivots, self.num_text_pivots)
-    return fastv.per_sample(super().plan(flow), flow)
+    return super().plan(flow)
 
   def plan_settings(self) -> dict:
     return dict(num_image_pivots=self.num_image_pivots, num_text_pivots=self.num_text_pivots)

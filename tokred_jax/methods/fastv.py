@@ -82,14 +82,6 @@ def layer_ratios(num_layers: int, k: int = FASTV_K, r: float = FASTV_R) -> tuple
   return tuple(1.0 if layer < k else 1.0 - r for layer in range(num_layers))
 
 
-def per_sample(plan: prune.PrunePlan, flow) -> prune.PrunePlan:
-  """A prune plan on an anyres input counts from each sample's own visual tokens: the
-  packed count depends on the image size (or the frames), the bucket only bounds it, so
-  a layer keeps ⌊ratio · the sample's count⌋ (as the official code counts an image's
-  tokens), within the capacities planned at the bucket's count."""
-  return plan if flow.packing is None else dataclasses.replace(plan, relative=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class LastTokenPlan(prune.PrunePlan):
   name: ClassVar[str] = "FastV"
@@ -107,9 +99,6 @@ class LastToken(prune.Prune):
   token's attention in layer ℓ − 1 (`layer_ratios` makes FastV's (K, R) schedule)."""
   name: ClassVar[str] = "FastV"
   plan_class: ClassVar[type] = LastTokenPlan
-
-  def plan(self, flow):
-    return per_sample(super().plan(flow), flow)
 
 
 def build(cfg: LlavaConfig, retention: float | None = None, k: int = FASTV_K,
