@@ -11,6 +11,7 @@ the LLM leaves against the plan's capacity.
 """
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,9 @@ from tokred_jax import methods
 from tokred_jax.core import sharding
 from tokred_jax.engine import budget, cost
 from tokred_jax.io import batching
-from tokred_jax.methods import aim, base, fastv, pmod, prune
-from tokred_jax.models import llava
+from tokred_jax.core import tokens as tokens_lib
+from tokred_jax.methods import aim, base, fastv, mustdrop, pmod, prune
+from tokred_jax.models import llava, llava_next
 from tokred_jax.models.config import ConfigError
 
 NEXT, OV = with_routers(TINY_NEXT), with_routers(TINY_OV)
@@ -31,9 +33,9 @@ KINDS = ("next", "ov_images", "video")
 # (kind, recipe, retention, mode, options). Composed recipes test two methods in one
 # program (each program costs seconds to compile). Pooling takes a stride that divides
 # the grid it pools: NeXT's 4x4 crops (2), OneVision's 5x5 crops (5), its pooled 3x3
-# frames (3). MustDrop's key set needs a CLS token and a crops-to-sequence map (see
-# mustdrop.KeyFilter): its window merge runs per NeXT crop, here with every 2x2 window
-# merging (threshold -1: a cosine is never below it).
+# frames (3). MustDrop's key set needs a CLS token (not OneVision's SigLIP); its window
+# merge runs per NeXT crop, here with every 2x2 window merging (threshold -1: a cosine
+# is never below it); the whole method on NeXT: tests/test_anyres_pipeline.py.
 _POOL_PMOD = lambda stride: ("pooling+pmod", None, "fast",
                              {"pooling": {"stride": stride}, "pmod": {"retention": 0.5}})
 CASES = [("next", "none", None, "fast", {}), ("next", "tome+fastv", 0.5, "fast", {}),
@@ -220,8 +222,6 @@ def test_refusals_name_the_problem(inputs):
   for recipe in (methods.get("tome", cfg, 0.5), methods.get("mustdrop.window", cfg, window=5)):
     with pytest.raises(ConfigError, match="pooled on their whole patch grid"):
       base.make_plan(recipe, cfg, packing)
-  with pytest.raises(ConfigError, match="anyres images run 'mustdrop.window'"):
-    base.make_plan(methods.get("mustdrop", NEXT, window=2), NEXT, inputs["next"][2])
   with pytest.raises(ConfigError, match="CLS token"):
     base.make_plan(methods.get("mustdrop", OV, window=5), OV, inputs["ov_images"][2])
   with pytest.raises(ConfigError, match="pass packing="):
@@ -272,3 +272,26 @@ def test_sharded_run_equals_one_device(inputs, params, runs, kind, name):
   np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(aux["visual_per_layer"]),
                                 want_aux["visual_per_layer"])
+
+
+def test_mustdrop_key_set_follows_the_crops_into_the_sequence():
+  """The key set chosen in each crop marks the packed slots whose tokens it holds."""
+  cfg, b, p, g2, d = NEXT, 1, 3, 16, 2
+  features = jnp.arange(b * p * g2 * d, dtype=jnp.float32).reshape(b * p, g2, d)
+  crops = tokens_lib.from_features(features)
+  layout = batching.image_batch([_images([(37, 90)], 0)], cfg).pixels
+  assert layout.pixels.shape[1] == p
+  key = np.zeros((b * p, g2), bool)
+  key[0, [1, 5]] = key[1, [0, 15]] = key[2, 7] = True
+  stage = mustdrop.KeyFilterPlan(0.5, (2,), gamma=0.1, alpha=0.1)
+  run = types.SimpleNamespace(carry={"mustdrop.key": jnp.asarray(key)},
+                              plan=types.SimpleNamespace(packing=batching.packing(layout, cfg)))
+  stage.before_projector(run, None, crops)
+  packed = llava_next.pack(crops, layout, jnp.zeros(d))
+  stage.after_packing(run, None, packed)
+  flags = np.asarray(run.carry["mustdrop.key"][0])
+  # Each slot's token is crop token (crop, patch) = features' row; key where that was.
+  x = np.asarray(packed.features[0])
+  want = [bool(v) and key.reshape(-1)[int(row[0]) // d] for row, v in
+          zip(x, np.asarray(packed.valid[0]) & ~np.asarray(layout.newline[0]))]
+  assert flags.tolist() == want and sum(want) >= 3

@@ -108,3 +108,20 @@ def test_bad_input_is_one_line_before_compiling(next_pipe, ov_pipe, model, kwarg
   assert _compiles(pipe) == before
   faults.record("Pipeline", f"{pipe.cfg.arch}.prepare({sorted(kwargs)})",
                 f"ValueError: {e.value}", before="compile")
+
+
+def test_mustdrop_on_next_runs_in_segments_and_matches_the_masked_program(next_pipe):
+  """MustDrop on LLaVA-NeXT: window merge and key set in every crop, the filters on the
+  packed sequence. Fast mode runs as compacted segments; its text logits equal the
+  one-program run that only masks."""
+  recipe = next_pipe.recipe("mustdrop-64", window=2, threshold=-1.0)  # every window merges
+  batch = next_pipe.prepare([_image(37, 90, 1), _image(60, 60, 2)], ["What?", "How many?"],
+                            plan=recipe)
+  plan = next_pipe.batch_plan(batch, recipe)
+  logits, aux = next_pipe.forward(batch, plan, return_aux=True)
+  assert plan in next_pipe._segmented
+  masked = np.asarray(next_pipe._forward(next_pipe.params, batch, plan, plan.counts(), False))
+  text = batch["attention_mask"] & (batch["input_ids"] != next_pipe.cfg.image_token_id)
+  np.testing.assert_allclose(np.asarray(logits)[text], masked[text], atol=1e-4, rtol=1e-4)
+  real = batch["pixel_values"].valid.sum(1)
+  assert (np.asarray(aux["visual_per_layer"])[0] < real).all()  # the windows merged

@@ -42,10 +42,11 @@ class SegmentedPrefill:
   """The prefill of a data-dependent plan (fast mode) for one model, as jitted segments.
 
   Call it with a batch (input_ids, attention_mask, positions i32/bool[B, T],
-  pixel_values f32[B, S, S, C]). Returns a dict: `logits` (f32[B, T, V] without
-  max_new_tokens, else the last position's f32[B, V]), `state` (DecodeState, or None),
-  `aux` (as `Llava.__call__(..., return_aux=True)`, plus with a vision cut
-  `vision_tokens` i32[B], each sample's tower count after it, CLS excluded) and
+  pixel_values f32[B, S, S, C] or an anyres `Crops` / `Frames`). Returns a dict: `logits`
+  (f32[B, T, V] without max_new_tokens, else the last position's f32[B, V]), `state`
+  (DecodeState, or None), `aux` (as `Llava.__call__(..., return_aux=True)`, plus with a
+  vision cut `vision_tokens` i32[B] (anyres: i32[B·P], per crop), each tower count after
+  it, CLS excluded) and
   `capacities` (the capacity C_i of each segment, Python ints).
   """
 
@@ -77,7 +78,9 @@ class SegmentedPrefill:
     self.trace_counts["merge"] += 1
 
     def run(module: Llava):
-      ts = module.tower(pixel_values, module.run(self.plan, counts), stop=self.vision_cut)
+      crops = getattr(pixel_values, "pixels", None)  # anyres: every crop or frame
+      pixels = pixel_values if crops is None else crops.reshape((-1,) + crops.shape[2:])
+      ts = module.tower(pixels, module.run(self.plan, counts), stop=self.vision_cut)
       return ts, jnp.sum(ts.valid, axis=1, dtype=jnp.int32) - self.cls
 
     return self.model.apply({"params": params}, method=run)
@@ -97,13 +100,10 @@ class SegmentedPrefill:
 
     def segment(module: Llava):
       if index == 0:
-        source, input_ids, attention_mask, positions = inputs
+        source, ts, input_ids, attention_mask, positions = inputs
         run = module.run(plan, counts)
-        if self.vision_cut is None:
-          ts = module.tower(source, run)
-        else:
-          ts, run.vision_masked = source, True
-        visual = module.visual_tokens(ts, run, start=self.vision_cut)
+        run.vision_masked = ts is not None
+        visual = module.visual(source, run, ts, start=self.vision_cut)
         stream = module.splice(input_ids, visual, attention_mask, positions)
         stream, _ = streams.front_load(stream)
         stream, _ = streams.cut(stream, (), plan.num_visual - visual.valid.shape[1])
@@ -143,18 +143,20 @@ class SegmentedPrefill:
     if input_ids.shape[1] < self.plan.num_visual:
       raise ValueError(f"the prompt has {prompt_len} slots, fewer than the "
                        f"{self.plan.num_visual} image slots the plan needs.")
-    aux_extra, source = {}, batch["pixel_values"]
+    aux_extra, source, ts = {}, batch["pixel_values"], None
     capacities = []
     if self.vision_cut is not None:
       ts, merged = self._merge(params, source, counts)
       # The one device-to-host read per cut: the largest count over the batch.
       capacity = self._bucket(int(jnp.max(merged)), ts.valid.shape[1] - self.cls)
       keep = capacity + self.cls
-      source = tokens.TokenSet(ts.features[:, :keep], ts.valid[:, :keep], ts.sizes[:, :keep],
-                               ts.sources)
+      ts = tokens.TokenSet(ts.features[:, :keep], ts.valid[:, :keep], ts.sizes[:, :keep],
+                           ts.sources)
       aux_extra["vision_tokens"] = merged
       capacities.append(capacity)
-    inputs = (source, input_ids, batch["attention_mask"], batch["positions"])
+      # What the segments still read of the input: an anyres layout, not its pixels.
+      source = source._replace(pixels=None) if hasattr(source, "pixels") else None
+    inputs = (source, ts, input_ids, batch["attention_mask"], batch["positions"])
     early, live, num_visual = [], [], None
     for index in range(len(self.bounds)):
       stream, carry, carried, new_early, new_live, logits, count, new_sources = self._segment(

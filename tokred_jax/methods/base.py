@@ -16,7 +16,8 @@ state each hook gets is models/hooks.py's `Run`):
   vision_layer(run, c, index, layer, ts, next)   around tower layer `index`
   tower_output(run, c, ts)                       the tower's output, CLS still in
   before_projector(run, c, ts)                   CLS dropped, tower features
-  after_projector(run, c, ts)                    projected features, before the splice
+  after_projector(run, c, ts)                    projected features (per crop or frame)
+  after_packing(run, c, ts)                      anyres crops or frames as one sequence
   llm_layer(run, c, index, layer, stream, next)  around decoder layer `index`
   after_llm_layer(run, c, index, q, k, stream)   after decoder layer `index`
   prefill_caches(run, c, caches)                 the per-layer caches after prefill
@@ -158,6 +159,11 @@ class StagePlan:
     return ts
 
   def after_projector(self, run, c, ts):
+    return ts
+
+  def after_packing(self, run, c, ts):
+    """The anyres models' crops (or frames) packed into one sequence per prompt; its
+    `sources` map each crop patch (crop · g² + patch) to its slot."""
     return ts
 
   def llm_layer(self, run, c, index, layer, stream, next):

@@ -476,6 +476,22 @@ class KeyFilterPlan(StagePlan):
     run.carry["mustdrop.key"] = key_tokens(weights[..., 1:], ts.valid[:, 1:], self.key_ratio)
     return ts
 
+  def before_projector(self, run, c, ts):
+    if run.plan.packing is not None:  # each crop's patch -> slot map, for after_packing
+      run.carry["mustdrop.crop_sources"] = ts.sources
+    return ts
+
+  def after_packing(self, run, c, ts):
+    """Anyres: the key set, chosen in every crop, carried to the packed sequence's slots
+    (a slot is key when a patch it holds was in a key token of its crop)."""
+    key, crop_sources = run.carry["mustdrop.key"], run.carry.pop("mustdrop.crop_sources")
+    held = (crop_sources >= 0) & jnp.take_along_axis(key, jnp.maximum(crop_sources, 0), 1)
+    b, slots = ts.valid.shape
+    held = held.reshape(b, -1) & (ts.sources >= 0)
+    run.carry["mustdrop.key"] = jnp.zeros((b, slots), bool).at[
+        jnp.arange(b)[:, None], jnp.maximum(ts.sources, 0)].max(held) & ts.valid
+    return ts
+
   def after_llm_layer(self, run, c, index, q, k, stream):
     if index not in self.filter_layers:
       return stream
@@ -558,12 +574,6 @@ class KeyFilter(Stage):
     if cfg.vision_layers_used != cfg.vision.num_layers - 1:
       raise ConfigError("MustDrop reads the CLS attention of the tower's last layer on the "
                         "feature layer's output; it needs vision_feature_layer -2.")
-    if flow.packing is not None:
-      # The key set is per crop, the filters act on the packed sequence; no hook hands a
-      # stage the packed set's patch -> slot map that would carry the one to the other.
-      raise ConfigError("MustDrop's key set is chosen per crop, and the model does not give "
-                        "its filters the crops' place in the packed sequence; on anyres "
-                        "images run 'mustdrop.window' alone.")
     layers = cfg.text.num_layers
     bad = [l for l in self.filter_layers if not 0 <= l < layers - 1]
     if bad:

@@ -101,20 +101,27 @@ class Llava(nn.Module):
 
   # --- The visual tokens -----------------------------------------------------------
 
-  def visual(self, pixel_values, run: Run) -> tokens.TokenSet:
+  def visual(self, pixel_values, run: Run, ts: tokens.TokenSet | None = None,
+             start: int | None = None) -> tokens.TokenSet:
     """The visual tokens the LLM gets from any input: pixels f32[B, S, S, C] (one
-    image per prompt), anyres `llava_next.Crops` or video `llava_onevision.Frames`."""
+    image per prompt), anyres `llava_next.Crops` or video `llava_onevision.Frames`.
+    ts, start: the tower's tokens entering its layer `start` when an earlier program ran
+    the layers before (the segmented prefill); then only the layout of `pixel_values`
+    is read. Anyres sets then go through the plan's `after_packing` hooks."""
+    crops = getattr(pixel_values, "pixels", None)
+    if ts is None:
+      ts = self.tower(pixel_values if crops is None else llava_next.crop_pixels(crops), run)
     if isinstance(pixel_values, llava_next.Crops):
-      ts = self.tower(llava_next.crop_pixels(pixel_values.pixels), run)
       capacity = None if run.plan is None else run.plan.num_visual
-      return llava_next.pack(self.visual_tokens(ts, run), pixel_values, self.image_newline,
-                             capacity)
+      packed = llava_next.pack(self.visual_tokens(ts, run, start), pixel_values,
+                               self.image_newline, capacity)
+      return run.chain("after_packing", packed)
     if isinstance(pixel_values, llava_onevision.Frames):
-      ts = self.tower(llava_next.crop_pixels(pixel_values.pixels), run)
       grid = self.cfg.vision.grid
-      ts = self.visual_tokens(ts, run, resample=lambda t: llava_onevision.pool(t, grid))
-      return llava_onevision.pack(ts, pixel_values, self.image_newline)
-    return self.visual_tokens(self.tower(pixel_values, run), run)
+      ts = self.visual_tokens(ts, run, start, lambda t: llava_onevision.pool(t, grid))
+      return run.chain("after_packing", llava_onevision.pack(ts, pixel_values,
+                                                             self.image_newline))
+    return self.visual_tokens(ts, run, start)
 
   def tower(self, pixel_values, run: Run, stop: int | None = None) -> tokens.TokenSet:
     """The embedding and tower layers 0..stop−1 (default: all it runs), as a TokenSet
