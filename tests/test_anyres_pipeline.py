@@ -7,6 +7,7 @@ import pytest
 
 import tokred_jax
 from tests import faults
+from tests.test_pipeline import run_infer
 from tokred_jax.io import batching
 
 SAMPLING = tokred_jax.SamplingConfig(max_new_tokens=2)
@@ -72,16 +73,20 @@ def test_several_images_per_prompt(ov_pipe):
   assert together[0] == alone[0]
 
 
-def test_video_file_is_decoded_and_sampled(ov_pipe, tmp_path):
+def _write_video(path, frames):
   import av  # The `video` extra, also in the `test` one.
-  frames = _video(12, 4)
-  path = tmp_path / "clip.mkv"
   with av.open(str(path), "w") as container:
     stream = container.add_stream("ffv1", rate=10)
     stream.height, stream.width, stream.pix_fmt = 40, 60, "bgr0"
     for f in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
     container.mux(stream.encode())
+
+
+def test_video_file_is_decoded_and_sampled(ov_pipe, tmp_path):
+  frames = _video(12, 4)
+  path = tmp_path / "clip.mkv"
+  _write_video(path, frames)
   from_file = ov_pipe.prepare(None, ["What?"], videos=[str(path)], num_frames=4)
   from_frames = ov_pipe.prepare(None, ["What?"], videos=[frames[[0, 3, 7, 11]]])
   np.testing.assert_array_equal(from_file["pixel_values"].pixels,
@@ -125,3 +130,17 @@ def test_mustdrop_on_next_runs_in_segments_and_matches_the_masked_program(next_p
   np.testing.assert_allclose(np.asarray(logits)[text], masked[text], atol=1e-4, rtol=1e-4)
   real = batch["pixel_values"].valid.sum(1)
   assert (np.asarray(aux["visual_per_layer"])[0] < real).all()  # the windows merged
+
+
+def test_infer_script_answers_about_a_video(llava_onevision_dir, tmp_path):
+  path = tmp_path / "clip.mkv"
+  _write_video(path, _video(6, 5))
+  out = run_infer(f"--checkpoint={llava_onevision_dir}", f"--video={path}",
+                  "--config.num_frames=4", "--config.method=random", "--config.retention=0.5",
+                  "--config.template=llava-hf", "--config.max_new_tokens=2",
+                  "--config.warmup=False", "--prompt=What happens?")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for line in (f"video: {path}", "answer:", "visual slots (bucket)", "prefill FLOPs, LLM"):
+    assert line in out.stdout
+  # 4 frames of 3x3 pooled tokens and the newline: 37 before, about half into the LLM.
+  assert "visual tokens before reduction  37" in out.stdout
