@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.testing import TINY_OV, official_aim_keep, random_params
+from tests.testing import TINY_OV, left_pad, official_aim_keep, random_params
 from tokred_jax.core import tokens
 from tokred_jax.io import batching
 from tokred_jax.methods import aim, base
@@ -76,13 +76,7 @@ def _prompts(cfg, slots, seed=0):
   rng = np.random.default_rng(seed)
   rows = [np.concatenate([rng.integers(3, 120, 3 + b), np.full(slots, cfg.video_token_id),
                           rng.integers(3, 120, 4)]) for b in range(len(FRAMES))]
-  length = max(map(len, rows))
-  ids = np.full((len(rows), length), cfg.pad_token_id, np.int32)
-  mask = np.zeros(ids.shape, bool)
-  for i, row in enumerate(rows):
-    ids[i, length - len(row):], mask[i, length - len(row):] = row, True
-  positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-  return ids, mask, positions
+  return left_pad(rows, cfg.pad_token_id)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ bucket, the jitted forward runs, the logits of real positions are finite, and th
 tokens each LLM layer processed are what the plan says. The packed count depends on the
 image size, so a plan holds it only for a prompt that fills its bucket; for the others
 the count is checked against the rule of the stage (a prune stage keeps ⌊ratio · the
-prompt's own count⌋, a router min(count, what is left)), and the tokens a stage before
+prompt's own count⌋, a router trunc(float32 count · ratio)), and the tokens a stage before
 the LLM leaves against the plan's capacity.
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.testing import TINY_NEXT, TINY_OV, with_routers
+from tests.testing import TINY_NEXT, TINY_OV, left_pad, with_routers
 from tokred_jax import methods
 from tokred_jax.core import sharding
 from tokred_jax.engine import budget, cost
@@ -77,12 +77,7 @@ def _batch(cfg, visuals, slots, token):
     for n in batching.slot_counts(counts, slots):
       row += [np.full(n, token), rng.integers(3, 100, 2)]
     rows.append(np.concatenate(row + [rng.integers(3, 100, 3)]))
-  length = max(map(len, rows))
-  ids = np.zeros((len(rows), length), np.int32)
-  mask = np.zeros(ids.shape, bool)
-  for i, r in enumerate(rows):
-    ids[i, length - len(r):], mask[i, length - len(r):] = r, True
-  positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+  ids, mask, positions = left_pad(rows)
   return dict(input_ids=ids, attention_mask=mask, positions=positions,
               pixel_values=visuals.pixels)
 
@@ -182,6 +177,8 @@ def test_layers_process_what_the_plan_says(inputs, runs, case):
     for stage in plan.stages:
       if isinstance(stage, prune.PrunePlan) and stage.relative:  # of the prompt's own
         want = [min(w, math.floor(n * r + 1e-6)) for w, r in zip(want, stage.ratios)]
+      elif isinstance(stage, pmod.RoutePlan) and stage.relative:  # likewise, trunc(f32)
+        want = [min(w, pmod.kept_counts(n, stage.ratios)[l]) for l, w in enumerate(want)]
       elif in_llm(stage):  # the plan's counts, or what the prompt has
         want = [min(w, p) for w, p in zip(want, planned)]
     assert per_layer[b].tolist() == want, b

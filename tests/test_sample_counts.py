@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.testing import TINY_NEXT, official_aim_keep, random_params
+from tests.testing import TINY_NEXT, left_pad, official_aim_keep, random_params
 from tokred_jax.io import batching
 from tokred_jax.methods import aim, base, pmod, prune
 from tokred_jax.models import llava
@@ -32,12 +32,7 @@ def _run(cfg, params, recipe):
     slots = sum(batching.slot_counts(counts, plan.num_visual))
     rows.append(np.concatenate([rng.integers(3, 120, 2 + b),
                                 np.full(slots, cfg.image_token_id), rng.integers(3, 120, 3)]))
-  length = max(map(len, rows))
-  ids = np.full((len(rows), length), cfg.pad_token_id, np.int32)
-  mask = np.zeros(ids.shape, bool)
-  for i, row in enumerate(rows):
-    ids[i, length - len(row):], mask[i, length - len(row):] = row, True
-  positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+  ids, mask, positions = left_pad(rows, cfg.pad_token_id)
   _, aux = jax.jit(lambda p, px: llava.Llava(cfg).apply(
       {"params": p}, ids, px, mask, positions, plan=plan, return_aux=True))(
           params, visuals.pixels)

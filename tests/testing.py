@@ -103,3 +103,14 @@ def official_aim_keep(num_visual, num_layers, l1, l2):
           for l in range(num_layers)]
   protected = 100
   return [num_visual] + [int(num_visual * r + protected) - protected for r in rate[:-1]]
+
+
+def left_pad(rows, pad_id: int = 0):
+  """Token rows left-padded into one batch: input_ids i32[B, T], attention_mask bool[B, T]
+  and positions i32[B, T] (0, 1, ... from each row's first token)."""
+  length = max(map(len, rows))
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros(ids.shape, bool)
+  for i, row in enumerate(rows):
+    ids[i, length - len(row):], mask[i, length - len(row):] = row, True
+  return ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
