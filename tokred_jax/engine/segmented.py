@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from tokred_jax.core import stream as streams
 from tokred_jax.core import tokens
 from tokred_jax.methods.base import Plan
+from tokred_jax.models import llava_next
 from tokred_jax.models.llava import Llava, visual_aux
 
 
@@ -79,7 +80,7 @@ class SegmentedPrefill:
 
     def run(module: Llava):
       crops = getattr(pixel_values, "pixels", None)  # anyres: every crop or frame
-      pixels = pixel_values if crops is None else crops.reshape((-1,) + crops.shape[2:])
+      pixels = pixel_values if crops is None else llava_next.crop_pixels(crops)
       ts = module.tower(pixels, module.run(self.plan, counts), stop=self.vision_cut)
       return ts, jnp.sum(ts.valid, axis=1, dtype=jnp.int32) - self.cls
 
