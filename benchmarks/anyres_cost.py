@@ -2,7 +2,7 @@ r"""Analytic cost of LLaVA-NeXT-7B and LLaVA-OneVision-7B at full size, beside t
 
   python -m benchmarks.anyres_cost          # prints the tables, writes JSON and Markdown
 
-No weights and no memory: plans (`methods.base.make_plan`) for the published input
+No weights, nothing run: plans (`methods.base.make_plan`) for the published input
 buckets, their counts through `engine.cost`, parameter counts from `jax.eval_shape`.
 
   (a) OneVision-7B video, 32 frames, `--ov-text` text tokens: dense and AIM (aim-74,
@@ -15,6 +15,9 @@ buckets, their counts through `engine.cost`, parameter counts from `jax.eval_sha
       cache with and without the text, next to 55.6% / 53.8%.
   (c) Visual tokens and bucket capacities of a few image sizes: the padding each bucket wastes.
   (d) Parameter counts of the presets.
+  (e) Scratch memory of AIM's PageRank scorer at the 32-frame prompt's length, from XLA's
+      buffer assignment of the compiled program (compiled, never run): the full matrix
+      against the query blocks.
 
 The tables replace the `anyres_cost` block of --markdown (text around it is kept) and
 go to --json; both are written at the end, each by a rename.
@@ -27,7 +30,10 @@ import json
 import os
 import sys
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 from benchmarks import outputs
 from tokred_jax import cli, methods
@@ -106,6 +112,25 @@ def onevision_video(text: int = 100, frames: int = FRAMES) -> dict:
               official_convention=convention, steps=steps)
 
 
+def pagerank_memory(num_tokens: int, model: str = OV) -> dict:
+  """(e): temporary bytes of the compiled scorer, full matrix and blocks, for one prompt
+  of `num_tokens` at the model's head counts, and the size of one f32[H, T, T] matrix."""
+  text = presets.get(model).text
+  args = (jax.ShapeDtypeStruct((1, num_tokens, text.num_heads, text.head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((1, num_tokens, text.num_kv_heads, text.head_dim), jnp.float32),
+          jax.ShapeDtypeStruct((1, num_tokens), jnp.bool_),
+          jax.ShapeDtypeStruct((1, num_tokens), jnp.bool_))
+
+  def temp_bytes(block_size):
+    scorer = jax.jit(functools.partial(aim.pagerank_scores, block_size=block_size))
+    return scorer.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  return dict(model=model, tokens=num_tokens, heads=text.num_heads,
+              matrix_bytes=text.num_heads * num_tokens ** 2 * 4,
+              full_bytes=temp_bytes(num_tokens), block_size=aim.auto_block_size(num_tokens),
+              blocked_bytes=temp_bytes(None))
+
+
 def with_prd_routers(cfg: LlavaConfig) -> LlavaConfig:
   """cfg with p-MoD's PRD routers (shifted cosine, layers 8-31 of 32) and their ratios,
   as a p-MoD checkpoint records them (plans need no weights)."""
@@ -170,7 +195,7 @@ def _f(x, digits=2) -> str:
   return "–" if x is None else f"{x:.{digits}f}"
 
 
-def render(ov: dict, nx: dict, images: list[dict], params: dict) -> str:
+def render(ov: dict, nx: dict, images: list[dict], params: dict, memory: dict) -> str:
   """The Markdown block."""
   lines = [f"(a) {ov['model']}, video of {ov['frames']} frames, {ov['text_tokens']} text "
            "tokens, batch 1. Visual tokens: per frame 729 → 196 (pooling) → the AIM merge, "
@@ -234,6 +259,14 @@ def render(ov: dict, nx: dict, images: list[dict], params: dict) -> str:
     lines.append(f"| {name} | {p['vision']:,} | {p['projector']:,} | {p['llm']:,} | "
                  f"{p.get('image_newline', 0):,} | {p['total']:,} | "
                  f"{PUBLISHED_PARAMS[name] / 1e9:.2f}B |")
+  m, gb = memory, 1e9
+  lines += ["", f"(e) AIM's PageRank scorer on one {m['tokens']}-token prompt of {m['model']} "
+            f"({m['heads']} heads), compiled on {jax.default_backend().upper()}: XLA's "
+            "temporary buffers (`memory_analysis().temp_size_in_bytes`).", "",
+            "| one f32[H, T, T] matrix | full matrix path | query blocks | block rows |",
+            "|---:|---:|---:|---:|",
+            f"| {m['matrix_bytes'] / gb:.2f} GB | {m['full_bytes'] / gb:.2f} GB | "
+            f"{m['blocked_bytes'] / gb:.2f} GB | {m['block_size']} |"]
   return "\n".join(lines)
 
 
@@ -265,10 +298,12 @@ def main(argv: list[str] | None = None):
     raise SystemExit(f"anyres_cost: {cli.one_line(e)}") from None
   ov, nx, images = onevision_video(args.ov_text), next_pmod(args.next_text), image_tokens()
   params = {name: parameter_count(presets.get(name)) for name in (NEXT, OV)}
+  memory = pagerank_memory(ov["rows"]["none"]["visual_into_llm"] + args.ov_text)
   command = " ".join(["python -m benchmarks.anyres_cost"]
                      + (sys.argv[1:] if argv is None else argv))
-  body = f"Command: `{command}`\n\n" + render(ov, nx, images, params)
-  results = dict(onevision_video=ov, next_pmod=nx, image_tokens=images, parameters=params)
+  body = f"Command: `{command}`\n\n" + render(ov, nx, images, params, memory)
+  results = dict(onevision_video=ov, next_pmod=nx, image_tokens=images, parameters=params,
+                 pagerank_memory=memory)
   try:
     with outputs.staged() as out:
       if args.json:
