@@ -32,8 +32,8 @@ def _video(frames, seed=0):
 
 
 def _compiles(pipe) -> int:
-  return pipe._forward._cache_size() + sum(g.trace_counts["prefill"]
-                                           for g in pipe._generators.values())
+  programs = pipe.programs
+  return programs["forward"] + programs["prefill"]
 
 
 def test_inputs_of_many_sizes_compile_once_per_bucket(next_pipe, ov_pipe):

@@ -25,11 +25,16 @@ def pipe():
 
 def test_generate_answers_each_prompt(pipe):
   sampling = tokred_jax.SamplingConfig(max_new_tokens=5)
+  before = pipe.programs
   answers = pipe.generate([SAMPLE, SAMPLE], ["What colour is the circle?", "How many?"],
                           sampling)
   assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+  again = pipe.generate([SAMPLE, SAMPLE], ["How many?", "What colour?"], sampling)
+  assert again[0] == answers[1]
   batch = pipe.prepare([SAMPLE], ["What colour is the circle?"])
   logits = np.asarray(pipe.forward(batch))
+  # One program of each kind: the second batch has the same size and length bucket.
+  assert pipe.programs - before == {"prefill": 1, "decode": 1, "forward": 1}
   assert logits.shape == batch["input_ids"].shape + (pipe.cfg.text.vocab_size,)
   assert np.isfinite(logits).all()
 
@@ -53,10 +58,10 @@ def test_batched_answer_equals_single(pipe):
     ([np.zeros((40, 40, 4, 2), np.uint8)], ["4-d?"], "shape"),
 ])
 def test_bad_input_is_rejected_before_compiling(pipe, images, prompts, match):
-  before = pipe._forward._cache_size()
+  before = pipe.programs
   with pytest.raises(ValueError, match=match) as e:
     pipe.forward(pipe.prepare(images, prompts))
-  assert pipe._forward._cache_size() == before
+  assert pipe.programs == before
   shown = [f"{i.dtype}{list(i.shape)}" if isinstance(i, np.ndarray) else "img"
            for i in images]
   prompt = [p if len(p) < 40 else p[:12] + f"... ({len(p)} chars)" for p in prompts]
@@ -219,10 +224,10 @@ SAMPLING = tokred_jax.SamplingConfig(max_new_tokens=2)
 @pytest.mark.parametrize("case, call, error, message", API_MISUSE,
                          ids=[c[0] for c in API_MISUSE])
 def test_api_misuse_is_one_clear_error(pipe, case, call, error, message):
-  compiled = pipe._forward._cache_size(), dict(pipe._generators)
+  compiled = pipe.programs, dict(pipe._generators)
   with pytest.raises(error, match=message) as e:
     call(pipe)
-  assert (pipe._forward._cache_size(), dict(pipe._generators)) == compiled
+  assert (pipe.programs, dict(pipe._generators)) == compiled
   faults.record("Pipeline", case, f"{error.__name__}: {e.value}", before="compile")
 
 

@@ -94,13 +94,16 @@ def test_router_learns_from_kept_and_skipped_tokens(params):
   slots = np.cumsum(batch["input_ids"] == 127, 1) - 1
   visual = batch["input_ids"] == 127
 
-  def grad_through(select):
-    positions = jnp.asarray(visual & np.take_along_axis(select, np.maximum(slots, 0), 1))
-
+  @jax.jit  # one program for both selections
+  def router_grad(p, positions):
     def loss(p):
       logits = forward(p, batch, plan)
       return jnp.sum(jnp.where(positions[..., None], logits, 0.0) ** 2)
-    return jnp.abs(jax.grad(loss)(params)["llm"]["layers_7"]["router"]["kernel"]).sum()
+    return jax.grad(loss)(p)["llm"]["layers_7"]["router"]["kernel"]
+
+  def grad_through(select):
+    positions = visual & np.take_along_axis(select, np.maximum(slots, 0), 1)
+    return jnp.abs(router_grad(params, positions)).sum()
 
   assert grad_through(routed_last) > 0
   assert grad_through(~routed_last) > 0

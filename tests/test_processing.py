@@ -298,12 +298,23 @@ def test_encode_batch_padding_and_positions(clip_llama_dir):
 
 
 def test_default_buckets():
-  assert processing.default_buckets(2048) == (64, 128, 256, 512, 1024, 2048)
+  buckets = processing.default_buckets(2048)
+  assert buckets[:5] == (64, 128, 256, 288, 320) and buckets[-3:] == (1792, 1920, 2048)
+  assert len(buckets) == 2 + 8 * 3 + 1 and len(processing.default_buckets(4096)) == 35
+  assert processing.default_buckets(2048, steps_per_octave=1) == (64, 128, 256, 512, 1024,
+                                                                  2048)
+  # Above 256 tokens a prompt is padded by less than an eighth of its length.
+  for n in range(257, 2049):
+    padded = min(b for b in buckets if b >= n)
+    assert padded - n < n / 8, (n, padded)
+  assert processing.default_buckets(300) == (64, 128, 256, 288, 300)
   assert processing.default_buckets(100) == (64, 100)
   assert processing.default_buckets(64) == (64,)
   assert processing.default_buckets(10) == (10,)
   with pytest.raises(ValueError, match="positive"):
     processing.default_buckets(0)
+  with pytest.raises(ValueError, match="steps_per_octave"):
+    processing.default_buckets(512, steps_per_octave=0)
 
 
 @pytest.mark.parametrize("prompts, buckets, max_length, message", [

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -112,13 +113,16 @@ class Pipeline:
       self.params = sharding.shard_params(self.params, self.mesh, self.rules)
     if self.buckets is None:
       self.buckets = tuple(processing.default_buckets(self.cfg.text.max_position_embeddings))
-    self._forward = jax.jit(
-        lambda p, b, plan, counts, aux: self.model.apply(
-            {"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"],
-            b["positions"], plan=plan, counts=counts, return_aux=aux),
-        static_argnames=("plan", "aux"))
+    self._forward_traces = 0
+    self._forward = jax.jit(self._forward_impl, static_argnames=("plan", "aux"))
     self._generators: dict[tuple[SamplingConfig, Plan], Generator] = {}
     self._segmented: dict[Plan, segmented.SegmentedPrefill] = {}
+
+  def _forward_impl(self, p, b, plan, counts, aux):
+    self._forward_traces += 1
+    return self.model.apply({"params": p}, b["input_ids"], b["pixel_values"],
+                            b["attention_mask"], b["positions"], plan=plan, counts=counts,
+                            return_aux=aux)
 
   @classmethod
   def load(cls, path: str = DEFAULT_CHECKPOINT, dtype: str = "float32",
@@ -336,6 +340,16 @@ class Pipeline:
       pad = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
       self._generators[sampling, plan] = Generator(self.model, sampling, pad, plan=plan)
     return self._generators[sampling, plan]
+
+  @property
+  def programs(self) -> collections.Counter:
+    """Programs traced so far, by kind ("forward", "prefill", "decode", MustDrop's
+    segments): one per plan, batch size and length bucket met (`buckets`; at most 35 up
+    to 4,096 tokens with the default ladder)."""
+    total = collections.Counter(forward=self._forward_traces)
+    for gen in self._generators.values():
+      total.update(gen.trace_counts)
+    return total
 
   def generate_tokens(self, batch: dict[str, np.ndarray], sampling: SamplingConfig,
                       rng: jax.Array | None = None, plan: Plan | None = None
