@@ -561,7 +561,10 @@ def _measure(args, cfg: LlavaConfig, planned, torch, transformers) -> tuple[dict
                        f"{loaded_cfg}.")
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(
         path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    # On the device once: a numpy tree would be copied in at every call, timed with it.
+    params = jax.device_put(params)
     routed_cfg, routed = pmod.add_routers(cfg, params, with_routers(cfg).text.router_layers)
+    routed = jax.device_put(routed)  # the routers; the other leaves are already there
     ctx = dict(cfg=cfg, params=params, hf=hf, torch=torch, routed_cfg=routed_cfg,
                routed_params=routed)
     size = sum(x.size for x in jax.tree.leaves(params))

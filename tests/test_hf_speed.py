@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+import jax
 import pytest
 
 from benchmarks import hf_speed, twins
@@ -25,22 +26,25 @@ OUTS = dict(markdown="out.md", json="out.json", plot="out.png")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """(Markdown text, JSON data, PNG bytes) of one run whose Markdown file had text of its own."""
+  """(Markdown text, JSON data, PNG bytes, what `measure` got) of one run whose Markdown
+  file had text of its own."""
   out = tmp_path_factory.mktemp("hf_speed")
   (out / OUTS["markdown"]).write_text("# Mine\n\nKept as it was.\n")
   patch = pytest.MonkeyPatch()
   # init_params compiles the whole model (~20 s on 2 cores); these weights need none.
   patch.setattr(hf_speed, "make_params", testing.random_params)
+  contexts, measure = [], hf_speed.measure
+  patch.setattr(hf_speed, "measure", lambda ctx, *a: contexts.append(ctx) or measure(ctx, *a))
   try:
     hf_speed.main(ARGS + [f"--{k}={out / v}" for k, v in OUTS.items()])
   finally:
     patch.undo()
   return ((out / OUTS["markdown"]).read_text(), json.loads((out / OUTS["json"]).read_text()),
-          (out / OUTS["plot"]).read_bytes())
+          (out / OUTS["plot"]).read_bytes(), contexts)
 
 
 def test_every_case_is_measured_and_written(run):
-  text, data, png = run
+  text, data, png, _ = run
   assert png.startswith(b"\x89PNG")
   assert text.startswith("# Mine\n\nKept as it was.\n")
   block = text.split("<!-- BEGIN hf_speed -->")[1].split("<!-- END hf_speed -->")[0]
@@ -54,7 +58,7 @@ def test_every_case_is_measured_and_written(run):
 
 
 def test_parity_and_ratios(run):
-  _, data, _ = run
+  _, data, _, _ = run
   res = data["results"]["1"]
   assert set(res["parity"]) == set(CASES[1:3])
   for p in res["parity"].values():
@@ -74,7 +78,7 @@ def test_parity_and_ratios(run):
 
 
 def test_programs_and_twins(run):
-  _, data, _ = run
+  _, data, _, _ = run
   by = {r["case"]: r for r in data["results"]["1"]["rows"]}
   assert by["transformers dense"]["programs"] is None
   assert [by[c]["programs"] for c in CASES[1:]] == [2, 2, 2, 2]  # a prefill and a decode
@@ -83,6 +87,13 @@ def test_programs_and_twins(run):
   assert math.isfinite(by["pooling 0.25"]["reduction_share"])
   assert 0.9 < by["pooling 0.25"]["twin_flops_vs_method"] <= 1.0
   assert by["random 0.25"]["reduction_share"] is None
+
+
+def test_weights_are_on_the_device_once(run):
+  # numpy weights would be copied to the device in every timed call.
+  (ctx,) = run[3]
+  for tree in (ctx["params"], ctx["routed_params"]):
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree))
 
 
 @pytest.mark.parametrize("name", ["aim", "fastv", "tome", "pooling", "dart"])
