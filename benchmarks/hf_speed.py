@@ -23,18 +23,19 @@ ours an `engine.generate.Generator` of its own, transformers a loop of forward c
 its cache. Decode ms/token: the loop's time over its new_tokens − 1 model steps (the
 first token comes from the prefill's logits). Batches outside `--full-batches` run the
 methods at the middle retention only (MustDrop: its middle preset), without twins. Each
-case runs once to compile and warm up (compile s: that call minus its median timed
-call), then `--rounds` rounds visit every case in turn, so that load from other
-processes falls on all alike; times are medians. Ratios: reference time / case time
+case runs once to compile and warm up (compile s: the wall time of that call spent in
+jax's tracing, lowering and XLA compiling, from `jax.monitoring`'s compile events), then
+`--rounds` rounds visit every case in turn, so that load from other processes falls on
+all alike; times are medians. Ratios: reference time / case time
 (above 1: faster); FLOPs ratio: dense matmul FLOPs / the case's (`engine.cost`, compiled
 capacities). KV MiB: the cache each side holds (ours allocated after prefill with room
 for the new tokens; transformers' after decoding).
 
 Reduction share: (t_method − t_twin) / t_method for prefill, where the twin
 (benchmarks/twins.py) has the method's token capacities in every tower and LLM layer and
-a trivial selection (the first tokens kept, or a random subset), in one program; in
-reference mode it is ours dense (same shapes). So the share is the time spent choosing
-tokens, MustDrop's host reads between segments included. –: no twin (random is the
+a trivial selection (the first tokens kept, or a random subset), in one program, in the
+method's mode. So the share is the time spent choosing tokens, MustDrop's host reads
+between segments included. –: no twin (random is the
 trivial selection itself; p-MoD's router is one Linear(D, 1)), or none has the capacities.
 
 The `hf_speed` block of --markdown is replaced; --json and --plot are written. These
@@ -183,6 +184,30 @@ class Hf:
                for t in (layer.keys, layer.values))
 
 
+class CompileClock:
+  """Wall time inside jax's tracing, lowering and XLA compiling: the union of the time
+  spans of `jax.monitoring`'s compile events (nested traces count once)."""
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.spans = []
+
+  def __call__(self, event: str, start: float, end: float, **_):
+    if event in self.EVENTS:
+      self.spans.append((start, end))
+
+  def take(self) -> float:
+    """Seconds since the last take."""
+    total, reached = 0.0, -np.inf
+    for start, end in sorted(self.spans):
+      total += max(0.0, end - max(start, reached))
+      reached = max(reached, end)
+    self.spans = []
+    return total
+
+
 @dataclasses.dataclass
 class Case:
   """One row: what runs, its FLOPs and equivalent visual tokens, its times (seconds)."""
@@ -196,6 +221,7 @@ class Case:
   twin: Any = None  # the Case with the same shapes and a trivial selection
   kv_bytes: int = 0
   first_s: float = 0.0
+  compile_s: float | None = None
   prefill_s: list = dataclasses.field(default_factory=list)
   decode_s: list = dataclasses.field(default_factory=list)
 
@@ -210,10 +236,13 @@ class Case:
     self.decode_s.append(time.perf_counter() - start)
     return out, new
 
-  def warm(self) -> tuple[Any, Any]:
-    """The first visit (ours compile in it): its time and the KV bytes kept, not its times."""
+  def warm(self, clock: "CompileClock") -> tuple[Any, Any]:
+    """The first visit (ours compile in it): its compile time and KV bytes kept, not its
+    times."""
+    clock.take()
     out, new = self.visit()
     self.first_s = self.prefill_s.pop() + (self.decode_s.pop() if self.decodes else 0.0)
+    self.compile_s = None if self.runner.programs is None else clock.take()
     self.kv_bytes = self.runner.kv_bytes(out) if self.decodes else 0
     return out, new
 
@@ -278,9 +307,7 @@ def build_cases(ctx: dict, args, batch: int, planned) -> list[Case]:
                 cost.plan_cost(c, plan, text)["equivalent_tokens"])
     cases.append(case)
     twin = None if name == "mustdrop" or not full else twins.twin_plan(plan, c)
-    if mode == "reference" and full:
-      case.twin = cases[1]
-    elif twin is not None:  # MustDrop's needs its counts: see `mustdrop_counts`
+    if twin is not None:  # MustDrop's needs its counts: see `mustdrop_counts`
       case.twin = Case(f"twin of {label}", group, rho, runner(c, twin, p, case_inputs),
                        flops(c, twin), case.equivalent, decodes=False)
   return cases
@@ -309,7 +336,8 @@ def measure(ctx: dict, args, batch: int, planned) -> dict:
   """Compiles and warms every case at `batch` (the dense ones first, to check parity),
   then times them in interleaved rounds. -> {"rows", "parity"}."""
   cases = build_cases(ctx, args, batch, planned)
-  (hf_out, hf_new), *dense = [c.warm() for c in cases[:3]]
+  clock = ctx["clock"]
+  (hf_out, hf_new), *dense = [c.warm(clock) for c in cases[:3]]
   ref, parity = cases[0].runner.logits(hf_out), {}
   for case, (out, new) in zip(cases[1:3], dense):
     err = float(np.max(np.abs(case.runner.logits(out) - ref)) / np.max(np.abs(ref)))
@@ -319,12 +347,12 @@ def measure(ctx: dict, args, batch: int, planned) -> dict:
                        f"max |logit difference| / max |logit| = {err:.2e} >= {PARITY_TOL:g}; "
                        "the comparison would not be fair, so nothing was timed or written.")
   for case in tqdm(cases[3:], desc=f"compiling, batch {batch}", unit="case"):
-    case.warm()
+    case.warm(clock)
     if case.group == "mustdrop":
       mustdrop_counts(case, ctx["cfg"], args.text_tokens, batch, batch in args.full_batches)
-    if case.twin is not None and case.twin is not cases[1]:
-      case.twin.warm()
-  runs = cases + [c.twin for c in cases if c.twin is not None and c.twin is not cases[1]]
+    if case.twin is not None:
+      case.twin.warm(clock)
+  runs = cases + [c.twin for c in cases if c.twin is not None]
   with tqdm(total=args.rounds * len(runs), desc=f"timing, batch {batch}", unit="run") as bar:
     for _ in range(args.rounds):
       for case in runs:
@@ -346,11 +374,11 @@ def rows(cases: list[Case], new_tokens: int) -> list[dict]:
         decode_ms_per_token=1e3 * d / steps, decode_vs_hf=hf.median("decode") / d,
         decode_vs_ours=ours.median("decode") / d, flops=c.flops, flops_ratio=ours.flops / c.flops,
         kv_mib=c.kv_bytes / 2 ** 20, programs=c.runner.programs,
-        compile_s=None if c.runner.programs is None else max(0.0, c.first_s - p - d),
+        compile_s=c.compile_s, first_call_s=c.first_s,
         reduction_share=None if twin is None else (p - twin.median("prefill")) / p,
         twin_prefill_ms=None if twin is None else 1e3 * twin.median("prefill"),
         twin_flops_vs_method=None if twin is None else twin.flops / c.flops,
-        twin_programs=None if twin is None or twin is ours else twin.runner.programs,
+        twin_programs=None if twin is None else twin.runner.programs,
         prefill_times_s=c.prefill_s, decode_times_s=c.decode_s))
   return out
 
@@ -566,9 +594,13 @@ def _measure(args, cfg: LlavaConfig, planned, torch, transformers) -> tuple[dict
     routed_cfg, routed = pmod.add_routers(cfg, params, with_routers(cfg).text.router_layers)
     routed = jax.device_put(routed)  # the routers; the other leaves are already there
     ctx = dict(cfg=cfg, params=params, hf=hf, torch=torch, routed_cfg=routed_cfg,
-               routed_params=routed)
+               routed_params=routed, clock=CompileClock())
     size = sum(x.size for x in jax.tree.leaves(params))
-    return {b: measure(ctx, args, b, planned) for b in args.batch}, size
+    jax.monitoring.register_event_time_span_listener(ctx["clock"])
+    try:
+      return {b: measure(ctx, args, b, planned) for b in args.batch}, size
+    finally:
+      jax.monitoring.unregister_event_time_span_listener(ctx["clock"])
 
 
 def _run(args, cfg: LlavaConfig, planned, skipped, argv, torch, transformers):
