@@ -557,8 +557,8 @@ def _import_hf():
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ValueError(f"needs torch and transformers ({e}), the test dependencies: "
-                     "pip install -e '.[test]'") from None
+    raise ValueError(f"needs torch and transformers ({e}): "
+                     "pip install -e '.[bench]'") from None
   return torch, transformers
 
 

@@ -176,6 +176,6 @@ def test_missing_torch_names_the_install(tmp_path, monkeypatch):
     hf_speed.main(ARGS + [f"--{k}={tmp_path / v}" for k, v in OUTS.items()])
   message = str(e.value.code)
   assert message.startswith("hf_speed: needs torch and transformers") and message.endswith(
-      "pip install -e '.[test]'")
+      "pip install -e '.[bench]'")
   assert os.listdir(tmp_path) == []
   faults.record("benchmarks.hf_speed", "torch not installed", message, before="model build")
