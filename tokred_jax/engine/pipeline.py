@@ -113,13 +113,13 @@ class Pipeline:
       self.params = sharding.shard_params(self.params, self.mesh, self.rules)
     if self.buckets is None:
       self.buckets = tuple(processing.default_buckets(self.cfg.text.max_position_embeddings))
-    self._forward_traces = 0
+    self._forward_traces = collections.Counter()  # forward, and its MustDrop segments
     self._forward = jax.jit(self._forward_impl, static_argnames=("plan", "aux"))
     self._generators: dict[tuple[SamplingConfig, Plan], Generator] = {}
     self._segmented: dict[Plan, segmented.SegmentedPrefill] = {}
 
   def _forward_impl(self, p, b, plan, counts, aux):
-    self._forward_traces += 1
+    self._forward_traces["forward"] += 1
     return self.model.apply({"params": p}, b["input_ids"], b["pixel_values"],
                             b["attention_mask"], b["positions"], plan=plan, counts=counts,
                             return_aux=aux)
@@ -328,7 +328,8 @@ class Pipeline:
       if plan.data_dependent and plan.mode == "fast":
         # Data-dependent counts: segments compacted to bucketed counts, real savings.
         if plan not in self._segmented:
-          self._segmented[plan] = segmented.SegmentedPrefill(self.model, plan)
+          self._segmented[plan] = segmented.SegmentedPrefill(self.model, plan,
+                                                             self._forward_traces)
         out = self._segmented[plan](self.params, batch, plan.counts())
         return (out["logits"], out["aux"]) if return_aux else out["logits"]
       return self._forward(self.params, batch, plan, plan.counts(), return_aux)
@@ -346,7 +347,7 @@ class Pipeline:
     """Programs traced so far, by kind ("forward", "prefill", "decode", MustDrop's
     segments): one per plan, batch size and length bucket met (`buckets`; at most 35 up
     to 4,096 tokens with the default ladder)."""
-    total = collections.Counter(forward=self._forward_traces)
+    total = collections.Counter(self._forward_traces)
     for gen in self._generators.values():
       total.update(gen.trace_counts)
     return total
