@@ -304,18 +304,9 @@ def main(argv: list[str] | None = None):
   body = f"Command: `{command}`\n\n" + render(ov, nx, images, params, memory)
   results = dict(onevision_video=ov, next_pmod=nx, image_tokens=images, parameters=params,
                  pagerank_memory=memory)
-  try:
-    with outputs.staged() as out:
-      if args.json:
-        out.write_text(args.json, json.dumps(results, indent=1) + "\n")
-      if args.markdown:
-        out.write_block(args.markdown, BLOCK, body)
-  except OSError as e:
-    raise SystemExit(f"anyres_cost: cannot write the results ({e}); the old files are as "
-                     "they were.") from None
-  print("\n" + body + "\n")
-  for path in filter(None, (args.json, args.markdown)):
-    print(f"wrote {path}")
+  outputs.publish("anyres_cost", body, json_path=args.json,
+                  json_text=json.dumps(results, indent=1) + "\n",
+                  markdown_path=args.markdown, block=BLOCK)
 
 
 if __name__ == "__main__":

@@ -489,21 +489,10 @@ def _main(args, argv: list[str] | None):
   body = report(run, history, data, _shown(args.checkpoint), link)
   title = (f"{data}: accuracy vs prefill FLOPs "
            f"({jax.devices()[0].platform.upper()}, {args.dtype})")
-  # All files are rendered first and replace the old ones only when every one is done.
-  try:
-    with outputs.staged() as out:
-      if args.json:
-        out.write_text(args.json, json.dumps(record, indent=1))
-      if args.plot:
-        out.write_with(args.plot, lambda path: plot(run, path, title))
-      if args.markdown:
-        out.write_block(args.markdown, _block_key(args), body)
-  except OSError as e:  # a full disk, a file made read-only meanwhile
-    raise SystemExit(f"evaluate: cannot write the results ({e}); the old files are as they "
-                     "were.") from None
-  print("\n" + body + "\n")
-  for path in filter(None, (args.json, args.plot, args.markdown)):
-    print(f"wrote {path}")
+  outputs.publish("evaluate", body, json_path=args.json,
+                  json_text=json.dumps(record, indent=1), plot_path=args.plot,
+                  draw=lambda path: plot(run, path, title), markdown_path=args.markdown,
+                  block=_block_key(args))
 
 
 if __name__ == "__main__":

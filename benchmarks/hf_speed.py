@@ -622,20 +622,10 @@ def _run(args, cfg: LlavaConfig, planned, skipped, argv, torch, transformers):
               results={str(b): r for b, r in results.items()})
   title = (f"ours against transformers, {cfg.num_image_tokens + args.text_tokens}-token "
            f"prompts ({args.config} model, CPU)")
-  try:
-    with outputs.staged() as out:
-      if args.json:
-        out.write_text(args.json, json.dumps(data, indent=1) + "\n")
-      if args.plot:
-        out.write_with(args.plot, lambda p: plot(results, p, title))
-      if args.markdown:
-        out.write_block(args.markdown, BLOCK, body)
-  except OSError as e:
-    raise SystemExit(f"hf_speed: cannot write the results ({e}); the old files are as they "
-                     "were.") from None
-  print("\n" + body + "\n")
-  for path in filter(None, (args.json, args.plot, args.markdown)):
-    print(f"wrote {path}")
+  outputs.publish("hf_speed", body, json_path=args.json,
+                  json_text=json.dumps(data, indent=1) + "\n", plot_path=args.plot,
+                  draw=lambda p: plot(results, p, title), markdown_path=args.markdown,
+                  block=BLOCK)
 
 
 if __name__ == "__main__":

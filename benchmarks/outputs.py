@@ -9,6 +9,8 @@ when all of them are rendered are they renamed over the targets (a rename is ato
   with outputs.staged() as out:
     out.write_text(json_path, text)
     out.write_with(png_path, lambda tmp: fig.savefig(tmp))
+
+`publish` is that end of a benchmark, printing what it wrote.
 """
 
 from __future__ import annotations
@@ -152,3 +154,26 @@ def write_block(path: str, key: str, body: str):
   them), so that hand-written text around the block survives a rerun; atomically."""
   with staged() as out:
     out.write_block(path, key, body)
+
+
+def publish(prog: str, body: str, *, json_path: str = "", json_text: str = "",
+            plot_path: str = "", draw: Callable[[str], None] | None = None,
+            markdown_path: str = "", block: str = ""):
+  """A benchmark's end: writes the JSON text, the plot (draw(temporary_path)) and
+  `body` into `block` of the Markdown file, each path skipped when empty, together
+  through `staged()`; then prints `body` and what was written. A failed write is one
+  line, `prog: cannot write the results (...)`, and leaves every file as it was."""
+  try:
+    with staged() as out:
+      if json_path:
+        out.write_text(json_path, json_text)
+      if plot_path:
+        out.write_with(plot_path, draw)
+      if markdown_path:
+        out.write_block(markdown_path, block, body)
+  except OSError as e:  # a full disk, a file made read-only meanwhile
+    raise SystemExit(f"{prog}: cannot write the results ({e}); the old files are as they "
+                     "were.") from None
+  print("\n" + body + "\n")
+  for path in filter(None, (json_path, plot_path, markdown_path)):
+    print(f"wrote {path}")

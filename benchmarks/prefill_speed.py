@@ -440,19 +440,9 @@ def _run(args, cfg: LlavaConfig, cases, backend: str, argv: list[str] | None):
     link = os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.markdown or
                                                                        args.plot)))
     body += f"\n\n![prefill speedup vs FLOPs reduction]({link})"
-  # Both files are rendered first and replace the old ones only when both are done.
-  try:
-    with outputs.staged() as out:
-      if args.plot:
-        out.write_with(args.plot, lambda path: plot(results, path, title))
-      if args.markdown:
-        out.write_block(args.markdown, _block_key(args, backend), body)
-  except OSError as e:  # a full disk, a file made read-only meanwhile
-    raise SystemExit(f"prefill_speed: cannot write the results ({e}); the old files are as they "
-                     "were.") from None
-  print("\n" + body + "\n")
-  for path in filter(None, (args.plot, args.markdown)):
-    print(f"wrote {path}")
+  outputs.publish("prefill_speed", body, plot_path=args.plot,
+                  draw=lambda path: plot(results, path, title), markdown_path=args.markdown,
+                  block=_block_key(args, backend))
 
 
 def _measure(cfg: LlavaConfig, cases, args) -> tuple[list[Result], dict[str, int], float,
