@@ -34,10 +34,10 @@ def record(where: str, case: str, message: str, *, before: str, intact: str = "-
   assert lines, f"{where}: {case!r} gave no message"
   assert not any("Traceback" in l for l in lines), f"{where}: {case!r} printed a traceback"
   assert len(lines) == 1, f"{where}: {case!r} gave {len(lines)} lines, not one: {lines}"
-  # Paths differ from run to run: pytest's temporary folders show as <tmp>, the
-  # checkout's files relative to it.
-  tmp = lambda text: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s'\"]+", "<tmp>",
-                            text).replace(ROOT, "")
+  # Paths differ from run to run: pytest's temporary folders (under pytest-xdist, in a
+  # folder per worker) show as <tmp>, the checkout's files relative to it.
+  tmp = lambda text: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/(?:popen-gw\d+/)?[^/\s'\"]+",
+                            "<tmp>", text).replace(ROOT, "")
   ROWS.append(Fault(where, tmp(case), tmp(lines[0]), before, intact, test))
 
 

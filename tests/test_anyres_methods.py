@@ -91,14 +91,10 @@ def _params(cfg, seed):
   return params
 
 
-# Light XLA optimisation: these programs run once, compiling is what costs.
-LIGHT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 def _forward(cfg, plan):
   return jax.jit(lambda p, b: llava.Llava(cfg).apply(
       {"params": p}, b["input_ids"], b["pixel_values"], b["attention_mask"], b["positions"],
-      plan=plan, return_aux=True), compiler_options=LIGHT)
+      plan=plan, return_aux=True))
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +260,7 @@ def test_sharded_run_equals_one_device(inputs, params, runs, kind, name):
                                     b["attention_mask"], b["positions"], plan=plan,
                                     return_aux=True)
 
-  logits, aux = jax.jit(forward, compiler_options=LIGHT)(sharded, placed)
+  logits, aux = jax.jit(forward)(sharded, placed)
   assert len(logits.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(logits), want, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(aux["visual_per_layer"]),

@@ -13,14 +13,11 @@ _METHODS = ("none", "aim", "fastv", "tome", "random", "pooling", "mustdrop-64", 
 
 def _kernel_env() -> dict[str, str]:
   """This process's environment without conftest's 8 simulated devices (the notebook
-  runs on one, as on a Colab CPU), importing this checkout whatever is installed."""
+  runs on one, as on a Colab CPU; conftest's quick-compile flags and cache stay),
+  importing this checkout whatever is installed."""
   env = dict(os.environ)
-  flags = [f for f in env.pop("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  # Compiling dominates the run (a prefill, a decode loop and a forward per method); a
-  # lighter LLVM pipeline compiles about a third faster and changes nothing checked.
-  flags += ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-  env["XLA_FLAGS"] = " ".join(flags)
+  env["XLA_FLAGS"] = " ".join(f for f in env.pop("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
   return env
 
