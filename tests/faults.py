@@ -46,7 +46,7 @@ def _cell(s: str) -> str:
 
 
 def write_table(path: str):
-  rows = sorted(set(ROWS), key=lambda r: (r.where, r.case))
+  rows = sorted(set(ROWS), key=lambda r: (r.where, r.case, r.test, r.message))
   out = ["# Bad inputs and faults",
          "",
          "Every row is checked by a test (last column). *Caught before* is the expensive "
