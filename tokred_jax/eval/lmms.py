@@ -56,8 +56,11 @@ from tokred_jax.models.config import ConfigError
 
 NAME = "tokred_jax"  # as tokred_jax.eval.lmms_manifest registers it
 COST_FIELDS = ("prefill_flops", "kv_bytes", "equivalent_visual_tokens", "latency_s")
-# generation_kwargs every LLaVA-1.5 task sends; any other is refused rather than ignored.
-GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "do_sample", "num_beams"}
+# generation_kwargs the LLaVA-1.5 tasks send; any other is refused rather than ignored.
+# image_aspect_ratio (mmbench, scienceqa_img, seedbench) picks among the original LLaVA
+# code's image processors: images here are processed as the checkpoint's processor does.
+GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "do_sample", "num_beams",
+              "image_aspect_ratio"}
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -121,7 +124,7 @@ class TokredJax(lmms):
     unknown = sorted(set(kwargs) - GEN_KWARGS)
     if unknown or kwargs.get("num_beams", 1) != 1:
       what = f"option {unknown[0]!r}" if unknown else f"num_beams={kwargs['num_beams']}"
-      raise ConfigError(f"generation {what} is not supported by {NAME}; it decodes with "
+      raise ConfigError(f"generation {what} is not supported by {NAME}; it takes "
                         f"{', '.join(sorted(GEN_KWARGS - {'num_beams'}))} and num_beams=1 only.")
     until = kwargs.get("until") or ()
     sample = kwargs.get("do_sample", True) and float(kwargs.get("temperature") or 0) > 0
