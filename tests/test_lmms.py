@@ -105,6 +105,29 @@ def test_batches_answer_as_batch_one_in_order(aim, examples, monkeypatch):
   assert len(set(batched)) > 1  # different questions, different answers
 
 
+def test_multi_round_asks_each_round_of_its_doc(aim, examples):
+  model = aim
+  docs = [dict(prompt=e.prompt, image=Image.fromarray(e.image)) for e in examples[:8]]
+  follow_up = "<image>\nHow many digits are there?"
+
+  def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+    # Round 1 asks how many digits; after it the request is done.
+    return [doc["image"]], follow_up, round_idx == 2, previous_output, None
+
+  model.task_dict = {"t": {"test": docs}}
+  kwargs = {"max_new_tokens": 5}
+  got = model.generate_until_multi_round([
+      Instance("generate_until_multi_round", (d["prompt"], dict(kwargs),
+                                              lambda d: [d["image"]], doc_to_text, i, "t",
+                                              "test"), 0, {"task": "t", "doc_id": i,
+                                                           "repeats": 1})
+      for i, d in enumerate(docs)])
+  first = model.generate_until(_requests(docs, range(8), [kwargs] * 8))
+  second = model.generate_until(_requests([dict(d, prompt=follow_up) for d in docs],
+                                          range(8), [kwargs] * 8))
+  assert got == [[a, b] for a, b in zip(first, second)]
+
+
 def test_loglikelihood_is_the_sum_of_forward_log_probabilities(aim, examples):
   model = aim
   pipe, docs = model.pipe, [dict(image=Image.fromarray(e.image)) for e in examples[:6]]

@@ -267,6 +267,8 @@ class TokredJax(lmms):
       targets = np.asarray(batch["input_ids"])[:, 1:]
       for b, i in enumerate(chunk):
         n = rows[i][2]
+        if not n:  # an empty continuation: log 1, and greedy
+          continue
         lp, tg = logp[b, -n:], targets[b, -n:]
         out[i] = (float(np.sum(lp[np.arange(n), tg])), bool(np.all(lp.argmax(-1) == tg)))
       self._record([rows[i][3] for i in chunk], batch, plan, seconds, [0] * len(chunk))
