@@ -164,7 +164,8 @@ def test_registered_as_an_lmms_eval_model():
     ({"method": "aim@0.25", "retention": 0.5}, "already sets its level"),
     ({"mesh": "data:2"}, "write NAME=SIZE joined by ':'"),
     ({"batch_size": "auto"}, "there is no 'auto'"),
-], ids=["retention", "method", "retention-twice", "mesh", "batch-size"])
+    ({"mesh": "data=8", "batch_size": 4}, "does not split over the mesh"),
+], ids=["retention", "method", "retention-twice", "mesh", "batch-size", "batch-on-mesh"])
 def test_bad_model_args_fail_before_the_weights(args, message, monkeypatch):
   monkeypatch.setattr(lmms.Pipeline, "load_weights", lambda self: pytest.fail("loaded"))
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:

@@ -36,6 +36,7 @@ results["results"][task], next to the task's metrics.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from typing import Any, Sequence
 
@@ -99,6 +100,11 @@ class TokredJax(lmms):
     # Config and tokenizer first: a setting the model cannot run fails before the weights.
     self.pipe = Pipeline.load(pretrained, dtype, None if mesh is None else parse_mesh(mesh),
                               template, weights=False)
+    mesh_shape = self.pipe.mesh.shape if self.pipe.mesh is not None else {}
+    split = math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp"))
+    if self.batch_size % split:
+      raise ConfigError(f"batch_size={self.batch_size} does not split over the mesh's data x "
+                        f"fsdp = {split} devices; give a multiple of {split}.")
     if self.pipe.anyres and self.setting.budget is not None:
       raise ConfigError(f"method={self.setting.label}: budgets are solved per input bucket on "
                         f"{self.pipe.cfg.arch}; give a retention (e.g. aim@0.25) instead.")
@@ -125,7 +131,8 @@ class TokredJax(lmms):
     if unknown or kwargs.get("num_beams", 1) != 1:
       what = f"option {unknown[0]!r}" if unknown else f"num_beams={kwargs['num_beams']}"
       raise ConfigError(f"generation {what} is not supported by {NAME}; it takes "
-                        f"{', '.join(sorted(GEN_KWARGS - {'num_beams'}))} and num_beams=1 only.")
+                        f"{', '.join(sorted(GEN_KWARGS - {'num_beams'}))} and num_beams=1 "
+                        "only.")
     until = kwargs.get("until") or ()
     sample = kwargs.get("do_sample", True) and float(kwargs.get("temperature") or 0) > 0
     sampling = SamplingConfig(int(kwargs.get("max_new_tokens") or self.max_new_tokens),
@@ -136,7 +143,8 @@ class TokredJax(lmms):
   def _visuals(self, doc_to_visual, doc) -> list[Any]:
     """A request's PIL images (RGB) or its one video path."""
     found = doc_to_visual(doc) if doc_to_visual else []
-    found = [v for v in (found if isinstance(found, (list, tuple)) else [found]) if v is not None]
+    found = found if isinstance(found, (list, tuple)) else [found]
+    found = [v for v in found if v is not None]
     if not found:
       raise ConfigError(f"{NAME} answers about images or videos; this request has none "
                         "(text-only tasks need a text model).")
