@@ -14,11 +14,15 @@ from lmms_eval import evaluator
 from lmms_eval.api.instance import Instance
 from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
-from PIL import Image
+from PIL import Image, ImageFile
 
 from tests import faults
 from tokred_jax.eval import evaluate, lmms
 from tokred_jax.models.config import ConfigError
+
+# Importing lmms_eval.api.task makes PIL load truncated image files, process-wide; the rest
+# of the suite (run in the same processes) checks that tokred_jax refuses them.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 LIMIT = 16
 BATCH = 8
