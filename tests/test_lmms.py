@@ -189,3 +189,33 @@ def test_unsupported_generation_options_are_refused(aim, examples):
       model.generate_until(_requests(model.task_dict["t"]["test"], [0], [kwargs]))
     faults.record("lmms-eval --model tokred_jax", f"generation_kwargs {kwargs}",
                   str(e.value), before="compile")
+
+
+def test_videos_as_paths_and_several_images_on_onevision(llava_onevision_dir, tmp_path):
+  """On a OneVision checkpoint a request's video arrives as a path and several images as
+  a list: the answers are the Pipeline's own for the same inputs, one at a time."""
+  from tests.test_anyres_pipeline import _image, _video, _write_video
+  path = tmp_path / "clip.mkv"
+  _write_video(path, _video(6, 5))
+  model = lmms.TokredJax(pretrained=str(llava_onevision_dir), method="aim@0.5",
+                         template="llava-hf", batch_size=2, num_frames=4)
+  pictures = [Image.fromarray(_image(60, 90, 1)), Image.fromarray(_image(100, 40, 2))]
+  docs = [dict(prompt="What happens?", visual=[str(path)]),
+          dict(prompt="Compare <image> with <image>.", visual=pictures),
+          dict(prompt="And now?", visual=[str(path)])]
+  model.task_dict = {"t": {"test": docs}}
+  kwargs = {"max_new_tokens": 3}
+  got = model.generate_until([
+      Instance("generate_until", (d["prompt"], dict(kwargs), lambda d: d["visual"], i, "t",
+                                  "test"), 0, {"task": "t", "doc_id": i, "repeats": 1})
+      for i, d in enumerate(docs)])
+  pipe, sampling = model.pipe, lmms.SamplingConfig(3)
+  want = []
+  for d in docs:
+    video = isinstance(d["visual"][0], str)
+    batch = pipe.prepare(None if video else [d["visual"]], [d["prompt"]], 3, plan=model.plan,
+                         videos=[d["visual"][0]] if video else None, num_frames=4)
+    tokens, _ = pipe.generate_tokens(batch, sampling, None, pipe.batch_plan(batch, model.plan))
+    want.append(pipe.tokenizer.decode(tokens[0]))
+  assert got == want
+  assert model.cost["t"]["equivalent_visual_tokens"] > 0
