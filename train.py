@@ -10,6 +10,11 @@ Rerunning with the same --workdir resumes from its latest complete checkpoint. W
 SIGTERM or SIGINT (a preempted VM, Ctrl-C) saves the step in progress and exits with
 128 + the signal's number; a NaN or infinite loss stops the run (exit 1) before that
 step is saved. One run at a time holds a workdir (WORKDIR/.lock).
+
+On several hosts every host runs the same command with --distributed=auto (a TPU pod
+slice) or --coordinator_address/--num_processes/--process_id, and the same --workdir
+on a file system all of them see; data.batch_size is then per host (README, "Several
+hosts").
 """
 
 import os
@@ -25,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events
                                "exported model go here.", required=True)
 _EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the latest checkpoint and "
                                  "exit.")
+cli.define_distributed_flags()
 
 
 def main(argv):

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from tokred_jax.core import distributed
+
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError)
 
@@ -96,10 +98,28 @@ def parse_flags(argv):
   return rest
 
 
+def define_distributed_flags():
+  """The flags that make this process one of a multi-process job (core/distributed.py);
+  `run` joins the job before `main` starts."""
+  flags.DEFINE_enum("distributed", "", ["", "auto"], distributed.HELP["distributed"])
+  flags.DEFINE_string("coordinator_address", None, distributed.HELP["coordinator_address"])
+  flags.DEFINE_integer("num_processes", None, distributed.HELP["num_processes"])
+  flags.DEFINE_integer("process_id", None, distributed.HELP["process_id"])
+
+
+def distributed_options() -> distributed.Options:
+  f = flags.FLAGS
+  return distributed.Options(f.coordinator_address, f.num_processes, f.process_id,
+                             auto=f.distributed == "auto")
+
+
 def run(main):
-  """app.run(main) where user errors (see USER_ERRORS) print one line and exit 1."""
+  """app.run(main) where user errors (see USER_ERRORS) print one line and exit 1; with
+  `define_distributed_flags`, the process first joins its job."""
   def guarded(argv):
     try:
+      if "num_processes" in flags.FLAGS:
+        distributed.initialize(distributed_options())
       return main(argv)
     except USER_ERRORS as e:
       raise fail(e) from None
