@@ -30,9 +30,9 @@ from tokred_jax.data.builder import (DATASET, ConversationsConfig, LlavaConversa
                                      build_dataset)
 from tokred_jax.data.conversation import (encode_example, parse_turns,
                                           tokenize_conversation)
-from tokred_jax.data.pipeline import DataConfig, make_dataset
+from tokred_jax.data.pipeline import DataConfig, make_dataset, shard
 from tokred_jax.data.skips import BadSample, SkipLog
 
 __all__ = ["DATASET", "BadSample", "ConversationsConfig", "DataConfig", "LlavaConversations",
            "SkipLog", "build_dataset", "encode_example", "make_dataset",
-           "parse_turns", "tokenize_conversation"]
+           "parse_turns", "shard", "tokenize_conversation"]

@@ -1,7 +1,7 @@
 """The training input pipeline: a TFDS data source read through grain, in fixed-shape batches.
 
   tfds.data_source (random access to array_record)
-    -> this host's shard -> global shuffle, reseeded every epoch -> repeat
+    -> global shuffle, reseeded every epoch -> repeat -> this host's shard (`shard`)
     -> read + tokenize + normalise (in `worker_count` processes)
     -> leave out bad samples (in this process) -> batch
 
@@ -17,6 +17,7 @@ the same config, seed and shard (the state's layout depends on `worker_count`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import grain
@@ -118,6 +119,19 @@ def _check_size(size: int, vision_cfg: VisionConfig, name: str):
                      "a model made for it (configs/glyph_llava.py).")
 
 
+def shard(ds: grain.MapDataset, index: int, count: int) -> grain.MapDataset:
+  """Host `index` of `count`'s elements of the global stream `ds`: every count-th from
+  `index` on, after the shuffle, so that the hosts' batches together hold exactly the
+  examples of one host's batch `count` times as large (the same global batches, the rows
+  in another order), and all hosts get the same number (a finite stream is cut to a
+  multiple of `count`), so none runs out of steps before the others."""
+  if count == 1:
+    return ds
+  if len(ds) < sys.maxsize:  # finite: repeat(None) has length sys.maxsize
+    ds = ds[:len(ds) - len(ds) % count]
+  return ds[index::count]
+
+
 def make_dataset(config: DataConfig, split: str, seed: int, *,
                  tokenizer: processing.Tokenizer, model_cfg: LlavaConfig,
                  num_image_tokens: int | None = None, shard_index: int = 0,
@@ -161,10 +175,10 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   else:
     source = tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)
     _check_images(source.dataset_info, model_cfg.vision, config.dataset)
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  ds = grain.MapDataset.source(source)
   if config.shuffle:
     ds = ds.shuffle(seed)
-  ds = ds.repeat(config.num_epochs)
+  ds = shard(ds.repeat(config.num_epochs), shard_index, shard_count)
   if num_image_tokens is None:
     num_image_tokens = model_cfg.num_image_tokens
   ds = ds.map(_Encode(tokenizer, model_cfg, config.max_length, num_image_tokens, template))

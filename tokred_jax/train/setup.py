@@ -129,7 +129,8 @@ def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: Plan
   `data.dataset = "synthetic"` gives `synthetic_dataset` instead of a TFDS data set."""
   if config.data.dataset == "synthetic":
     return synthetic_dataset(cfg, plan.num_visual, config.data.batch_size,
-                             config.data.max_length, config.seed + jax.process_index())
+                             config.data.max_length, config.seed,
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
   train_checks.check_data(config)
   tokenizer = model_tokenizer(config, cfg)
   fields = config.data.to_dict()
@@ -141,12 +142,14 @@ def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: Plan
 
 
 def synthetic_dataset(cfg: LlavaConfig, num_visual: int, batch_size: int, seq_len: int,
-                      seed: int, num_examples: int = 64) -> CheckpointableIterator:
+                      seed: int, num_examples: int = 64, *, shard_index: int = 0,
+                      shard_count: int = 1) -> CheckpointableIterator:
   """A learnable toy set as a grain iterator, for smoke tests and throughput runs.
 
   Each example is [bos, image slots x num_visual, text]: the text counts up through
   the ordinary token ids from a random start (wrapping around), and the loss counts
-  its second half. Images are noise.
+  its second half. Images are noise. Sharded over hosts like real data
+  (`data.pipeline.shard`).
   """
   text = seq_len - 1 - num_visual
   if text < 2:
@@ -169,6 +172,7 @@ def synthetic_dataset(cfg: LlavaConfig, num_visual: int, batch_size: int, seq_le
                 positions=np.arange(seq_len, dtype=np.int32),
                 pixel_values=rng.normal(size=(s, s, 3)).astype(np.float32))
 
-  ds = (grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None)
-        .map(example).batch(batch_size, drop_remainder=True))
+  ds = data.shard(grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(None),
+                 shard_index, shard_count)
+  ds = ds.map(example).batch(batch_size, drop_remainder=True)
   return iter(ds.to_iter_dataset())
