@@ -109,16 +109,19 @@ def reference(reference_run):
 
 
 def read_scalars(workdir):
-  """{tag: {step: value}} from the run's TensorBoard event file."""
+  """{tag: {step: value}} from the run's TensorBoard event files (one per start of the
+  run, named by time: a resumed run's later values of a step replace earlier ones)."""
   from tensorboardX.proto import event_pb2
-  (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
-  data, i, scalars = events.read_bytes(), 0, {}
-  while i < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
-    (n,) = struct.unpack("<Q", data[i:i + 8])
-    event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-    i += 12 + n + 4
-    for v in event.summary.value:
-      scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+  scalars = {}
+  for events in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+    data, i = events.read_bytes(), 0
+    while i < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+  assert scalars, f"no event files in {workdir / 'tensorboard'}"
   return scalars
 
 

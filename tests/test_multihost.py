@@ -1,0 +1,174 @@
+"""Several processes, one job (JAX's multi-controller runtime) on localhost CPU devices.
+
+A job of 2 processes x 2 devices (and of 4 x 1) trains exactly as 1 process x 4 devices
+on the same mesh and global batch: loss by loss and in its exported weights. Killing
+one process of a job ends the job; rerunning it resumes from the last complete
+checkpoint and ends where the uninterrupted job ends.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+import grain
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from tokred_jax import data
+from tokred_jax.core import localhost
+from tests import faults
+from tokred_jax.io import checkpoint
+from tests.test_trainer import CFG, OVERRIDES, REPO, random_params, read_scalars
+
+# The same mesh for every layout: data over the hosts, FSDP within them.
+MESH = "data=2,fsdp=2,tensor=1"
+GLOBAL_BATCH = 8
+STEPS = 12
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("model") / "tiny"
+  checkpoint.save_checkpoint(path, CFG, random_params())
+  return str(path)
+
+
+def command(model_dir, workdir, num_processes):
+  overrides = dict(OVERRIDES, num_steps=STEPS, log_every=1, checkpoint_every=4,
+                   keep_checkpoints=3, mesh=MESH)
+  overrides["data.batch_size"] = GLOBAL_BATCH // num_processes  # per host
+  return [sys.executable, str(REPO / "train.py"),
+          f"--config={REPO / 'configs' / 'train_tiny.py'}:synthetic",
+          f"--config.model.checkpoint={model_dir}", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+
+def train(model_dir, workdir, num_processes, devices):
+  codes, job = localhost.run(command(model_dir, workdir, num_processes), num_processes,
+                             devices, TIMEOUT_S, f"{workdir}-logs", cwd=REPO)
+  assert codes == [0] * num_processes, job.output(codes.index(next(c for c in codes if c)))
+  return job
+
+
+def exported(workdir):
+  return safetensors.numpy.load_file(workdir / "export" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one") / "run"
+  train(model_dir, workdir, 1, 4)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_processes(model_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("two") / "run"
+  train(model_dir, workdir, 2, 2)
+  return workdir
+
+
+def assert_same_run(got, want, exact=False, first_step=1):
+  """The losses of steps first_step.. and the exported weights agree (to float32
+  tolerance, or bit for bit)."""
+  got_loss, want_loss = read_scalars(got)["train/loss"], read_scalars(want)["train/loss"]
+  steps = list(range(first_step, STEPS + 1))
+  assert [s for s in sorted(got_loss) if s >= first_step] == steps
+  np.testing.assert_allclose([got_loss[s] for s in steps], [want_loss[s] for s in steps],
+                             rtol=0 if exact else 1e-5)
+  got_w, want_w = exported(got), exported(want)
+  assert got_w.keys() == want_w.keys()
+  for k in want_w:
+    if exact:
+      np.testing.assert_array_equal(got_w[k], want_w[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(got_w[k], want_w[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_two_processes_train_as_one(one_process, two_processes):
+  assert_same_run(two_processes, one_process)
+  # The loss fell, so the comparison is of a run that learned something.
+  loss = read_scalars(two_processes)["train/loss"]
+  assert loss[STEPS] < loss[1]
+  # Each host wrote its own data position, the primary host the rest, once.
+  for step in (4, 8, 12):
+    data = two_processes / "checkpoints" / str(step) / "data"
+    assert sorted(p.name for p in data.glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_four_processes_train_as_one(model_dir, one_process, tmp_path):
+  workdir = tmp_path / "run"
+  train(model_dir, workdir, 4, 1)
+  assert_same_run(workdir, one_process)
+
+
+def finished_steps(workdir):
+  path = workdir / "checkpoints"
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+def test_killed_process_job_resumes(model_dir, two_processes, tmp_path):
+  workdir = tmp_path / "run"
+  job = localhost.start(command(model_dir, workdir, 2), 2, 2, f"{workdir}-logs", cwd=REPO)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not [s for s in finished_steps(workdir) if s >= 4]:
+      assert time.monotonic() < deadline and all(p.poll() is None for p in job.processes), \
+          job.output(0)[-3000:]
+      time.sleep(0.01)
+    job.processes[1].send_signal(signal.SIGKILL)
+    codes = job.wait(TIMEOUT_S)  # the job's other process is stopped with it
+  finally:
+    job.stop()
+  assert codes[1] == -signal.SIGKILL and codes[0] != 0, codes
+  assert not (workdir / "export").exists()
+  killed_at = max(finished_steps(workdir))
+  assert 4 <= killed_at < STEPS
+
+  job = train(model_dir, workdir, 2, 2)
+  assert f"resumed from step {killed_at}" in job.output(0)
+  # The killed job's last TensorBoard events may be lost with it; the resumed job logs
+  # every step after the checkpoint.
+  assert_same_run(workdir, two_processes, exact=True, first_step=killed_at + 1)
+
+
+# ------------------------------------------------- without processes: input and data
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--num_processes=2", "--process_id=0"], "needs --coordinator_address too"),
+    (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+     "give it as HOST:PORT"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+     "must be in 0 .. 1"),
+    (["--distributed=auto", "--num_processes=2"], "--distributed=auto detects"),
+])
+def test_bad_job_flags_refused_at_once(flags, problem, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "train.py"), f"--config={REPO}/configs/train_tiny.py:synthetic",
+       f"--workdir={tmp_path / 'run'}", *flags], cwd=REPO, capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
+  assert not (tmp_path / "run").exists()  # nothing was written
+  faults.record("train.py", " ".join(flags), proc.stderr, before="joining the job")
+
+
+@pytest.mark.parametrize("length, count", [(10, 1), (10, 2), (11, 2), (11, 4), (3, 4)])
+def test_shards_are_disjoint_equal_and_cover_the_stream(length, count):
+  stream = grain.MapDataset.range(length).shuffle(seed=3)
+  shards = [list(data.shard(stream, i, count)) for i in range(count)]
+  assert len({len(s) for s in shards}) == 1  # every host gets as many steps
+  assert len(shards[0]) == length // count
+  # Together, in the order hosts stack their batches, they are the stream (cut to a
+  # multiple of the host count): host i holds elements i, i + count, ...
+  assert [x for row in zip(*shards) for x in row] == list(stream)[:length - length % count]
+
+
+def test_infinite_stream_shards():
+  stream = grain.MapDataset.range(5).shuffle(seed=0).repeat(None)
+  shards = [data.shard(stream, i, 2) for i in range(2)]
+  assert [shards[i][j] for j in range(6) for i in range(2)] == [stream[k] for k in range(12)]
