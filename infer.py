@@ -12,8 +12,13 @@ r"""Answer a question about an image with a LLaVA model, and print what it cost.
 Options not given as flags come from --config (default: configs/default.py), each
 overridable as --config.NAME=VALUE. Every option, the image and the prompt are checked
 before the weights are read.
+
+Run on every host of a pod slice (--distributed=auto, or --coordinator_address,
+--num_processes and --process_id), each host answers on a copy of the model over its
+own devices (--config.mesh splits it there) and process 0 prints and plots.
 """
 
+import contextlib
 import math
 import os
 
@@ -24,7 +29,7 @@ from matplotlib.figure import Figure
 
 import tokred_jax
 from tokred_jax import cli, methods
-from tokred_jax.core import sharding
+from tokred_jax.core import distributed, sharding
 from tokred_jax.core.suggest import closest
 from tokred_jax.engine import pipeline, report
 from tokred_jax.eval import visualize
@@ -45,6 +50,7 @@ def _define_flags():
                       "beside the checkpoint's sample image).")
   flags.DEFINE_string("checkpoint", None,
                       "Hugging Face LLaVA directory (overrides the config).")
+  cli.define_distributed_flags()
 
 
 def check_output(path: str, option: str):
@@ -169,7 +175,7 @@ def infer(config, checkpoint=None, image=None, prompt=None, video=None):
     print(f"batch: {copies} copies of the prompt, one per data x fsdp shard; costs are "
           "for one")
   print(f"answer: {pipe.tokenizer.decode(tokens[0]).strip()}\n")
-  if config.plot:
+  if config.plot and distributed.is_main():
     _, aux = pipe.forward(run_batch, plan, return_aux=True)
     vision = pipe.cfg.vision
     shown = (batch["pixel_values"][0] * np.asarray(vision.image_std)
@@ -187,7 +193,10 @@ def infer(config, checkpoint=None, image=None, prompt=None, video=None):
 def main(argv):
   del argv
   values = flags.FLAGS
-  infer(values.config, values.checkpoint, values.image, values.prompt, values.video)
+  with contextlib.ExitStack() as quiet:
+    if not distributed.is_main():  # the other hosts compute the same answer silently
+      quiet.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+    infer(values.config, values.checkpoint, values.image, values.prompt, values.video)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ path, setting (its plan against the checkpoint's config.json: one the model cann
 is refused with the reason, not skipped after the others have run), variant and the data
 is checked before the weights load; the files are written together at the end, each by
 a rename, so a failed or interrupted run leaves the old ones byte-identical.
+
+On several hosts every host runs the same command with --distributed=auto (TPU pods) or
+--coordinator_address/--num_processes/--process_id; each runs its share of the batches
+on a whole copy of the model, and process 0 writes the results of all (README, "Several
+hosts").
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 from benchmarks import outputs
 from benchmarks.prefill_speed import machine
 from tokred_jax import cli
+from tokred_jax.core import distributed
 from tokred_jax.engine.pipeline import (DEFAULT_CHECKPOINT, PMOD_CHECKPOINT,
                                         PMOD_QUARTER_CHECKPOINT, Pipeline)
 from tokred_jax.eval import evaluate
@@ -431,6 +437,14 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--add", action="store_true",
                       help="run only --settings and --variants and add them to the results "
                       "in --json (same questions, checkpoint and dtype)")
+  parser.add_argument("--distributed", default="", choices=("", "auto"),
+                      help=distributed.HELP["distributed"])
+  parser.add_argument("--coordinator_address", default=None,
+                      help=distributed.HELP["coordinator_address"])
+  parser.add_argument("--num_processes", type=int, default=None,
+                      help=distributed.HELP["num_processes"])
+  parser.add_argument("--process_id", type=int, default=None,
+                      help=distributed.HELP["process_id"])
   return parser
 
 
@@ -447,6 +461,9 @@ def main(argv: list[str] | None = None):
 def _main(args, argv: list[str] | None):
   """Checks, runs, then writes (see the module docstring)."""
   try:  # Everything the user can get wrong fails here, before the weights load.
+    distributed.initialize(distributed.Options(
+        args.coordinator_address, args.num_processes, args.process_id,
+        auto=args.distributed == "auto"))
     settings, variants, examples, previous = _check_args(args)
     pipe = Pipeline.load(args.checkpoint, dtype=args.dtype)
     variant_pipes = [(label, Pipeline.load(path, dtype=args.dtype)) for label, path in variants]
@@ -455,7 +472,8 @@ def _main(args, argv: list[str] | None):
   kept = ", ".join(filter(None, (args.json, args.plot, args.markdown))) or "no files"
   start = time.perf_counter()
   per = evaluate.batches_per_setting(len(examples), args.batch)
-  with tqdm(total=per * (len(settings) + len(variant_pipes)), unit="batch") as bar:
+  with tqdm(total=per * (len(settings) + len(variant_pipes)), unit="batch",
+            disable=not distributed.is_main()) as bar:
     def progress(label: str, n: int):
       bar.set_postfix_str(label)
       bar.update(n)
@@ -479,6 +497,8 @@ def _main(args, argv: list[str] | None):
   except ValueError as e:
     raise SystemExit(f"evaluate: {cli.one_line(e)}; nothing was written ({kept} as they "
                      "were).") from None
+  if not distributed.is_main():  # every process holds the results; the first writes them
+    return
 
   data = f"{args.dataset}, {args.split} split" + (
       f" (its first {args.limit})" if args.limit else "")

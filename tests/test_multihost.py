@@ -3,21 +3,25 @@
 A job of 2 processes x 2 devices (and of 4 x 1) trains exactly as 1 process x 4 devices
 on the same mesh and global batch: loss by loss and in its exported weights. Killing
 one process of a job ends the job; rerunning it resumes from the last complete
-checkpoint and ends where the uninterrupted job ends.
+checkpoint and ends where the uninterrupted job ends. The evaluation on 2 processes
+predicts exactly what 1 process predicts, and infer.py answers once.
 """
 
+import json
 import signal
 import subprocess
 import sys
 import time
 
 import grain
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 
 from tokred_jax import data
 from tokred_jax.core import localhost
+from tokred_jax.eval import evaluate
 from tests import faults
 from tokred_jax.io import checkpoint
 from tests.test_trainer import CFG, OVERRIDES, REPO, random_params, read_scalars
@@ -136,6 +140,48 @@ def test_killed_process_job_resumes(model_dir, two_processes, tmp_path):
   assert_same_run(workdir, two_processes, exact=True, first_step=killed_at + 1)
 
 
+def evaluate_job(tmp_path, num_processes):
+  """The evaluation of 10 questions in batches of 2 (5 batches: 3 on process 0 and 2
+  on process 1 of two) over settings with static and data-dependent counts."""
+  out = tmp_path / f"eval-{num_processes}.json"
+  command = [sys.executable, "-m", "benchmarks.evaluate", "--limit=10", "--batch=2",
+             "--max_new_tokens=3", "--settings=none,aim@0.25,mustdrop-64", "--variants=",
+             f"--json={out}", "--markdown=", "--plot="]
+  codes, job = localhost.run(command, num_processes, 1, TIMEOUT_S,
+                             tmp_path / f"eval-{num_processes}-logs", cwd=REPO)
+  assert codes == [0] * num_processes, job.output(codes.index(next(c for c in codes if c)))
+  return json.loads(out.read_text()), job
+
+
+def test_evaluation_on_two_processes_predicts_as_one(tmp_path):
+  one, _ = evaluate_job(tmp_path, 1)
+  two, job = evaluate_job(tmp_path, 2)
+  assert two["ids"] == one["ids"] and len(one["ids"]) == 10
+  labels = ["none", "aim@0.25", "mustdrop-64", "random@0.25", "pooling-2x2"]
+  assert [r["label"] for r in two["results"]] == [r["label"] for r in one["results"]] == labels
+  for got, want in zip(two["results"], one["results"]):
+    assert len(got["predictions"]) == 10
+    for key in ("predictions", "accuracy", "correct_by_type", "flops", "flops_compiled",
+                "kv_bytes", "equivalent_visual_tokens", "equivalent_visual_tokens_official"):
+      assert got[key] == want[key], (got["label"], key)
+  # Process 0 ran 3 of the 5 batches of each setting, showed progress and wrote the file.
+  assert "15/15 [" in job.output(0) and "wrote" in job.output(0)
+  assert "wrote" not in job.output(1)
+
+
+def test_infer_on_two_processes_answers_once(tmp_path):
+  """Each process answers on its own 2-device mesh; process 0 alone prints."""
+  command = [sys.executable, "infer.py", "--config.max_new_tokens=4", "--config.mesh=data=2"]
+  one = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
+                       env=localhost.process_env(2))
+  assert one.returncode == 0, one.stderr
+  answer, = [line for line in one.stdout.splitlines() if line.startswith("answer:")]
+  codes, job = localhost.run(command, 2, 2, TIMEOUT_S, tmp_path / "logs", cwd=REPO)
+  assert codes == [0, 0], job.output(0) + job.output(1)
+  assert [line for line in job.output(0).splitlines() if line.startswith("answer:")] == [answer]
+  assert "answer:" not in job.output(1)
+
+
 # ------------------------------------------------- without processes: input and data
 
 
@@ -172,3 +218,19 @@ def test_infinite_stream_shards():
   stream = grain.MapDataset.range(5).shuffle(seed=0).repeat(None)
   shards = [data.shard(stream, i, 2) for i in range(2)]
   assert [shards[i][j] for j in range(6) for i in range(2)] == [stream[k] for k in range(12)]
+
+
+@pytest.mark.parametrize("examples, batch, processes", [(10, 2, 2), (10, 4, 3), (3, 4, 2),
+                                                        (7, 1, 4)])
+def test_evaluation_batches_split_over_processes(examples, batch, processes, monkeypatch):
+  """Every one-process batch runs on exactly one process, and the shares differ by at
+  most one batch."""
+  one = list(evaluate.my_batches(examples, batch))
+  shares = []
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  for index in range(processes):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    shares.append(list(evaluate.my_batches(examples, batch)))
+    assert evaluate.batches_per_setting(examples, batch) == len(shares[-1])
+  assert sorted(s for share in shares for s in share) == one
+  assert max(map(len, shares)) - min(map(len, shares)) <= 1

@@ -17,9 +17,13 @@ processes on this machine (the tests do).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 HELP = {
     "distributed": "'auto': join a multi-process job whose layout JAX detects (Cloud TPU "
@@ -89,3 +93,20 @@ def initialize(options: Options) -> None:
 def is_main() -> bool:
   """Whether this process writes what the job writes once (files, logs, progress)."""
   return jax.process_index() == 0
+
+
+def gather(value: Any) -> list[Any]:
+  """Every process's `value` (anything JSON can hold), in process order, on every process.
+
+  A collective: every process of the job calls it, the same number of times. Values may
+  differ in size between processes (each is sent as its JSON bytes, padded to the
+  longest).
+  """
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:size])) for row, size in zip(rows, sizes)]

@@ -132,8 +132,9 @@ class Pipeline:
     safetensors, tokenizer.json).
 
     mesh_shape: e.g. {"data": 2, "fsdp": 1, "tensor": 4} (-1: the remaining devices)
-    shards the parameters by logical axis over a device mesh; batches must then be a
-    multiple of data x fsdp.
+    shards the parameters by logical axis over a mesh of this process's devices
+    (`jax.local_devices()`: in a job of several processes each holds its own copy);
+    batches must then be a multiple of data x fsdp.
     template: the chat template prompts are written in (tokred_jax.io.templates); None:
     the checkpoint's (see checkpoint.read_config).
     weights=False reads only config.json and the tokenizer and makes the mesh: that
@@ -149,7 +150,7 @@ class Pipeline:
       cfg = dataclasses.replace(cfg, template=template)
     tokenizer = processing.Tokenizer.load(path, cfg)
     if mesh_shape is not None:
-      kwargs["mesh"] = sharding.make_mesh(mesh_shape)
+      kwargs["mesh"] = sharding.make_mesh(mesh_shape, jax.local_devices())
     pipe = cls(cfg, None, tokenizer, DTYPES[dtype], path=path, **kwargs)
     return pipe.load_weights() if weights else pipe
 

@@ -14,6 +14,9 @@ methods at equal budgets. Each is run
 over the same examples in the same order (sorted by their index in the split), batched
 with the final batch padded by repeats of its last example; answers are decoded
 greedily, normalised (`normalize`) and scored by exact match against the reference.
+In a job of several processes (`tokred_jax.core.distributed`) every process holds the
+whole model on its own devices and runs every n-th of those batches (`my_batches`);
+the results are gathered, so every process ends with the Evaluation one process gives.
 
 Per setting (`SettingResult`):
   accuracy        overall and per question type.
@@ -58,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax import methods
+from tokred_jax.core import distributed
 from tokred_jax.data import glyph_vqa, glyphs
 from tokred_jax.engine import budget as budgets
 from tokred_jax.engine import cost
@@ -413,9 +417,10 @@ def _run_setting(pipe: Pipeline, plan: Plan, examples: Sequence[Example],
                  batch_size: int, sampling: SamplingConfig, result: SettingResult,
                  progress: Callable[[str, int], None]):
   """Fills `result` (its per-type counts at zero) with the setting's predictions, scores,
-  costs and latency."""
-  warmed, times, costs, compiled = set(), [], [], 0.0
-  for start in range(0, len(examples), batch_size):
+  costs and latency. In a job of several processes each runs its share of the batches
+  (`my_batches`) and every process gets all of the results."""
+  warmed, done = set(), []
+  for start in my_batches(len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     rows = len(chunk)
     chunk += [chunk[-1]] * (batch_size - rows)
@@ -425,22 +430,27 @@ def _run_setting(pipe: Pipeline, plan: Plan, examples: Sequence[Example],
       pipe.generate_tokens(batch, sampling, plan=plan)
       warmed.add(batch["input_ids"].shape)
     tokens, timings = pipe.generate_tokens(batch, sampling, plan=plan)
-    times.append((timings.prefill_s + timings.decode_s) / batch_size)
-    result.predictions += [pipe.tokenizer.decode(row) for row in tokens[:rows]]
-    costs += _costs(pipe, plan, batch, rows)
-    compiled += rows * pipe.cost(batch, plan)["flops"].total / batch_size
+    done.append(dict(
+        start=start, time=(timings.prefill_s + timings.decode_s) / batch_size,
+        predictions=[pipe.tokenizer.decode(row) for row in tokens[:rows]],
+        costs=[[float(v) for v in c] for c in _costs(pipe, plan, batch, rows)],
+        compiled=rows * float(pipe.cost(batch, plan)["flops"].total) / batch_size))
     progress(result.label, 1)
+  batches = sorted((b for share in distributed.gather(done) for b in share),
+                   key=lambda b: b["start"])
+  result.predictions = [p for b in batches for p in b["predictions"]]
   for e, prediction in zip(examples, result.predictions):
     result.total_by_type[e.question_type] += 1
     result.correct_by_type[e.question_type] += is_correct(prediction, e.answer)
   result.accuracy = sum(result.correct_by_type.values()) / len(examples)
-  flops, kv, equivalent, official = np.mean(np.asarray(costs, np.float64), axis=0)
+  costs = np.asarray([c for b in batches for c in b["costs"]], np.float64)
+  flops, kv, equivalent, official = np.mean(costs, axis=0)
   result.flops, result.kv_bytes = float(flops), float(kv)
   result.equivalent_visual_tokens = float(equivalent)
   if plan.data_dependent:
     result.equivalent_visual_tokens_official = float(official)
-  result.flops_compiled = compiled / len(examples)
-  result.latency_s = statistics.median(times)
+  result.flops_compiled = sum(b["compiled"] for b in batches) / len(examples)
+  result.latency_s = statistics.median(b["time"] for b in batches)
 
 
 def _zero_by_type(examples: Sequence[Example]) -> dict[str, int]:
@@ -508,6 +518,14 @@ def median_text_tokens(pipe: Pipeline, examples: Sequence[Example]) -> int:
   return int(statistics.median(counts))
 
 
+def my_batches(num_examples: int, batch_size: int) -> range:
+  """The first example of each batch this process runs: all of them in a job of one
+  process; in a job of n, process i runs batches i, i + n, ... of the one-process
+  batches, so every example is batched (and padded) as it would be in one process."""
+  starts = range(0, num_examples, min(batch_size, num_examples))
+  return starts[jax.process_index()::jax.process_count()]
+
+
 def batches_per_setting(num_examples: int, batch_size: int) -> int:
-  """Generate calls per setting that runs (the progress bar's unit)."""
-  return -(-num_examples // min(batch_size, num_examples))
+  """Generate calls per setting that runs, on this process (the progress bar's unit)."""
+  return len(my_batches(num_examples, batch_size))
