@@ -17,7 +17,6 @@ the same config, seed and shard (the state's layout depends on `worker_count`).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 import grain
@@ -123,13 +122,10 @@ def shard(ds: grain.MapDataset, index: int, count: int) -> grain.MapDataset:
   """Host `index` of `count`'s elements of the global stream `ds`: every count-th from
   `index` on, after the shuffle, so that the hosts' batches together hold exactly the
   examples of one host's batch `count` times as large (the same global batches, the rows
-  in another order), and all hosts get the same number (a finite stream is cut to a
-  multiple of `count`), so none runs out of steps before the others."""
-  if count == 1:
-    return ds
-  if len(ds) < sys.maxsize:  # finite: repeat(None) has length sys.maxsize
-    ds = ds[:len(ds) - len(ds) % count]
-  return ds[index::count]
+  in another order). Shards of an endless stream are endless; those of a finite one
+  differ by at most one element, which is why a job of several hosts trains on an
+  endless one (`data.num_epochs` unset) and every host runs `num_steps`."""
+  return ds if count == 1 else ds[index::count]
 
 
 def make_dataset(config: DataConfig, split: str, seed: int, *,

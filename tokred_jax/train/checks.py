@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
@@ -92,6 +93,13 @@ def check_config(config: ml_collections.ConfigDict, dtypes: Iterable[str]) -> No
   if config.data.batch_size % optim.accum_steps:
     raise _refuse("optim.accum_steps", optim.accum_steps,
                   f"a divisor of data.batch_size ({config.data.batch_size})")
+  if jax.process_count() > 1 and _field(config, "data.num_epochs") is not None:
+    # Hosts' shards of a finite stream differ in length (and in skipped samples): one
+    # would run out of batches while the others wait for it in a collective.
+    raise ValueError(f"config.data.num_epochs={config.data.num_epochs}: a job of several "
+                     "hosts needs it unset (the data repeats forever and every host runs "
+                     "num_steps steps); drop it and set --config.num_steps for the run's "
+                     "length.")
   dtypes = tuple(dtypes)
   if _field(config, "model.dtype") not in dtypes:
     raise _refuse("model.dtype", config.model.dtype, f"one of {dtypes}")
