@@ -13,8 +13,8 @@ step is saved. One run at a time holds a workdir (WORKDIR/.lock).
 
 On several hosts every host runs the same command with --distributed=auto (a TPU pod
 slice) or --coordinator_address/--num_processes/--process_id, and the same --workdir
-on a file system all of them see; data.batch_size is then per host (README, "Several
-hosts").
+on a file system all of them see; data.batch_size is then per host and data.num_epochs
+stays unset (README, "Several hosts").
 """
 
 import os
