@@ -195,7 +195,8 @@ def main(argv):
   values = flags.FLAGS
   with contextlib.ExitStack() as quiet:
     if not distributed.is_main():  # the other hosts compute the same answer silently
-      quiet.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+      devnull = quiet.enter_context(open(os.devnull, "w", encoding="utf-8"))
+      quiet.enter_context(contextlib.redirect_stdout(devnull))
     infer(values.config, values.checkpoint, values.image, values.prompt, values.video)
 
 
