@@ -20,7 +20,7 @@ import pytest
 import safetensors.numpy
 
 from tokred_jax import data
-from tokred_jax.core import localhost
+from tokred_jax.core import distributed, localhost
 from tokred_jax.eval import evaluate
 from tests import faults
 from tokred_jax.io import checkpoint
@@ -215,6 +215,16 @@ def test_bad_job_flags_refused_at_once(flags, problem, tmp_path):
   assert proc.returncode == 1 and problem in proc.stderr, proc.stderr
   assert not (tmp_path / "run").exists()  # nothing was written
   faults.record("train.py", " ".join(flags), proc.stderr, before="joining the job")
+
+
+def test_unreachable_coordinator_is_one_line():
+  """JAX's runtime would abort the process with a C++ stack trace; nothing listens on
+  a port just freed."""
+  options = distributed.Options(f"localhost:{localhost.free_port()}", 2, 1, timeout_s=1)
+  with pytest.raises(ValueError, match="nothing answered there in 1 s") as e:
+    distributed.initialize(options)
+  faults.record("distributed.initialize", "--process_id=1 with no process 0 at the address",
+                str(e.value), before="joining the job")
 
 
 @pytest.mark.parametrize("length, count", [(10, 1), (10, 2), (11, 2), (11, 4), (3, 4)])

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
+import time
 from typing import Any
 
 import jax
@@ -86,8 +88,27 @@ def initialize(options: Options) -> None:
     return
   if options.explicit and options.num_processes == 1:
     return
+  if options.explicit and options.process_id > 0:
+    _wait_for_coordinator(options.coordinator_address, options.timeout_s)
   jax.distributed.initialize(options.coordinator_address, options.num_processes,
                              options.process_id, initialization_timeout=options.timeout_s)
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """ValueError unless process 0's coordinator at HOST:PORT accepts a connection within
+  `timeout_s`: JAX's runtime would end the process with a C++ stack trace instead."""
+  host, port = address.rsplit(":", 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise ValueError(f"--coordinator_address={address}: nothing answered there in "
+                         f"{timeout_s:g} s ({e.strerror or e}); start process 0 first, "
+                         "with the same address, or correct it.") from None
+      time.sleep(0.5)
 
 
 def is_main() -> bool:
