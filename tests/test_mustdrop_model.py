@@ -1,5 +1,6 @@
 """MustDrop inside the model: window merge in the tower, the filter in prefill, the
-output-aware KV cache, the segmented prefill's compile counts, cost, and the mesh."""
+output-aware KV cache, the segmented prefill (on the capacity ladder in one program, and
+with host reads between segments): compile counts, host reads, cost, and the mesh."""
 
 import collections
 import math
@@ -13,7 +14,7 @@ from tokred_jax import methods
 from tokred_jax.core import sharding, tokens
 from tokred_jax.engine import cost, generate, segmented
 from tokred_jax.methods import mustdrop
-from tokred_jax.methods.base import Recipe
+from tokred_jax.methods.base import LADDER, Recipe
 from tokred_jax.models import llava
 from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
@@ -183,12 +184,13 @@ def decision_margins(monkeypatch, run, threshold):
   return out, dict(margins)
 
 
-def test_fast_segments_equal_one_masked_program(params, monkeypatch):
+@pytest.mark.parametrize("ladder", [LADDER, None], ids=["ladder", "host"])
+def test_fast_segments_equal_one_masked_program(params, monkeypatch, ladder):
   """Fast mode compacts between segments; the one-program run only masks. Same
   positions, so the same logits wherever both have a token. The two runs' floats
   differ by rounding (XLA fuses split programs differently), so the inputs are ones
   whose every threshold decision sits clearly away from its threshold."""
-  plan = plan_for(threshold=0.9, gamma=0.03, alpha=0.05)
+  plan = plan_for(threshold=0.9, gamma=0.03, alpha=0.05, ladder=ladder)
   batch = make_batch(images([5, 1, 0]))
   (masked, aux), margins = decision_margins(monkeypatch, lambda: forward(params, batch, plan),
                                             threshold=0.9)
@@ -214,15 +216,20 @@ def test_fast_segments_equal_one_masked_program(params, monkeypatch):
   np.testing.assert_array_equal(np.asarray(ref["live"])[after], np.asarray(aux["live"])[after])
 
 
-def test_varied_images_compile_once_per_bucket(params):
-  """30 images of varied redundancy, 3 per batch: each segment compiles at most once per
-  capacity bucket it meets, and samples in one batch keep their own counts."""
-  plan = plan_for(bucket=32, threshold=0.9, gamma=0.02, alpha=0.02)
-  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=2), plan=plan)
-  seen, buckets = [], 3  # capacities 32, 64, 81
+def varied_batches():
+  """30 images of varied redundancy, 3 per batch: (batch, merged windows per image)."""
   for start in range(0, 30, 3):
     ks = [(start + j) % 10 for j in range(3)]
-    batch = make_batch(images(ks, seed=start))
+    yield make_batch(images(ks, seed=start)), ks
+
+
+def test_varied_images_compile_once_per_bucket(params):
+  """Host path: each segment compiles at most once per capacity bucket it meets, and
+  samples in one batch keep their own counts."""
+  plan = plan_for(bucket=32, threshold=0.9, gamma=0.02, alpha=0.02, ladder=None)
+  gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=2), plan=plan)
+  seen, buckets = [], 3  # capacities 32, 64, 81
+  for batch, ks in varied_batches():
     out = gen._segmented(params, batch, max_new_tokens=2)
     merged = np.asarray(out["aux"]["vision_tokens"])
     np.testing.assert_array_equal(merged, [N_V - 8 * k for k in ks])
@@ -236,10 +243,74 @@ def test_varied_images_compile_once_per_bucket(params):
   assert tokens.shape == (3, 2)
 
 
+def test_ladder_is_one_program_per_prompt_shape(params):
+  """The default path on the same 30 images: one prefill program for the prompt shape
+  whatever the counts, each cut's capacity the smallest ladder step above the batch's
+  largest count (so it follows the batch), and one small cache program per pair of
+  capacities the decode caches take; the tokens equal the host path's."""
+  plan = plan_for(bucket=16, threshold=0.9, gamma=0.02, alpha=0.02)
+  steps = segmented.ladder_steps(N_V, LADDER, 16)
+  assert steps == (16, 32, 48, 81)
+  sampling = generate.SamplingConfig(max_new_tokens=2)
+  gen = generate.Generator(MODEL, sampling, plan=plan)
+  host = generate.Generator(MODEL, sampling, plan=plan_for(
+      bucket=16, threshold=0.9, gamma=0.02, alpha=0.02, ladder=None))
+  seen = set()
+  for batch, ks in varied_batches():
+    out = gen._segmented(params, batch, max_new_tokens=2)
+    np.testing.assert_array_equal(np.asarray(out["aux"]["vision_tokens"]),
+                                  [N_V - 8 * k for k in ks])
+    per_layer = np.asarray(out["aux"]["visual_per_layer"]).max(axis=1)
+    largest = [N_V - 8 * min(ks)] + [per_layer[f + 1] for f in FILTERS]
+    assert out["capacities"] == tuple(min(s for s in steps if s >= n) for n in largest)
+    seen.add(out["capacities"])
+  assert len({c[0] for c in seen}) > 1
+  assert gen.trace_counts["segments"] == 1
+  assert 1 <= gen.trace_counts["segment_caches"] <= len({(c[0], c[-1]) for c in seen})
+  batch = make_batch(images([9, 0, 2]))
+  np.testing.assert_array_equal(gen(params, batch), host(params, batch))
+
+
+def count_host_reads(monkeypatch):
+  """Counts every read of a device array's value on the host (`int(x)`, `float(x)`,
+  `jax.device_get(x)` all go through the private `ArrayImpl._value`)."""
+  from jax._src import array
+  reads, value = [], array.ArrayImpl._value
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(
+      lambda self: reads.append(self.shape) or value.fget(self)))
+  return reads
+
+
+def test_ladder_prefill_reads_nothing_from_the_host(params, monkeypatch):
+  """The ladder's prefill traces as one program (a host read inside would fail on an
+  abstract value, as the host path does), and a prefill with its decode caches reads
+  the host once, after that program; the host path reads once per cut."""
+  batch = make_batch(images([5, 1, 0]))
+  ladder = segmented.SegmentedPrefill(MODEL, plan_for(threshold=0.9, gamma=0.03, alpha=0.05))
+  host = segmented.SegmentedPrefill(MODEL, plan_for(threshold=0.9, gamma=0.03, alpha=0.05,
+                                                    ladder=None))
+  jaxpr = jax.make_jaxpr(lambda p, b: ladder.launch(p, b, max_new_tokens=2))(params, batch)
+  (program,) = jaxpr.jaxpr.eqns  # one jitted program, a switch per cut inside it
+  assert program.primitive.name in ("jit", "pjit")
+  conds = [e for e in program.params["jaxpr"].jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == 1 + len(FILTERS)
+  with pytest.raises(jax.errors.ConcretizationTypeError):
+    jax.make_jaxpr(lambda p, b: host(p, b, max_new_tokens=2))(params, batch)
+  for run in (ladder, host):  # compiled, so the counts below see no compile-time reads
+    run(params, batch, max_new_tokens=2)
+  reads = count_host_reads(monkeypatch)
+  out = ladder(params, batch, max_new_tokens=2)
+  assert len(reads) == 1 and out["state"] is not None
+  reads.clear()
+  host(params, batch, max_new_tokens=2)
+  assert len(reads) == 1 + len(FILTERS)
+
+
 def test_kv_cache_holds_only_the_kept_tokens(params):
-  """Bucket 1, one sample: each layer's cache is exactly text + its kept visual tokens
-  (layers before the first filter: the post-merge count; later: the last survivors)."""
-  plan = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02)
+  """Host path, bucket 1, one sample: each layer's cache is exactly text + its kept
+  visual tokens (layers before the first filter: the post-merge count; later: the last
+  survivors)."""
+  plan = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02, ladder=None)
   batch = make_batch(images([6]), text_lengths=[9])
   new = 3
   out = segmented.SegmentedPrefill(MODEL, plan)(params, batch, max_new_tokens=new)
@@ -265,6 +336,22 @@ def test_kv_cache_holds_only_the_kept_tokens(params):
   # Decoding runs on the per-layer caches.
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=new), plan=plan)
   assert gen(params, batch).shape == (1, new)
+  # The ladder: each cache holds text + the ladder step its segment ran at, the same
+  # tokens live in it, and the same first logits (to rounding: other widths fuse
+  # differently).
+  ladder = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02)
+  got = segmented.SegmentedPrefill(MODEL, ladder)(params, batch, max_new_tokens=new)
+  steps = segmented.ladder_steps(N_V, LADDER, 1)
+  step = lambda n: min(s for s in steps if s >= n)
+  assert got["capacities"] == tuple(step(n) for n in [kept[0]] + [per_layer[f + 1]
+                                                                  for f in FILTERS])
+  slots = [text + step(k) + new for k in kept]
+  assert segmented.kv_cache_bytes(got["state"]) == tuple(
+      n * 2 * t.num_kv_heads * t.head_dim * 4 for n in slots)
+  np.testing.assert_array_equal([np.asarray(v).sum() for v in got["state"].valid],
+                                [np.asarray(v).sum() for v in out["state"].valid])
+  np.testing.assert_allclose(np.asarray(got["logits"]), np.asarray(out["logits"]),
+                             atol=1e-4, rtol=1e-4)
 
 
 def test_on_a_mesh_equal_one_device(params):
@@ -291,11 +378,13 @@ def test_on_a_mesh_equal_one_device(params):
                              rtol=1e-3)
 
 
-def test_segmented_prefill_on_a_mesh_equal_one_device(params):
-  """The fast path on the 8-device mesh: the host reads and cuts between segments act on
-  sharded arrays and give the one-device counts, capacities and logits. Inputs as in
-  the one-program mesh test above (no ties that another layout could reorder)."""
-  plan = plan_for(threshold=0.9, gamma=1.0, alpha=1.0)
+@pytest.mark.parametrize("ladder", [LADDER, None], ids=["ladder", "host"])
+def test_segmented_prefill_on_a_mesh_equal_one_device(params, ladder):
+  """The fast path on the 8-device mesh: the ladder's switches, or the host reads and
+  cuts between segments, act on sharded arrays and give the one-device counts,
+  capacities and logits. Inputs as in the one-program mesh test above (no ties that
+  another layout could reorder)."""
+  plan = plan_for(threshold=0.9, gamma=1.0, alpha=1.0, ladder=ladder)
   batch = make_batch(images([0, 1, 1, 0, 1, 0, 1, 1]))
   want = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})

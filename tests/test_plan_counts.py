@@ -233,6 +233,7 @@ PERTURB = {
     "Recipe.name": ("none", lambda v: "renamed"),
     "Recipe.mode": ("aim", lambda v: "reference"),
     "Recipe.token_bucket": ("mustdrop", lambda v: 8),
+    "Recipe.ladder": ("mustdrop", lambda v: None),
     "Tome.r": ("tome", lambda v: v[:-1] + (v[-1] + 1,)),
     "Merge.steps": ("aim", lambda v: v[:-1] + (v[-1] - 1,)),
     "Merge.metric": ("aim", lambda v: "features"),
@@ -260,9 +261,10 @@ PERTURB = {
 # the capacities and pruning layers, so one program serves both.
 TRACED = {"Tome.r", "Merge.steps", "Random.keep", "LastToken.ratios", "Route.ratios",
           "Window.threshold", "KeyFilter.gamma", "KeyFilter.alpha", "Duplication.ratios"}
-# Read outside any traced program, so no jaxpr shows it, yet a plan must not stand for
-# one with another value: the segmented prefill (one per plan) buckets its cuts by it.
-HOST_READ = {"Recipe.token_bucket"}
+# Read outside the one-program forward, so its jaxpr does not show them, yet a plan must
+# not stand for one with another value: the segmented prefill (one per plan) buckets
+# its cuts by them.
+HOST_READ = {"Recipe.token_bucket", "Recipe.ladder"}
 _PROGRAMS = {}
 
 

@@ -38,6 +38,9 @@ from tokred_jax.core import tokens
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 MODES = ("fast", "reference")
+# Fast mode's data-dependent cuts (engine/segmented.py): each ladder step is this
+# fraction of the one above, so a capacity wastes at most 1/LADDER of its count.
+LADDER = 0.5
 # Where stages act, in data-flow order (a recipe's stages are ordered by it).
 POINTS = ("vision", "tower_output", "before_projector", "after_projector", "llm")
 
@@ -207,12 +210,18 @@ class Recipe:
 
   name: the method or recipe name, for tables; mode: "fast" gathers kept tokens into
   shorter arrays (real savings), "reference" reproduces the official code, which masks;
-  token_bucket: capacities are counts rounded up to a multiple of it.
+  token_bucket: capacities are counts rounded up to a multiple of it;
+  ladder: where counts depend on the input (MustDrop, fast mode), each cut picks on the
+  device the smallest capacity of a ladder whose steps shrink by this ratio (rounded up
+  to token_bucket), so the prefill is one program with no host reads; None: the host
+  reads each cut's count and runs the rest at exactly its bucket (tighter capacities,
+  one blocking read and program launch per cut).
   """
   stages: tuple[Stage, ...] = ()
   name: str = "none"
   mode: str = "fast"
   token_bucket: int = 16
+  ladder: float | None = LADDER
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -220,6 +229,10 @@ class Recipe:
     if isinstance(self.token_bucket, bool) or not isinstance(self.token_bucket, int) \
         or self.token_bucket < 1:
       raise ConfigError(f"token_bucket must be an int >= 1, got {self.token_bucket!r}.")
+    if self.ladder is not None and (isinstance(self.ladder, bool) or not isinstance(
+        self.ladder, (int, float)) or not 0 < self.ladder < 1):
+      raise ConfigError(f"ladder must be a ratio in (0, 1) or None (host reads), got "
+                        f"{self.ladder!r}.")
     object.__setattr__(self, "stages", tuple(self.stages))
 
   def find(self, kind: type) -> Stage | None:
@@ -230,7 +243,10 @@ class Recipe:
     """The two recipes' stages in one, in data-flow order (stable for equal points)."""
     stages = sorted(self.stages + other.stages, key=lambda s: POINTS.index(s.point))
     name = "+".join(n for n in (self.name, other.name) if n != "none") or "none"
-    return Recipe(tuple(stages), name, self.mode, min(self.token_bucket, other.token_bucket))
+    # The finer ladder of the two; None (exact capacities) is the finest.
+    ladder = None if None in (self.ladder, other.ladder) else max(self.ladder, other.ladder)
+    return Recipe(tuple(stages), name, self.mode, min(self.token_bucket, other.token_bucket),
+                  ladder)
 
 
 class Exact(NamedTuple):
@@ -260,7 +276,7 @@ class Plan:
   score_layers: layers whose attention ranks the visual tokens for the next layer,
     those after which the EXACT count drops; data_dependent: the stage whose counts
     depend on the input (None: every count is exact); packing: the input bucket of an
-    anyres model (see `Flow`), None for one crop per prompt.
+    anyres model (see `Flow`), None for one crop per prompt; ladder: the recipe's.
   """
   recipe: Recipe = dataclasses.field(compare=False)
   stages: tuple[StagePlan, ...]
@@ -276,6 +292,7 @@ class Plan:
   data_dependent: str | None
   exact: Exact = dataclasses.field(compare=False, hash=False)
   packing: Any = None
+  ladder: float | None = LADDER
 
   @property
   def name(self) -> str:
@@ -333,7 +350,7 @@ def make_plan(recipe: Recipe, cfg: LlavaConfig, packing: Any = None) -> Plan:
                   tuple(c.exact for c in llm),
                   tuple(None if r is None else r.exact for r in flow.routed),
                   tuple(m.exact for _, m in flow.vision), flow.projector.exact),
-      packing=packing)
+      packing=packing, ladder=recipe.ladder)
 
 
 def check_retention(retention: float):

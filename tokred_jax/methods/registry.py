@@ -26,6 +26,8 @@ Options of one part go in a dict under its name, e.g. `fastv={"k": 3}`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tokred_jax.methods import aim, baselines, dart, fastv, mustdrop, pmod, tome
 from tokred_jax.methods.base import Recipe, check_retention
 from tokred_jax.models.config import ConfigError, LlavaConfig
@@ -79,7 +81,7 @@ def _one(name: str, cfg: LlavaConfig, retention, mode: str, kwargs: dict) -> Rec
   if retention is not None:
     kwargs["retention"] = retention
   recipe = BUILDERS[base](cfg, mode=mode, **kwargs)
-  return Recipe(recipe.stages, name, mode, recipe.token_bucket)
+  return dataclasses.replace(recipe, name=name, mode=mode)
 
 
 def get(name: str, cfg: LlavaConfig, retention: float | None = None, mode: str = "fast",
@@ -115,4 +117,4 @@ def get(name: str, cfg: LlavaConfig, retention: float | None = None, mode: str =
   recipe = Recipe(mode=mode)
   for part in names:
     recipe = recipe + _one(part, cfg, share(part), mode, dict(kwargs.get(part, {})))
-  return Recipe(recipe.stages, name, mode, recipe.token_bucket)
+  return dataclasses.replace(recipe, name=name, mode=mode)
