@@ -17,7 +17,8 @@ Cases: transformers dense at the exact length; ours dense at the exact length an
 to its default length bucket (`io.processing.default_buckets`); ours with each method at
 each retention, unpadded (fast mode; AIM also in reference mode, which masks as the
 official code does; p-MoD with zero routers added to the dense weights, so timing only;
-MustDrop at its three presets, as a segmented prefill). A case is a prefill (to the last
+MustDrop at its three presets, as a segmented prefill: one program whose capacities
+come from the ladder, and "(host)" with a host read and a launch per cut). A case is a prefill (to the last
 logits and the cache), then `--new-tokens` greedy tokens with no end-of-sequence stop:
 ours an `engine.generate.Generator` of its own, transformers a loop of forward calls on
 its cache. Decode ms/token: the loop's time over its new_tokens − 1 model steps (the
@@ -34,8 +35,8 @@ for the new tokens; transformers' after decoding).
 Reduction share: (t_method − t_twin) / t_method for prefill, where the twin
 (benchmarks/twins.py) has the method's token capacities in every tower and LLM layer and
 a trivial selection (the first tokens kept, or a random subset), in one program, in the
-method's mode. So the share is the time spent choosing tokens, MustDrop's host reads
-between segments included. –: no twin (random is the
+method's mode. So the share is the time spent choosing tokens, MustDrop's switches and
+padding (or its host reads) between segments included. –: no twin (random is the
 trivial selection itself; p-MoD's router is one Linear(D, 1)), or none has the capacities.
 
 The `hf_speed` block of --markdown is replaced; --json and --plot are written. These
@@ -72,7 +73,7 @@ from tokred_jax.engine import cost
 from tokred_jax.engine.generate import Generator, SamplingConfig
 from tokred_jax.io import checkpoint, processing
 from tokred_jax.methods import pmod
-from tokred_jax.methods.base import Recipe, make_plan
+from tokred_jax.methods.base import LADDER, Recipe, make_plan
 from tokred_jax.models import llava
 from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
@@ -173,8 +174,9 @@ def plan_cases(cfg: LlavaConfig, args) -> tuple[list[tuple], list[str]]:
   out, skipped, routed = [], [], with_routers(cfg)
   for name in args.methods:
     if name == "mustdrop":
-      out += [(p, name, p, "fast", None, make_plan(methods.get(p, cfg), cfg))
-              for p in MUSTDROP_PRESETS]
+      out += [(p + suffix, name, p, "fast", None, make_plan(methods.get(p, cfg, ladder=ladder),
+                                                            cfg))
+              for p in MUSTDROP_PRESETS for suffix, ladder in (("", LADDER), (" (host)", None))]
       continue
     for mode in ("fast", "reference") if name == "aim" else ("fast",):
       label = name if mode == "fast" else f"{name} (reference)"
