@@ -17,8 +17,9 @@ Cases: transformers dense at the exact length; ours dense at the exact length an
 to its default length bucket (`io.processing.default_buckets`); ours with each method at
 each retention, unpadded (fast mode; AIM also in reference mode, which masks as the
 official code does; p-MoD with zero routers added to the dense weights, so timing only;
-MustDrop at its three presets, as a segmented prefill: one program whose capacities
-come from the ladder, and "(host)" with a host read and a launch per cut). A case is a prefill (to the last
+MustDrop at its three presets, as a segmented prefill: one program at the capacities
+learned from the warm-up prompt, "(ladder)" one program choosing its capacities from a
+ladder on the device, "(host)" a host read and a launch per cut). A case is a prefill (to the last
 logits and the cache), then `--new-tokens` greedy tokens with no end-of-sequence stop:
 ours an `engine.generate.Generator` of its own, transformers a loop of forward calls on
 its cache. Decode ms/token: the loop's time over its new_tokens − 1 model steps (the
@@ -73,7 +74,7 @@ from tokred_jax.engine import cost
 from tokred_jax.engine.generate import Generator, SamplingConfig
 from tokred_jax.io import checkpoint, processing
 from tokred_jax.methods import pmod
-from tokred_jax.methods.base import LADDER, Recipe, make_plan
+from tokred_jax.methods.base import SIZINGS, Recipe, make_plan
 from tokred_jax.models import llava
 from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
@@ -174,9 +175,9 @@ def plan_cases(cfg: LlavaConfig, args) -> tuple[list[tuple], list[str]]:
   out, skipped, routed = [], [], with_routers(cfg)
   for name in args.methods:
     if name == "mustdrop":
-      out += [(p + suffix, name, p, "fast", None, make_plan(methods.get(p, cfg, ladder=ladder),
-                                                            cfg))
-              for p in MUSTDROP_PRESETS for suffix, ladder in (("", LADDER), (" (host)", None))]
+      out += [(p + ("" if sizing == SIZINGS[0] else f" ({sizing})"), name, p, "fast", None,
+               make_plan(methods.get(p, cfg, sizing=sizing), cfg))
+              for p in MUSTDROP_PRESETS for sizing in SIZINGS]
       continue
     for mode in ("fast", "reference") if name == "aim" else ("fast",):
       label = name if mode == "fast" else f"{name} (reference)"

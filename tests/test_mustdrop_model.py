@@ -1,6 +1,7 @@
 """MustDrop inside the model: window merge in the tower, the filter in prefill, the
-output-aware KV cache, the segmented prefill (on the capacity ladder in one program, and
-with host reads between segments): compile counts, host reads, cost, and the mesh."""
+output-aware KV cache, the segmented prefill (one program at learned capacities or on a
+capacity ladder, or with host reads between segments): compile counts, host reads, cost,
+and the mesh."""
 
 import collections
 import math
@@ -14,7 +15,7 @@ from tokred_jax import methods
 from tokred_jax.core import sharding, tokens
 from tokred_jax.engine import cost, generate, segmented
 from tokred_jax.methods import mustdrop
-from tokred_jax.methods.base import LADDER, Recipe
+from tokred_jax.methods.base import SIZINGS, LADDER, Recipe
 from tokred_jax.models import llava
 from tokred_jax.models.config import ConfigError, LlavaConfig, TextConfig, VisionConfig
 
@@ -69,6 +70,17 @@ def make_batch(pixels, text_lengths=None, bucket=104, seed=0):
     ids[i, bucket - len(row):], mask[i, bucket - len(row):] = row, True
   pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int32)
   return dict(input_ids=ids, attention_mask=mask, positions=pos, pixel_values=pixels)
+
+
+def segments(plan, params, batch, **kw):
+  """The segmented prefill of `plan`; with learned capacities its one program's result
+  (the first call of a prompt shape runs on the host path to learn them)."""
+  run = segmented.SegmentedPrefill(MODEL, plan)
+  if plan.sizing == "learned":
+    run(params, batch, **kw)
+  out = run(params, batch, **kw)
+  assert run.trace_counts["segments"] == (plan.sizing != "host")
+  return out
 
 
 def forward(params, batch, plan=None):
@@ -184,13 +196,13 @@ def decision_margins(monkeypatch, run, threshold):
   return out, dict(margins)
 
 
-@pytest.mark.parametrize("ladder", [LADDER, None], ids=["ladder", "host"])
-def test_fast_segments_equal_one_masked_program(params, monkeypatch, ladder):
+@pytest.mark.parametrize("sizing", SIZINGS)
+def test_fast_segments_equal_one_masked_program(params, monkeypatch, sizing):
   """Fast mode compacts between segments; the one-program run only masks. Same
   positions, so the same logits wherever both have a token. The two runs' floats
   differ by rounding (XLA fuses split programs differently), so the inputs are ones
   whose every threshold decision sits clearly away from its threshold."""
-  plan = plan_for(threshold=0.9, gamma=0.03, alpha=0.05, ladder=ladder)
+  plan = plan_for(threshold=0.9, gamma=0.03, alpha=0.05, sizing=sizing)
   batch = make_batch(images([5, 1, 0]))
   (masked, aux), margins = decision_margins(monkeypatch, lambda: forward(params, batch, plan),
                                             threshold=0.9)
@@ -200,7 +212,7 @@ def test_fast_segments_equal_one_masked_program(params, monkeypatch, ladder):
   # The filters drop some tokens, and differently per sample.
   per_layer = np.asarray(aux["visual_per_layer"])
   assert (per_layer[-1] < per_layer[FILTERS[0]]).all() and len(set(per_layer[-1])) > 1
-  out = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
+  out = segments(plan, params, batch)
   np.testing.assert_array_equal(np.asarray(out["aux"]["visual_per_layer"]),
                                 np.asarray(aux["visual_per_layer"]))
   np.testing.assert_allclose(np.asarray(out["aux"]["equivalent_tokens"]),
@@ -226,7 +238,7 @@ def varied_batches():
 def test_varied_images_compile_once_per_bucket(params):
   """Host path: each segment compiles at most once per capacity bucket it meets, and
   samples in one batch keep their own counts."""
-  plan = plan_for(bucket=32, threshold=0.9, gamma=0.02, alpha=0.02, ladder=None)
+  plan = plan_for(bucket=32, threshold=0.9, gamma=0.02, alpha=0.02, sizing="host")
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=2), plan=plan)
   seen, buckets = [], 3  # capacities 32, 64, 81
   for batch, ks in varied_batches():
@@ -244,17 +256,17 @@ def test_varied_images_compile_once_per_bucket(params):
 
 
 def test_ladder_is_one_program_per_prompt_shape(params):
-  """The default path on the same 30 images: one prefill program for the prompt shape
+  """The ladder on the same 30 images: one prefill program for the prompt shape
   whatever the counts, each cut's capacity the smallest ladder step above the batch's
   largest count (so it follows the batch), and one small cache program per pair of
   capacities the decode caches take; the tokens equal the host path's."""
-  plan = plan_for(bucket=16, threshold=0.9, gamma=0.02, alpha=0.02)
+  plan = plan_for(bucket=16, threshold=0.9, gamma=0.02, alpha=0.02, sizing="ladder")
   steps = segmented.ladder_steps(N_V, LADDER, 16)
   assert steps == (16, 32, 48, 81)
   sampling = generate.SamplingConfig(max_new_tokens=2)
   gen = generate.Generator(MODEL, sampling, plan=plan)
   host = generate.Generator(MODEL, sampling, plan=plan_for(
-      bucket=16, threshold=0.9, gamma=0.02, alpha=0.02, ladder=None))
+      bucket=16, threshold=0.9, gamma=0.02, alpha=0.02, sizing="host"))
   seen = set()
   for batch, ks in varied_batches():
     out = gen._segmented(params, batch, max_new_tokens=2)
@@ -271,6 +283,40 @@ def test_ladder_is_one_program_per_prompt_shape(params):
   np.testing.assert_array_equal(gen(params, batch), host(params, batch))
 
 
+def test_learned_capacities_grow_only_when_a_prompt_overflows(params):
+  """The default path: the first batch of the shape runs on the host path and its
+  capacities are learned; a batch whose counts fit runs the one program
+  at them; one that overflows is redone exactly and the capacities grow to hold it,
+  so the programs compiled are one per growth, and every answer equals the host
+  path's."""
+  plan = plan_for(bucket=16, threshold=0.9, gamma=0.02, alpha=0.02)
+  assert plan.sizing == "learned"
+  run = segmented.SegmentedPrefill(MODEL, plan)
+  host = segmented.SegmentedPrefill(MODEL, plan_for(bucket=16, threshold=0.9, gamma=0.02,
+                                                    alpha=0.02, sizing="host"))
+  learned, growths = None, 0
+  # The first batch merges the most windows, so later ones overflow what it taught.
+  for batch in [make_batch(images([9, 8, 9]))] + [b for b, _ in varied_batches()]:
+    out, want = run(params, batch, max_new_tokens=2), host(params, batch, max_new_tokens=2)
+    for key in ("vision_tokens", "visual_per_layer"):
+      np.testing.assert_array_equal(np.asarray(out["aux"][key]), np.asarray(want["aux"][key]))
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(want["logits"]),
+                               atol=1e-4, rtol=1e-4)
+    (now,) = run.learned.values()
+    if learned is None:
+      assert now == want["capacities"]  # learned from the host run
+    elif now != learned:  # an overflow: redone on the host path, then grown to hold it
+      growths += 1
+      assert out["capacities"] == want["capacities"]
+      assert now == tuple(map(max, learned, want["capacities"]))
+    else:  # it fit: the one program at the learned capacities
+      assert out["capacities"] == now
+      assert all(c >= n for c, n in zip(now, want["capacities"]))
+    learned = now
+  assert 0 < growths < 10
+  assert 1 <= run.trace_counts["segments"] <= growths + 1
+
+
 def count_host_reads(monkeypatch):
   """Counts every read of a device array's value on the host (`int(x)`, `float(x)`,
   `jax.device_get(x)` all go through the private `ArrayImpl._value`)."""
@@ -281,36 +327,38 @@ def count_host_reads(monkeypatch):
   return reads
 
 
-def test_ladder_prefill_reads_nothing_from_the_host(params, monkeypatch):
-  """The ladder's prefill traces as one program (a host read inside would fail on an
-  abstract value, as the host path does), and a prefill with its decode caches reads
-  the host once, after that program; the host path reads once per cut."""
+def test_one_program_prefill_reads_nothing_from_the_host(params, monkeypatch):
+  """The learned and the ladder prefill each trace as one program (a host read inside
+  would fail on an abstract value, as the host path does), and a prefill with its
+  decode caches reads the host once, after that program; the host path reads once per
+  cut."""
   batch = make_batch(images([5, 1, 0]))
-  ladder = segmented.SegmentedPrefill(MODEL, plan_for(threshold=0.9, gamma=0.03, alpha=0.05))
-  host = segmented.SegmentedPrefill(MODEL, plan_for(threshold=0.9, gamma=0.03, alpha=0.05,
-                                                    ladder=None))
-  jaxpr = jax.make_jaxpr(lambda p, b: ladder.launch(p, b, max_new_tokens=2))(params, batch)
-  (program,) = jaxpr.jaxpr.eqns  # one jitted program, a switch per cut inside it
-  assert program.primitive.name in ("jit", "pjit")
-  conds = [e for e in program.params["jaxpr"].jaxpr.eqns if e.primitive.name == "cond"]
-  assert len(conds) == 1 + len(FILTERS)
+  run = {sizing: segmented.SegmentedPrefill(MODEL, plan_for(threshold=0.9, gamma=0.03,
+                                                          alpha=0.05, sizing=sizing))
+         for sizing in SIZINGS}
+  for sizing in SIZINGS:  # compiled (and learned), so the counts below see no compile's reads
+    run[sizing](params, batch, max_new_tokens=2)
+  (learned,) = run["learned"].learned.values()
+  for sizing, fixed, switches in (("learned", learned, 0), ("ladder", None, 1 + len(FILTERS))):
+    jaxpr = jax.make_jaxpr(lambda p, b: run[sizing].launch(p, b, None, 2, fixed))(params, batch)
+    (program,) = jaxpr.jaxpr.eqns  # one jitted program (a switch per cut on the ladder)
+    assert program.primitive.name in ("jit", "pjit")
+    conds = [e for e in program.params["jaxpr"].jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == switches
   with pytest.raises(jax.errors.ConcretizationTypeError):
-    jax.make_jaxpr(lambda p, b: host(p, b, max_new_tokens=2))(params, batch)
-  for run in (ladder, host):  # compiled, so the counts below see no compile-time reads
-    run(params, batch, max_new_tokens=2)
+    jax.make_jaxpr(lambda p, b: run["host"](p, b, max_new_tokens=2))(params, batch)
   reads = count_host_reads(monkeypatch)
-  out = ladder(params, batch, max_new_tokens=2)
-  assert len(reads) == 1 and out["state"] is not None
-  reads.clear()
-  host(params, batch, max_new_tokens=2)
-  assert len(reads) == 1 + len(FILTERS)
+  for sizing, want in (("learned", 1), ("ladder", 1), ("host", 1 + len(FILTERS))):
+    reads.clear()
+    out = run[sizing](params, batch, max_new_tokens=2)
+    assert len(reads) == want and out["state"] is not None, sizing
 
 
 def test_kv_cache_holds_only_the_kept_tokens(params):
   """Host path, bucket 1, one sample: each layer's cache is exactly text + its kept
   visual tokens (layers before the first filter: the post-merge count; later: the last
   survivors)."""
-  plan = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02, ladder=None)
+  plan = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02, sizing="host")
   batch = make_batch(images([6]), text_lengths=[9])
   new = 3
   out = segmented.SegmentedPrefill(MODEL, plan)(params, batch, max_new_tokens=new)
@@ -336,10 +384,14 @@ def test_kv_cache_holds_only_the_kept_tokens(params):
   # Decoding runs on the per-layer caches.
   gen = generate.Generator(MODEL, generate.SamplingConfig(max_new_tokens=new), plan=plan)
   assert gen(params, batch).shape == (1, new)
+  # Learned capacities (of this very prompt): the same bytes in the one program.
+  learned = segments(plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02), params,
+                     batch, max_new_tokens=new)
+  assert segmented.kv_cache_bytes(learned["state"]) == expected
   # The ladder: each cache holds text + the ladder step its segment ran at, the same
   # tokens live in it, and the same first logits (to rounding: other widths fuse
   # differently).
-  ladder = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02)
+  ladder = plan_for(bucket=1, threshold=0.9, gamma=0.02, alpha=0.02, sizing="ladder")
   got = segmented.SegmentedPrefill(MODEL, ladder)(params, batch, max_new_tokens=new)
   steps = segmented.ladder_steps(N_V, LADDER, 1)
   step = lambda n: min(s for s in steps if s >= n)
@@ -378,21 +430,20 @@ def test_on_a_mesh_equal_one_device(params):
                              rtol=1e-3)
 
 
-@pytest.mark.parametrize("ladder", [LADDER, None], ids=["ladder", "host"])
-def test_segmented_prefill_on_a_mesh_equal_one_device(params, ladder):
-  """The fast path on the 8-device mesh: the ladder's switches, or the host reads and
-  cuts between segments, act on sharded arrays and give the one-device counts,
-  capacities and logits. Inputs as in the one-program mesh test above (no ties that
-  another layout could reorder)."""
-  plan = plan_for(threshold=0.9, gamma=1.0, alpha=1.0, ladder=ladder)
+@pytest.mark.parametrize("sizing", SIZINGS)
+def test_segmented_prefill_on_a_mesh_equal_one_device(params, sizing):
+  """The fast path on the 8-device mesh: the one program (at learned capacities or with
+  the ladder's switches), or the host reads and cuts between segments, act on sharded
+  arrays and give the one-device counts, capacities and logits. Inputs as in the
+  one-program mesh test above (no ties that another layout could reorder)."""
+  plan = plan_for(threshold=0.9, gamma=1.0, alpha=1.0, sizing=sizing)
   batch = make_batch(images([0, 1, 1, 0, 1, 0, 1, 1]))
-  want = segmented.SegmentedPrefill(MODEL, plan)(params, batch)
+  want = segments(plan, params, batch)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
   sharded = sharding.shard_params(params, mesh)
   put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
   with sharding.activation_sharding(mesh):
-    got = segmented.SegmentedPrefill(MODEL, plan)(sharded, {k: put(v) for k, v in
-                                                            batch.items()})
+    got = segments(plan, sharded, {k: put(v) for k, v in batch.items()})
   assert got["capacities"] == want["capacities"]
   for key in ("vision_tokens", "visual_per_layer", "equivalent_tokens"):
     np.testing.assert_array_equal(np.asarray(got["aux"][key]), np.asarray(want["aux"][key]))

@@ -233,7 +233,8 @@ PERTURB = {
     "Recipe.name": ("none", lambda v: "renamed"),
     "Recipe.mode": ("aim", lambda v: "reference"),
     "Recipe.token_bucket": ("mustdrop", lambda v: 8),
-    "Recipe.ladder": ("mustdrop", lambda v: None),
+    "Recipe.sizing": ("mustdrop", lambda v: "host"),
+    "Recipe.ladder": ("mustdrop", lambda v: 0.7),
     "Tome.r": ("tome", lambda v: v[:-1] + (v[-1] + 1,)),
     "Merge.steps": ("aim", lambda v: v[:-1] + (v[-1] - 1,)),
     "Merge.metric": ("aim", lambda v: "features"),
@@ -264,7 +265,7 @@ TRACED = {"Tome.r", "Merge.steps", "Random.keep", "LastToken.ratios", "Route.rat
 # Read outside the one-program forward, so its jaxpr does not show them, yet a plan must
 # not stand for one with another value: the segmented prefill (one per plan) buckets
 # its cuts by them.
-HOST_READ = {"Recipe.token_bucket", "Recipe.ladder"}
+HOST_READ = {"Recipe.token_bucket", "Recipe.sizing", "Recipe.ladder"}
 _PROGRAMS = {}
 
 

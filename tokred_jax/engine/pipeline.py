@@ -327,7 +327,7 @@ class Pipeline:
     batch = self._validate(batch, plan)
     with self._sharded():
       if plan.data_dependent and plan.mode == "fast":
-        # Data-dependent counts: segments compacted to bucketed counts, real savings.
+        # Data-dependent counts: segments compacted to the counts met, real savings.
         if plan not in self._segmented:
           self._segmented[plan] = segmented.SegmentedPrefill(self.model, plan,
                                                              self._forward_traces)
@@ -345,9 +345,9 @@ class Pipeline:
 
   @property
   def programs(self) -> collections.Counter:
-    """Programs traced so far, by kind ("forward", "prefill", "decode", MustDrop's
-    segments): one per plan, batch size and length bucket met (`buckets`; at most 35 up
-    to 4,096 tokens with the default ladder)."""
+    """Programs traced so far, by kind ("forward", "prefill", "decode", and MustDrop's
+    "segments" with its "segment_caches"): one per plan, batch size and length bucket
+    met (`buckets`; at most 35 up to 4,096 tokens with the default ladder)."""
     total = collections.Counter(self._forward_traces)
     for gen in self._generators.values():
       total.update(gen.trace_counts)

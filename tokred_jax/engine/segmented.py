@@ -13,24 +13,32 @@ at those places into segments, each run at a capacity C_i chosen from the counts
 
 Each segment ends by moving dead visual slots to the front (`stream.front_load`), so a
 cut to capacity C is a static slice. Samples keep their own counts inside a capacity
-(the slots above a sample's count are masked). Two ways to choose C_i (`Plan.ladder`):
+(the slots above a sample's count are masked). Three ways to choose C_i (`Plan.sizing`):
 
-  ladder (default)  The whole prefill is ONE jitted program per prompt shape, with no
-      host reads. Each cut computes the batch's largest surviving count on the device
-      and picks the smallest step of a capacity ladder above it (`lax.switch`; every
-      segment is compiled once per step, `ladder_steps`); a segment's outputs are
-      padded to the ladder's largest step (dead slots in front), which costs copies,
-      not layer work. One read after the program learns the capacities, and a small
-      program per capacity pair gathers the decode caches once.
-  host (ladder=None)  Between segments the host reads ONE number, the largest count,
-      rounds it up to `token_bucket` and runs the next jitted segment at exactly that
-      capacity: the tightest shapes, at a blocking read and a launch per cut.
+  learned (default)  ONE jitted program per prompt shape, with no host reads inside, at
+      the capacities the earlier prompts of that shape needed. The program checks on
+      the device that no count exceeds its capacity; one read after it learns that (with
+      the capacities and cache widths). The first prompt of a shape, and any prompt that
+      overflows, runs on the host path instead (exact), and the shape's capacities grow
+      to hold it, so a new program compiles only when they grow.
+  ladder  ONE program per prompt shape whatever the counts: each cut picks, on the
+      device, the smallest step of a capacity ladder above the batch's largest count
+      (`lax.switch`; every segment compiles once per step, `ladder_steps`, so the
+      compile costs about that many times a dense one); a segment's outputs are padded
+      to the ladder's largest step (dead slots in front), which costs copies, not layer
+      work, but a step holds up to 1/ratio of its count.
+  host  Between segments the host reads ONE number, the largest count, rounds it up to
+      `token_bucket` and runs the next jitted segment at exactly that capacity: the
+      tightest shapes, at a blocking read and a launch per cut.
+
+On both one-program paths one read after the program learns the capacities, and a small
+program per pair of capacities gathers the decode caches once, by prompt index.
 
 Caches that a stage trims for decoding (`StagePlan.trim_caches_from`, MustDrop's
 output-aware cache) end up holding exactly the text and the last survivors (plus the
 capacity's masked slack); earlier layers keep the cache of their own segment. Nothing
 pruned is allocated after prefill. `trace_counts` counts the programs traced ("merge",
-"segment0", ... on the host path; "segments" and "segment_caches" on the ladder).
+"segment0", ... on the host path; "segments" and "segment_caches" for one program).
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def ladder_steps(limit: int, ratio: float, bucket: int) -> tuple[int, ...]:
 
 
 class Segment(NamedTuple):
-  """What one segment gives the next (the ladder path; see SegmentedPrefill).
+  """What one segment gives the next (the one-program paths; see SegmentedPrefill).
 
   stream: the stream after its layers; caches: (LayerCache, valid) per layer, aligned
   with its input stream's slots; carry: the hooks' carry; live: per layer bool[B, N_v];
@@ -124,7 +132,7 @@ class SegmentedPrefill:
   (DecodeState, or None), `aux` (as `Llava.__call__(..., return_aux=True)`, plus with a
   vision cut `vision_tokens` i32[B] (anyres: i32[B·P], per crop), each tower count after
   it, CLS excluded) and `capacities` (the capacity C_i of each segment, Python ints).
-  On the ladder path `launch` is the one program alone (no host reads).
+  `launch` is the one program alone (no host reads).
   """
 
   def __init__(self, model: Llava, plan: Plan,
@@ -147,7 +155,8 @@ class SegmentedPrefill:
     self.cls = int(model.cfg.vision.has_cls)
     self._merge = jax.jit(self._merge_impl)
     self._segment = jax.jit(self._segment_impl, static_argnums=(3, 4, 5, 6))
-    self._program = jax.jit(self._program_impl, static_argnums=(3,))
+    self._program = jax.jit(self._program_impl, static_argnums=(3, 4))
+    self.learned: dict = {}  # prompt shape -> the capacities its prompts needed so far
     self._caches = jax.jit(self._caches_impl, static_argnums=(3, 4, 5))
 
   # --- What both paths run -----------------------------------------------------------
@@ -215,29 +224,49 @@ class SegmentedPrefill:
     if prompt_len < self.plan.num_visual:
       raise ValueError(f"the prompt has {prompt_len} slots, fewer than the "
                        f"{self.plan.num_visual} image slots the plan needs.")
-    if self.plan.ladder is None:
+    if self.plan.sizing == "host":
       return self._host(params, batch, counts, max_new_tokens)
-    out = self.launch(params, batch, counts, max_new_tokens)
-    # The one device-to-host read: the capacities met, then each layer's cache width.
-    sizes = [int(n) for n in jax.device_get(out.pop("sizes"))]
+    fixed = None
+    if self.plan.sizing == "learned":
+      leaves, tree = jax.tree_util.tree_flatten(batch)
+      key = (tree, tuple(jnp.shape(a) for a in leaves))
+      fixed = self.learned.get(key)
+      if fixed is None:  # the first prompt of its shape: the host path finds the sizes
+        out = self._host(params, batch, counts, max_new_tokens)
+        self.learned[key] = out["capacities"]
+        return out
+    out = self.launch(params, batch, counts, max_new_tokens, fixed)
+    # The one device-to-host read: the capacities met, each layer's cache width and
+    # whether a count overflowed its learned capacity.
+    *sizes, overflow = (int(n) for n in jax.device_get(out.pop("sizes")))
+    if overflow:  # the answer lost tokens: redo it exactly, and learn the larger sizes
+      out = self._host(params, batch, counts, max_new_tokens)
+      self.learned[key] = tuple(map(max, fixed, out["capacities"]))
+      return out
     capacities, widths = sizes[:len(self.bounds)], sizes[len(self.bounds):]
     parts, state = out.pop("parts"), None
     if max_new_tokens is not None:
       state = self._caches(params, parts, counts, tuple(widths), max_new_tokens, prompt_len)
     return dict(out, state=state, capacities=tuple(capacities))
 
-  # --- The ladder: one program ------------------------------------------------------
+  # --- One program: learned capacities, or the ladder --------------------------------
 
   def launch(self, params, batch, counts: tuple | None = None,
-             max_new_tokens: int | None = None) -> dict:
-    """The ladder path's prefill program: a dict of `logits`, `aux`, `sizes` (i32[segments
-    + layers]: each segment's capacity, then each layer's cache width) and the `parts`
-    the decode caches are cut from, all still on the device."""
+             max_new_tokens: int | None = None, fixed: tuple[int, ...] | None = None
+             ) -> dict:
+    """The prefill as one program, at the capacities `fixed` (one per segment) or, with
+    None, on the ladder: a dict of `logits`, `aux`, `sizes` (i32[segments + layers + 1]:
+    each segment's capacity, each layer's cache width, 1 if a count overflowed `fixed`)
+    and the `parts` the decode caches are cut from, all still on the device."""
     counts = counts if counts is not None else self.plan.counts()
-    return self._program(params, batch, counts, max_new_tokens)
+    return self._program(params, batch, counts, max_new_tokens, fixed)
 
-  def _program_impl(self, params, batch, counts, max_new_tokens: int | None):
+  def _program_impl(self, params, batch, counts, max_new_tokens: int | None,
+                    fixed: tuple[int, ...] | None):
     self.trace_counts["segments"] += 1
+    steps = lambda i, slots: ((fixed[i],) if fixed else
+                              ladder_steps(slots, self.plan.ladder, self.plan.token_bucket))
+    overflow = jnp.zeros((), bool)
     plan = self.plan
     input_ids, source = batch["input_ids"], batch["pixel_values"]
     prompt_len = input_ids.shape[1]
@@ -263,8 +292,9 @@ class SegmentedPrefill:
       extra["vision_tokens"] = merged
       # What segment 0 still reads of the input: an anyres layout, not its pixels.
       layout = source._replace(pixels=None) if hasattr(source, "pixels") else None
-      steps = ladder_steps(ts.valid.shape[1] - self.cls, plan.ladder, plan.token_bucket)
-      seg = _switch(jnp.max(merged), steps, lambda c: segment(
+      ladder = steps(0, ts.valid.shape[1] - self.cls)
+      overflow |= jnp.max(merged) > ladder[-1]
+      seg = _switch(jnp.max(merged), ladder, lambda c: segment(
           0, (layout, self._cut_tower(ts, c)) + prompt, c, None))
     else:
       seg = segment(0, (source, None) + prompt, None, None)
@@ -272,8 +302,9 @@ class SegmentedPrefill:
     for index in range(1, len(self.bounds)):
       stream, _ = streams.front_load(seg.stream)
       slots = stream.x.shape[1] - text
-      steps = ladder_steps(slots, plan.ladder, plan.token_bucket)
-      seg = _switch(seg.count, steps, lambda c, s=stream, n=slots, carry=seg.carry, i=index:
+      ladder = steps(index, slots)
+      overflow |= seg.count > ladder[-1]
+      seg = _switch(seg.count, ladder, lambda c, s=stream, n=slots, carry=seg.carry, i=index:
                     segment(i, (streams.cut(s, (), n - c)[0], carry), c, num_visual))
       segs.append(seg)
     hooks = lambda m: m.run(plan, counts, carry=seg.carry)
@@ -282,7 +313,8 @@ class SegmentedPrefill:
         "aux", visual_aux(segs[0].sources, live)))
     parts = dict(caches=[s.caches for s in segs], index=[s.stream.index for s in segs],
                  last=seg.stream, carry=seg.carry)
-    sizes = jnp.concatenate([jnp.stack([s.capacity for s in segs])] + [s.widths for s in segs])
+    sizes = jnp.concatenate([jnp.stack([s.capacity for s in segs])] + [s.widths for s in segs]
+                            + [overflow.astype(jnp.int32)[None]])
     return dict(logits=seg.logits, aux={**aux, **extra}, parts=parts, sizes=sizes)
 
   def _caches_impl(self, params, parts, counts, widths: tuple[int, ...],

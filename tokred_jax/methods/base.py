@@ -38,8 +38,9 @@ from tokred_jax.core import tokens
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 MODES = ("fast", "reference")
-# Fast mode's data-dependent cuts (engine/segmented.py): each ladder step is this
-# fraction of the one above, so a capacity wastes at most 1/LADDER of its count.
+# How fast mode sizes its data-dependent cuts (engine/segmented.py); on the ladder each
+# step is LADDER of the one above, so a capacity holds at most 1/LADDER of its count.
+SIZINGS = ("learned", "ladder", "host")
 LADDER = 0.5
 # Where stages act, in data-flow order (a recipe's stages are ordered by it).
 POINTS = ("vision", "tower_output", "before_projector", "after_projector", "llm")
@@ -211,17 +212,19 @@ class Recipe:
   name: the method or recipe name, for tables; mode: "fast" gathers kept tokens into
   shorter arrays (real savings), "reference" reproduces the official code, which masks;
   token_bucket: capacities are counts rounded up to a multiple of it;
-  ladder: where counts depend on the input (MustDrop, fast mode), each cut picks on the
-  device the smallest capacity of a ladder whose steps shrink by this ratio (rounded up
-  to token_bucket), so the prefill is one program with no host reads; None: the host
-  reads each cut's count and runs the rest at exactly its bucket (tighter capacities,
-  one blocking read and program launch per cut).
+  sizing: where counts depend on the input (MustDrop, fast mode), how the prefill sizes
+  each cut (engine/segmented.py): "learned" runs one program at the capacities earlier
+  prompts of the shape needed, checking on the device that none overflows (if one does,
+  that prompt reruns on the host path and the capacities grow); "ladder" picks on the
+  device the smallest step of a ladder whose steps shrink by `ladder`; "host" reads each
+  count and runs the next segment at exactly its bucket (a read and a launch per cut).
   """
   stages: tuple[Stage, ...] = ()
   name: str = "none"
   mode: str = "fast"
   token_bucket: int = 16
-  ladder: float | None = LADDER
+  sizing: str = SIZINGS[0]
+  ladder: float = LADDER
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -229,10 +232,11 @@ class Recipe:
     if isinstance(self.token_bucket, bool) or not isinstance(self.token_bucket, int) \
         or self.token_bucket < 1:
       raise ConfigError(f"token_bucket must be an int >= 1, got {self.token_bucket!r}.")
-    if self.ladder is not None and (isinstance(self.ladder, bool) or not isinstance(
-        self.ladder, (int, float)) or not 0 < self.ladder < 1):
-      raise ConfigError(f"ladder must be a ratio in (0, 1) or None (host reads), got "
-                        f"{self.ladder!r}.")
+    if self.sizing not in SIZINGS:
+      raise ConfigError(f"sizing {self.sizing!r} is not one of {SIZINGS}.")
+    if isinstance(self.ladder, bool) or not isinstance(self.ladder, (int, float)) \
+        or not 0 < self.ladder < 1:
+      raise ConfigError(f"ladder must be a ratio in (0, 1), got {self.ladder!r}.")
     object.__setattr__(self, "stages", tuple(self.stages))
 
   def find(self, kind: type) -> Stage | None:
@@ -243,10 +247,10 @@ class Recipe:
     """The two recipes' stages in one, in data-flow order (stable for equal points)."""
     stages = sorted(self.stages + other.stages, key=lambda s: POINTS.index(s.point))
     name = "+".join(n for n in (self.name, other.name) if n != "none") or "none"
-    # The finer ladder of the two; None (exact capacities) is the finest.
-    ladder = None if None in (self.ladder, other.ladder) else max(self.ladder, other.ladder)
+    # A part's own sizing wins over the default; the finer ladder of the two.
+    sizing = self.sizing if self.sizing != SIZINGS[0] else other.sizing
     return Recipe(tuple(stages), name, self.mode, min(self.token_bucket, other.token_bucket),
-                  ladder)
+                  sizing, max(self.ladder, other.ladder))
 
 
 class Exact(NamedTuple):
@@ -276,7 +280,7 @@ class Plan:
   score_layers: layers whose attention ranks the visual tokens for the next layer,
     those after which the EXACT count drops; data_dependent: the stage whose counts
     depend on the input (None: every count is exact); packing: the input bucket of an
-    anyres model (see `Flow`), None for one crop per prompt; ladder: the recipe's.
+    anyres model (see `Flow`), None for one crop per prompt; sizing, ladder: the recipe's.
   """
   recipe: Recipe = dataclasses.field(compare=False)
   stages: tuple[StagePlan, ...]
@@ -292,7 +296,8 @@ class Plan:
   data_dependent: str | None
   exact: Exact = dataclasses.field(compare=False, hash=False)
   packing: Any = None
-  ladder: float | None = LADDER
+  sizing: str = SIZINGS[0]
+  ladder: float = LADDER
 
   @property
   def name(self) -> str:
@@ -350,7 +355,7 @@ def make_plan(recipe: Recipe, cfg: LlavaConfig, packing: Any = None) -> Plan:
                   tuple(c.exact for c in llm),
                   tuple(None if r is None else r.exact for r in flow.routed),
                   tuple(m.exact for _, m in flow.vision), flow.projector.exact),
-      packing=packing, ladder=recipe.ladder)
+      packing=packing, sizing=recipe.sizing, ladder=recipe.ladder)
 
 
 def check_retention(retention: float):

@@ -42,10 +42,10 @@ In the model two stages carry it (`build`, `methods.get("mustdrop-64", cfg)`): `
 the window merge after tower layer 0, and `KeyFilter`: the key set, the filters, the
 output-aware cache and the official decode positions.
 - fast mode (default): the prefill runs in segments cut at the data-dependent points
-  (engine/segmented.py), each compacted to the smallest step of a capacity ladder above
-  the batch's largest count, chosen on the device in one program (`ladder=None`: read
-  by the host and rounded up to `token_bucket`), so later layers really run on fewer
-  tokens and layers >= the first filter cache only the text and the last survivors. Every sample keeps its own counts
+  (engine/segmented.py), each compacted to a capacity above the batch's largest count
+  (by default one program at the capacities the prompt shape needed before, checked on
+  the device; `sizing` in `build`), so later layers really run on fewer tokens and layers
+  >= the first filter cache only the text and the last survivors. Every sample keeps its own counts
   and every token its position (the official code renumbers: see reference mode).
 - reference mode: one program that masks; positions renumbered after each filter
   (`renumber_positions`), and in decoding each layer continues from its own cache's
@@ -73,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokred_jax.core import attention, tokens
-from tokred_jax.methods.base import LADDER, Flow, Recipe, Stage, StagePlan
+from tokred_jax.methods.base import SIZINGS, LADDER, Flow, Recipe, Stage, StagePlan
 from tokred_jax.models import llava_onevision
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
@@ -599,15 +599,15 @@ def build(cfg: LlavaConfig, retention: float | None = None, gamma: float = PRESE
           alpha: float = PRESETS["192"][1], window: int = WINDOW,
           threshold: float = MERGE_THRESHOLD, key_ratio: float = KEY_RATIO,
           filter_layers: tuple[int, ...] | None = None, token_bucket: int = 16,
-          mode: str = "fast", parts=("window", "filter"), ladder: float | None = LADDER
-          ) -> Recipe:
+          mode: str = "fast", parts=("window", "filter"), sizing: str = SIZINGS[0],
+          ladder: float = LADDER) -> Recipe:
   """MustDrop: window merge in the tower (window 0: none), the key set, the
   dual-attention filter with (gamma, alpha) after `filter_layers` (default: the
   official ones, scaled to the depth) and the output-aware KV cache. Its counts are
   data-dependent, so it takes thresholds, not a retention level; each request's real
   equivalent-token count is in the forward's aux (`equivalent_tokens`). parts: "window"
-  and/or "filter", for recipes that take one half; ladder: fast mode's capacities at the
-  cuts (`Recipe.ladder`; None: exact, with a host read per cut)."""
+  and/or "filter", for recipes that take one half; sizing, ladder: how fast mode sizes
+  the segments (`Recipe`: "learned", "ladder" or "host")."""
   if retention is not None:
     raise ConfigError("MustDrop's token counts depend on the image and the question; ask "
                       "for a preset (mustdrop-192, -128, -64) or gamma and alpha instead "
@@ -621,4 +621,4 @@ def build(cfg: LlavaConfig, retention: float | None = None, gamma: float = PRESE
     stages.append(Window(window, threshold))
   if "filter" in parts:
     stages.append(KeyFilter(tuple(filter_layers), gamma, alpha, key_ratio))
-  return Recipe(tuple(stages), "mustdrop", mode, token_bucket, ladder)
+  return Recipe(tuple(stages), "mustdrop", mode, token_bucket, sizing, ladder)
