@@ -1,4 +1,4 @@
-"""The project's own data sets, generated from (split, index): glyph_vqa, tile_vqa.
+"""The project's own data sets, generated from (split, index): glyph_vqa, tile_vqa, video_vqa.
 
 Each is a TFDS builder (array_record, no TensorFlow) whose examples are a pure function
 of their split and index, so the same examples can also be generated on the fly, with
@@ -21,7 +21,7 @@ from types import ModuleType
 
 import tensorflow_datasets as tfds
 
-NAMES = ("glyph_vqa", "tile_vqa")
+NAMES = ("glyph_vqa", "tile_vqa", "video_vqa")
 
 
 @dataclasses.dataclass(eq=False)
