@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tokred_jax.data import generated, glyphs, tile_vqa
-from tokred_jax.io import anyres
+import tokred_jax
+from tokred_jax.data import DataConfig, generated, glyphs, make_dataset, tile_vqa
+from tokred_jax.eval import evaluate
+from tokred_jax.io import anyres, checkpoint, processing
 
 SPEC = anyres.AnyresSpec(tile_vqa.TILE, 8, tile_vqa.PINPOINTS)
 
@@ -162,3 +164,14 @@ def test_tfds_build_equals_the_generated_source(tmp_path):
       assert list(record["question_types"]) == twin["question_types"]
   with pytest.raises(ValueError, match="splits"):
     tile_vqa.source("tile_vqa/small", "nope", None)
+
+
+def test_registered_as_generated_and_refused_by_single_image_batches():
+  examples = evaluate.load_examples("tile_vqa/small", None, limit=8)
+  assert [e.question_type for e in examples] == list(tile_vqa.QUESTION_TYPES) * 2
+  assert len({e.image.shape for e in examples}) > 1 and examples[0].prompt.startswith("<image>")
+  cfg, _ = checkpoint.load_checkpoint(tokred_jax.DEFAULT_CHECKPOINT)
+  tok = processing.Tokenizer.load(tokred_jax.DEFAULT_CHECKPOINT, cfg)
+  with pytest.raises(ValueError, match="anyres"):
+    make_dataset(DataConfig("tile_vqa/small", None, batch_size=2, max_length=64), "train", 0,
+                 tokenizer=tok, model_cfg=cfg)

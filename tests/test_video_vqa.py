@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tokred_jax.data import generated, glyphs, video_vqa
+from tokred_jax.eval import evaluate
 from tokred_jax.io import video
 from tokred_jax.models import llava_onevision
 
@@ -170,3 +171,8 @@ def test_tfds_build_equals_the_generated_source(tmp_path):
       assert np.array_equal(record["cell_colours"], twin["cell_colours"])
       assert record["conversations"] == twin["conversations"]
       assert list(record["question_types"]) == twin["question_types"]
+
+
+def test_registered_as_generated_and_refused_where_videos_are_not_taken():
+  with pytest.raises(ValueError, match="holds videos"):
+    evaluate.load_examples("video_vqa/small", None, limit=4)

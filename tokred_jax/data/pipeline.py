@@ -36,9 +36,10 @@ class DataConfig:
 
   Attributes:
     dataset: the TFDS name, "llava_conversations/NAME" as `build_dataset` returns it,
-      or "glyph_vqa/CONFIG" (tokred_jax.data.glyph_vqa).
-    data_dir: the TFDS data directory it was built in; None for glyph_vqa generates
-      its examples on the fly (the same examples).
+      or "glyph_vqa/CONFIG" (tokred_jax.data.glyph_vqa; tile_vqa and video_vqa are
+      refused until batches carry anyres crops and video frames).
+    data_dir: the TFDS data directory it was built in; None for the generated data
+      sets generates their examples on the fly (the same examples).
     batch_size: B, examples per batch (per host when sharded over hosts).
     max_length: T, the fixed sequence length; longer samples are bad ("too long").
     num_epochs: passes over the data; None repeats forever.
@@ -60,6 +61,11 @@ class DataConfig:
   worker_buffer_size: int = 8
   on_bad_sample: str = "skip"
   template: str | None = None
+
+
+# The generated data sets these batches cannot carry yet, and what they hold instead.
+_UNBATCHED = {"tile_vqa": "images of varied size for anyres tiles",
+              "video_vqa": "videos (frames u8[F, 64, 64, 3])"}
 
 
 class _Encode(grain.transforms.Map):
@@ -164,9 +170,13 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   # Imported here so that `python -m tokred_jax.data.glyph_vqa`, which imports this
   # package first, does not register its builder twice.
   # pylint: disable-next=g-import-not-at-top
-  from tokred_jax.data import glyph_vqa, glyphs
-  if config.dataset.split("/")[0] == glyph_vqa.NAME:
-    source = glyph_vqa.source(config.dataset, split, config.data_dir)
+  from tokred_jax.data import generated, glyphs
+  if generated.is_generated(config.dataset):
+    if generated.name_of(config.dataset) != "glyph_vqa":
+      raise ValueError(f"{config.dataset} holds {_UNBATCHED[generated.name_of(config.dataset)]}"
+                       ", but these batches hold one S x S image a sequence; train on it "
+                       "once the pipeline batches anyres crops and video frames.")
+    source = generated.source(config.dataset, split, config.data_dir)
     _check_size(glyphs.IMAGE_SIZE, model_cfg.vision, config.dataset)
   else:
     source = tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)

@@ -62,7 +62,7 @@ import numpy as np
 
 from tokred_jax import methods
 from tokred_jax.core import distributed
-from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.data import generated, glyphs
 from tokred_jax.engine import budget as budgets
 from tokred_jax.engine import cost
 from tokred_jax.engine.generate import SamplingConfig
@@ -256,21 +256,24 @@ def _index(example_id: str) -> int:
 def load_examples(dataset: str, data_dir: str | None, split: str = "test",
                   limit: int | None = None) -> list[Example]:
   """The split's single-question examples in index order (TFDS stores them shuffled),
-  the first `limit` of them if given. `data_dir` None generates glyph_vqa's examples
-  (the same ones a built copy holds)."""
+  the first `limit` of them if given. `data_dir` None generates the examples of the
+  project's own data sets (the same ones a built copy holds). Videos (video_vqa) are not
+  taken yet: an Example holds one image."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if limit is not None and limit < 1:
     raise ValueError(f"limit must be a positive number of examples, got {limit}.")
   if data_dir is None:
-    if dataset.split("/")[0] != glyph_vqa.NAME:
-      raise ValueError(f"{dataset} needs --data_dir (only glyph_vqa can be generated).")
-    source = glyph_vqa.source(dataset, split, None)
+    if not generated.is_generated(dataset):
+      raise ValueError(f"{dataset} needs --data_dir (only {', '.join(generated.NAMES)} can "
+                       "be generated).")
+    source = generated.source(dataset, split, None)
     _check_limit(dataset, split, limit, len(source))
     records = [source[i] for i in range(limit or len(source))]
   # TFDS would try to build a missing data set (and fail without TensorFlow): say how.
   elif not os.path.isdir(os.path.join(data_dir, *dataset.split(":")[0].split("/"))):
+    name = generated.name_of(dataset) if generated.is_generated(dataset) else "glyph_vqa"
     raise ValueError(f"{dataset} is not built in {data_dir}; build it with `python -m "
-                     f"tokred_jax.data.glyph_vqa --data_dir={data_dir}` (add "
+                     f"tokred_jax.data.{name} --data_dir={data_dir}` (add "
                      "--config=small for the small one), or leave out data_dir.")
   else:
     try:
@@ -282,6 +285,8 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
     records = source.__getitems__(list(range(len(source))))
   records.sort(key=lambda r: _index(r["id"].decode()))
   records = records[:limit]
+  if records and "image" not in records[0]:
+    raise ValueError(f"{dataset} holds videos; the evaluation takes one image an example.")
   out = []
   for r in records:
     turns = r["conversations"]

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from tokred_jax.core import sharding
 from tokred_jax.core.suggest import closest
-from tokred_jax.data import skips
+from tokred_jax.data import generated, skips
 
 Check = tuple[str, Callable[[object], bool], str]
 
@@ -168,7 +168,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                      "tokred_jax.data.build_dataset) and config.data.data_dir, or "
                      "dataset='synthetic'.")
   if data_dir is None:
-    if name.split("/")[0] == "glyph_vqa":
+    if generated.is_generated(name):
       return  # generated on the fly
     raise ValueError(f"config.data.data_dir is not set: give the TFDS directory that "
                      f"tokred_jax.data.build_dataset wrote {name!r} into.")
