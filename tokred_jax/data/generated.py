@@ -22,6 +22,8 @@ from types import ModuleType
 import tensorflow_datasets as tfds
 
 NAMES = ("glyph_vqa", "tile_vqa", "video_vqa")
+# The feature holding each one's pixels: an image u8[H, W, 3] or frames u8[F, H, W, 3].
+PIXELS = {"glyph_vqa": "image", "tile_vqa": "image", "video_vqa": "frames"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,6 +62,18 @@ def conversation(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
     turns += [{"from": "human", "value": f"<image>\n{question}" if turn == 0 else question},
               {"from": "gpt", "value": answer}]
   return turns
+
+
+def corpus(dataset: str, count: int = 400) -> list[str]:
+  """Every turn of the first `count` train and describe examples of `dataset` (generated),
+  and a chat prompt around some: the sentences a tokenizer for a model made for the data
+  set trains on (`processing.train_tokenizer`)."""
+  lines = []
+  for split in ("train", "describe"):
+    src = source(dataset, split, None)
+    for index in range(min(count, len(src))):
+      lines += [t.decode().replace("<image>\n", "") for t in src[index]["conversations"]["value"]]
+  return lines + [f"USER: <image>\n{line} ASSISTANT: yes" for line in lines[:50]]
 
 
 class GeneratedSource:
