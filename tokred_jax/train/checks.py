@@ -52,6 +52,7 @@ FIELDS: tuple[Check, ...] = (
     ("data.num_epochs", lambda v: v is None or (_int(v) and v > 0),
      "a positive integer (or None: repeat forever)"),
     ("data.worker_count", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    ("data.num_frames", *_POSITIVE_INT),
     ("optim.learning_rate", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-4"),
     ("optim.end_learning_rate", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("optim.warmup_fraction", lambda v: _number(v) and 0 <= v <= 1,
