@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import tokred_jax
 from tokred_jax.data import generated, glyphs, video_vqa
 from tokred_jax.eval import evaluate
 from tokred_jax.io import video
@@ -174,5 +175,9 @@ def test_tfds_build_equals_the_generated_source(tmp_path):
 
 
 def test_registered_as_generated_and_refused_where_videos_are_not_taken():
-  with pytest.raises(ValueError, match="holds videos"):
-    evaluate.load_examples("video_vqa/small", None, limit=4)
+  examples = evaluate.load_examples("video_vqa/small", None, limit=6)
+  assert [e.question_type for e in examples] == list(video_vqa.QUESTION_TYPES)
+  assert all(e.image is None and len(e.video) in video_vqa.FRAME_COUNTS for e in examples)
+  pipe = tokred_jax.Pipeline.load(tokred_jax.DEFAULT_CHECKPOINT, weights=False)
+  with pytest.raises(ValueError, match="videos need a LLaVA-NeXT or OneVision checkpoint"):
+    pipe.prepare(None, [examples[0].prompt], videos=[examples[0].video])
