@@ -75,7 +75,7 @@ def grid_of(size_hw: tuple[int, int]) -> tuple[int, int]:
   return anyres.grid_shape(size_hw, PINPOINTS, TILE)
 
 
-def _spans(size_hw: tuple[int, int]) -> tuple[tuple[int, float], tuple[int, float]]:
+def spans(size_hw: tuple[int, int]) -> tuple[tuple[int, float], tuple[int, float]]:
   """(offset, scale) down and across: image pixel y lands at offset + y * scale in the
   tile grid, once anyres has resized the image into it and padded it (centred)."""
   target = anyres.select_best_resolution(size_hw, PINPOINTS)
@@ -137,7 +137,7 @@ def make_scene(rng: np.random.Generator) -> Scene:
   n = len(digits)
   cells = rng.choice((height // CELL) * (width // CELL), n, replace=False)
   image = glyphs.background(rng, height, width)
-  down, across = _spans((height, width))
+  down, across = spans((height, width))
   items = []
   for cell, k in zip(cells, rng.permutation(n)):
     r, c = divmod(int(cell), width // CELL)
