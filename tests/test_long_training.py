@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tokred_jax
-from configs import train_tiny
+from configs import tile_llava, train_tiny, video_llava
 from tests.testing import random_params
 from tokred_jax.data import DataConfig, generated, glyph_vqa, make_dataset, tile_vqa, video_vqa
 from tokred_jax.data.conversation import encode_example
@@ -21,6 +21,7 @@ from tokred_jax.engine.pipeline import Pipeline
 from tokred_jax.eval import evaluate
 from tokred_jax.io import anyres, batching, checkpoint, processing, video
 from tokred_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from tokred_jax.proj.glyph_vqa import tower_pretrain
 from tokred_jax.train import setup as train_setup, trainer
 
 
@@ -191,3 +192,37 @@ def test_a_step_refuses_a_batch_of_another_kind(model_dirs):
                                  mesh, plan=train_setup.make_plan(config, NEXT))
   with pytest.raises(ValueError, match="the batch has no crops, layout_src"):
     step(None, {k: np.zeros((2,) + (8,) * (n - 1)) for k, n in trainer.BATCH_NDIM.items()})
+
+
+def test_tile_labels_mark_each_digit_in_its_tile_only():
+  spec = batching.spec_for(NEXT)
+  for index in range(4):
+    ex = tile_vqa.example("train", index)
+    size = ex["image"].shape[:2]
+    digits, colours = tower_pretrain.tile_labels(ex["items"], size, spec, 10)
+    tiles = anyres.num_crops(size, spec) - 1
+    ignored = tower_pretrain.IGNORE
+    assert (digits[0] == ignored).all() and (digits[1 + tiles:] == ignored).all()
+    shown = digits[1:1 + tiles]
+    assert (colours[1:1 + tiles] != ignored).all() and (shown != ignored).all()
+    for _, _, digit, colour in ex["items"].tolist():
+      assert ((shown == digit) & (colours[1:1 + tiles] == colour)).any()
+    # A 5 x 7 px digit, enlarged at most 4/3, covers 1 to 2 x 2 patches of 8 px.
+    assert 1 <= (shown != tower_pretrain.NUM_DIGITS - 1).sum() / len(ex["items"]) <= 4
+
+
+@pytest.mark.parametrize("config_file, arch", [(tile_llava, "llava_next"),
+                                               (video_llava, "llava_onevision")])
+def test_the_tower_stage_starts_a_model_the_next_stage_trains(config_file, arch, tmp_path):
+  config = config_file.get_config("tower")
+  config.arch.vision.update(hidden_size=32, intermediate_size=64, num_layers=2)
+  config.arch.text.update(hidden_size=32, intermediate_size=64, num_layers=1, head_dim=8)
+  config.data.dataset = config.data.dataset.replace("default", "small")
+  config.data.batch_size, config.num_steps = 2, 2
+  export = tower_pretrain.train(config, str(tmp_path / "tower"))
+  cfg = checkpoint.read_config(export)
+  assert cfg.arch == arch and cfg.template == "tokred"
+  align = config_file.get_config("align")
+  align.model.checkpoint, align.data.batch_size = export, 2
+  slots = {"llava_next": 664, "llava_onevision": 16 * 16 + 1}[arch]
+  assert train_setup.make_plan(align, cfg).num_visual == slots
