@@ -22,9 +22,9 @@ stages, each reading the previous one's export (DATA: a TFDS data dir; leave out
   python -m benchmarks.evaluate --checkpoint=$RUN/finetune/export --dataset=tile_vqa/default \
       --data_dir=$DATA --variants= --json=tile.json --markdown=tile.md --plot=tile.png
 
-Every batch is padded to the largest bucket (10 crops, 664 slots), so a step costs
-about 4.6x glyph-llava's (T = 736 against 208); the step counts are glyph-llava's,
-not yet tried here.
+Every batch is padded to the largest bucket (10 crops, 664 slots): a step runs a
+sequence 3.5x glyph-llava's (T = 736 against 208) and 10 crops through the tower. The
+step counts are glyph-llava's, not yet tried here.
 """
 
 import ml_collections

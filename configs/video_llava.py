@@ -25,9 +25,9 @@ generate the examples on the fly; RUN: a work dir):
       --data_dir=$DATA --variants= --json=video.json --markdown=video.md --plot=video.png
 
 Videos of 8 frames are padded to 16 (their empty frames masked); the tower stage sees
-the 8 frames every video has at least (16-frame videos sampled uniformly). A step costs
-about 2x glyph-llava's (T = 448 against 208, 16 frames against one image); the step
-counts are glyph-llava's, not yet tried here.
+the 8 frames every video has at least (16-frame videos sampled uniformly). A step runs a
+sequence 2.2x glyph-llava's (T = 448 against 208) and 16 frames through the tower. The
+step counts are glyph-llava's, not yet tried here.
 """
 
 import ml_collections
