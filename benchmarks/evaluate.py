@@ -378,6 +378,8 @@ def _check_args(args):
   variants = _variants(args)
   previous = _previous_run(args) if args.add else None
   examples = evaluate.load_examples(args.dataset, args.data_dir, args.split, args.limit)
+  if settings and cfg.arch != "llava":  # and at the input buckets of the examples (videos)
+    evaluate.check_settings(cfg, settings, examples)
   if args.add:
     _check_same_questions(args, previous, examples)
     settings = (settings or []) + budget_rows

@@ -61,6 +61,9 @@ def get_config(arg=None):
   # The chat template conversations are rendered in (tokred_jax.io.templates); "": the
   # checkpoint's own. The export records it.
   config.data.template = ""
+  # Frames a video sequence holds (llava_onevision models on videos): longer videos are
+  # sampled uniformly, shorter ones padded.
+  config.data.num_frames = 16
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3

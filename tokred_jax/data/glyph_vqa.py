@@ -26,24 +26,17 @@ that pretrain the vision tower (`tokred_jax.proj.glyph_vqa.tower_pretrain`).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tokred_jax.data import glyphs
+from tokred_jax.data import generated, glyphs
 from tokred_jax.data.builder import conversation_features
 
 NAME = "glyph_vqa"
 # One seed stream per split keeps splits disjoint and each independent of the others' size.
 _SPLIT_SEEDS = {"train": 1, "describe": 2, "validation": 3, "test": 4}
-
-
-@dataclasses.dataclass(eq=False)
-class GlyphVqaConfig(tfds.core.BuilderConfig):
-  """Split sizes (examples per split)."""
-  sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def example(split: str, index: int) -> dict:
@@ -60,11 +53,8 @@ def example(split: str, index: int) -> dict:
   else:
     q = asked[glyphs.QUESTION_TYPES[index % len(glyphs.QUESTION_TYPES)]]
     pairs, types = [(q.text, q.answer)], [q.kind]
-  conversations = []
-  for turn, (question, answer) in enumerate(pairs):
-    conversations += [{"from": "human", "value": f"<image>\n{question}" if turn == 0
-                       else question}, {"from": "gpt", "value": answer}]
-  return {"id": f"{split}-{index}", "image": scene.image, "conversations": conversations,
+  return {"id": f"{split}-{index}", "image": scene.image,
+          "conversations": generated.conversation(pairs),
           "question_types": types, "cell_digits": scene.digits,
           "cell_colours": scene.colours}
 
@@ -75,11 +65,12 @@ class GlyphVqa(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [
-      GlyphVqaConfig(name="default", description="The default model's training data.",
-                     sizes={"train": 60_000, "describe": 20_000, "validation": 1_000,
-                            "test": 4_000}),
-      GlyphVqaConfig(name="small", description="For tests and quick looks.",
-                     sizes={"train": 256, "describe": 64, "validation": 64, "test": 128}),
+      generated.SizesConfig(
+          name="default", description="The default model's training data.",
+          sizes={"train": 60_000, "describe": 20_000, "validation": 1_000, "test": 4_000}),
+      generated.SizesConfig(
+          name="small", description="For tests and quick looks.",
+          sizes={"train": 256, "describe": 64, "validation": 64, "test": 128}),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -108,54 +99,15 @@ class GlyphVqa(tfds.core.GeneratorBasedBuilder):
       yield index, example(split, index)
 
 
-class GeneratedSource:
-  """Random access to a split's examples as `tfds.data_source` returns them (text as
-  bytes), generated on the fly; a grain data source."""
-
-  def __init__(self, config: str, split: str):
-    sizes = {c.name: c.sizes for c in GlyphVqa.BUILDER_CONFIGS}
-    if config not in sizes or split not in sizes[config]:
-      raise ValueError(f"glyph_vqa has no {config!r} config with a {split!r} split; "
-                       f"configs and splits: {sizes}.")
-    self.split, self.size = split, sizes[config][split]
-
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, index: int) -> dict:
-    if not 0 <= index < self.size:
-      raise IndexError(f"index {index} is outside the {self.size} examples of {self.split!r}")
-    ex = example(self.split, int(index))
-    turns = ex["conversations"]
-    return dict(ex, id=ex["id"].encode(),
-                conversations={"from": [t["from"].encode() for t in turns],
-                               "value": [t["value"].encode() for t in turns]},
-                question_types=[t.encode() for t in ex["question_types"]])
-
-
 def source(dataset: str, split: str, data_dir: str | None):
   """`dataset` ("glyph_vqa/CONFIG") read from `data_dir`, or generated when it is None."""
-  config = dataset.partition("/")[2] or "default"
-  if data_dir is None:
-    return GeneratedSource(config, split)
-  return tfds.data_source(f"{NAME}/{config}", split=split, data_dir=data_dir)
+  return generated.open_source(GlyphVqa, NAME, example, dataset, split, data_dir)
 
 
 def build(data_dir: str, config: str = "default") -> str:
   """Builds (or finds already built) the data set; returns its TFDS name."""
-  builder = GlyphVqa(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
-  return f"{NAME}/{config}"
-
-
-def main(argv: list[str]):
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")
-  parser.add_argument("--config", default="default", choices=("default", "small"))
-  args = parser.parse_args(argv)
-  print(build(args.data_dir, args.config))
+  return generated.build(GlyphVqa, NAME, data_dir, config)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  generated.main(sys.argv[1:], __doc__, build)

@@ -20,7 +20,8 @@ are near misses (the digit is there in another colour, or the colour on another 
 in POPE's adversarial split), and counting answers are uniform over 0..4.
 
 Everything is a pure function of an integer seed (numpy's PCG64), so a split is the same
-on every machine.
+on every machine. The drawing pieces (`glyph_mask`, `background`, `glyph_rgb`,
+`draw_glyph`, `ask`) are shared with the tile_vqa and video_vqa scenes.
 """
 
 from __future__ import annotations
@@ -53,8 +54,16 @@ _FONT = {
     8: ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
     9: ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
 }
-GLYPHS = {d: np.kron(np.array([[c == "1" for c in row] for row in rows]),
-                     np.ones((SCALE, SCALE), bool)) for d, rows in _FONT.items()}
+FONT_H, FONT_W = 7, 5
+
+
+def glyph_mask(digit: int, scale: int = SCALE) -> np.ndarray:
+  """bool[7 * scale, 5 * scale]: the digit's font pixels, each drawn as scale x scale."""
+  bitmap = np.array([[c == "1" for c in row] for row in _FONT[digit]])
+  return np.kron(bitmap, np.ones((scale, scale), bool))
+
+
+GLYPHS = {d: glyph_mask(d) for d in _FONT}
 GLYPH_H, GLYPH_W = GLYPHS[0].shape  # 14, 10
 
 TEMPLATES = {
@@ -111,7 +120,7 @@ def make_scene(rng: np.random.Generator) -> Scene:
   cells = rng.choice(GRID * GRID, n, replace=False)
   digit_grid = np.full((GRID, GRID), EMPTY, np.int32)
   colour_grid = np.full((GRID, GRID), EMPTY, np.int32)
-  image = _background(rng)
+  image = background(rng)
   for cell, k in zip(cells, order):
     r, c = divmod(int(cell), GRID)
     digit_grid[r, c], colour_grid[r, c] = digits[k], colours[k]
@@ -119,10 +128,25 @@ def make_scene(rng: np.random.Generator) -> Scene:
   return Scene(image, digit_grid, colour_grid)
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+def background(rng: np.random.Generator, height: int = IMAGE_SIZE,
+               width: int = IMAGE_SIZE) -> np.ndarray:
+  """u8[height, width, 3]: a dark grey with a little noise."""
   base = rng.integers(25, 60)
-  noise = rng.integers(-6, 7, (IMAGE_SIZE, IMAGE_SIZE, 1))
+  noise = rng.integers(-6, 7, (height, width, 1))
   return np.clip(base + noise, 0, 255).repeat(3, axis=2).astype(np.uint8)
+
+
+def glyph_rgb(rng: np.random.Generator, colour: int) -> np.ndarray:
+  """u8[3]: the colour (an index into COLOUR_NAMES) with its brightness jittered."""
+  rgb = np.clip(np.array(COLOURS[COLOUR_NAMES[colour]]) * rng.uniform(0.85, 1.1), 0, 255)
+  return rgb.astype(np.uint8)
+
+
+def draw_glyph(image: np.ndarray, y: int, x: int, digit: int, rgb: np.ndarray,
+               scale: int = SCALE):
+  """Paints the digit's font pixels in `rgb`, its top left corner at pixel (y, x)."""
+  mask = GLYPHS[digit] if scale == SCALE else glyph_mask(digit, scale)
+  image[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = rgb
 
 
 def _draw(image: np.ndarray, rng: np.random.Generator, row: int, col: int, digit: int,
@@ -130,9 +154,7 @@ def _draw(image: np.ndarray, rng: np.random.Generator, row: int, col: int, digit
   """Draws `digit` in `colour` (brightness jittered) at a random offset inside the cell."""
   y = row * CELL + int(rng.integers(0, CELL - GLYPH_H + 1))
   x = col * CELL + int(rng.integers(0, CELL - GLYPH_W + 1))
-  rgb = np.clip(np.array(COLOURS[COLOUR_NAMES[colour]]) * rng.uniform(0.85, 1.1), 0, 255)
-  patch = image[y:y + GLYPH_H, x:x + GLYPH_W]
-  patch[GLYPHS[digit]] = rgb.astype(np.uint8)
+  draw_glyph(image, y, x, digit, glyph_rgb(rng, colour))
 
 
 def questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:
@@ -144,11 +166,11 @@ def questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:
 
   unique = [i for i, (_, _, _, colour) in enumerate(items) if colours.count(colour) == 1]
   _, _, digit, colour = items[int(rng.choice(unique))]
-  out["reading"] = _ask(rng, "reading", str(digit), colour=COLOUR_NAMES[colour])
+  out["reading"] = ask(rng, "reading", str(digit), colour=COLOUR_NAMES[colour])
 
   unique = [i for i, (_, _, digit, _) in enumerate(items) if digits.count(digit) == 1]
   _, _, digit, colour = items[int(rng.choice(unique))]
-  out["attribute"] = _ask(rng, "attribute", COLOUR_NAMES[colour], digit=digit)
+  out["attribute"] = ask(rng, "attribute", COLOUR_NAMES[colour], digit=digit)
 
   present = {(digit, colour) for _, _, digit, colour in items}
   _, _, digit, colour = items[int(rng.integers(len(items)))]
@@ -161,19 +183,21 @@ def questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:
         colour = int(rng.integers(len(COLOURS)))
       else:
         digit = int(rng.integers(10))
-  out["existence"] = _ask(rng, "existence", answer, colour=COLOUR_NAMES[colour], digit=digit)
+  out["existence"] = ask(rng, "existence", answer, colour=COLOUR_NAMES[colour], digit=digit)
 
   # Pick the answer first, uniformly over the counts this scene has (the scene was built
   # with one colour at a uniform count), so that no count dominates; then a colour.
   counts = np.minimum(np.bincount(colours, minlength=len(COLOURS)), MAX_COUNT)
   count = int(rng.choice(np.unique(counts)))
   colour = int(rng.choice(np.flatnonzero(counts == count)))
-  out["counting"] = _ask(rng, "counting", str(count), colour=COLOUR_NAMES[colour])
+  out["counting"] = ask(rng, "counting", str(count), colour=COLOUR_NAMES[colour])
   return out
 
 
-def _ask(rng: np.random.Generator, kind: str, answer: str, **slots) -> Question:
-  template = TEMPLATES[kind][int(rng.integers(len(TEMPLATES[kind])))]
+def ask(rng: np.random.Generator, kind: str, answer: str,
+        templates: dict[str, tuple[str, ...]] = TEMPLATES, **slots) -> Question:
+  """A question of `kind` in one of its templates, picked at random, with its slots filled."""
+  template = templates[kind][int(rng.integers(len(templates[kind])))]
   return Question(kind, template.format(**slots), answer)
 
 

@@ -24,9 +24,10 @@ from absl import flags
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tokred_jax.data import generated, visual
 from tokred_jax.data.conversation import encode_example
 from tokred_jax.data.skips import BadSample, SkipLog, check_mode
-from tokred_jax.io import processing, templates
+from tokred_jax.io import batching, processing, templates
 from tokred_jax.models.config import LlavaConfig, VisionConfig
 
 
@@ -36,9 +37,10 @@ class DataConfig:
 
   Attributes:
     dataset: the TFDS name, "llava_conversations/NAME" as `build_dataset` returns it,
-      or "glyph_vqa/CONFIG" (tokred_jax.data.glyph_vqa).
-    data_dir: the TFDS data directory it was built in; None for glyph_vqa generates
-      its examples on the fly (the same examples).
+      or one of the project's own, "glyph_vqa/CONFIG", "tile_vqa/CONFIG" (anyres models)
+      or "video_vqa/CONFIG" (llava_onevision models); see tokred_jax.data.generated.
+    data_dir: the TFDS data directory it was built in; None for the generated data
+      sets generates their examples on the fly (the same examples).
     batch_size: B, examples per batch (per host when sharded over hosts).
     max_length: T, the fixed sequence length; longer samples are bad ("too long").
     num_epochs: passes over the data; None repeats forever.
@@ -49,6 +51,8 @@ class DataConfig:
       ids), "error" raises `BadSample` naming the first.
     template: the chat template conversations are rendered in (tokred_jax.io.templates);
       None: the model's (`LlavaConfig.template`).
+    num_frames: F, the frames of a video sequence (llava_onevision on videos): longer
+      videos are sampled uniformly, shorter ones padded (`visual.video_arrays`).
   """
   dataset: str
   data_dir: str | None
@@ -60,18 +64,25 @@ class DataConfig:
   worker_buffer_size: int = 8
   on_bad_sample: str = "skip"
   template: str | None = None
+  num_frames: int = 16
 
 
 class _Encode(grain.transforms.Map):
   """A stored example -> the training arrays of one sequence, or the `BadSample`."""
 
   def __init__(self, tokenizer: processing.Tokenizer, cfg: LlavaConfig, max_length: int,
-               num_image_tokens: int, template: templates.Template):
+               num_image_tokens: int, template: templates.Template, kind: str = visual.IMAGE,
+               num_frames: int = 0):
     self._tokenizer = tokenizer
     self._cfg = cfg
     self._max_length = max_length
     self._num_image_tokens = num_image_tokens
     self._template = template
+    self._kind = kind
+    self._num_frames = num_frames
+    if kind != visual.IMAGE:
+      self._spec = batching.spec_for(cfg)
+      self._bucket = visual.training_bucket(self._spec)
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray] | BadSample:
     sample_id = element["id"].decode()
@@ -83,6 +94,11 @@ class _Encode(grain.transforms.Map):
                                self._max_length, self._num_image_tokens, self._template)
     except BadSample as bad:
       return bad
+    if self._kind == visual.ANYRES:
+      return example | visual.anyres_arrays(np.asarray(element["image"]), self._spec,
+                                            self._bucket)
+    if self._kind == visual.VIDEO:
+      return example | visual.video_arrays(element["frames"], self._spec, self._num_frames)
     # The stored pixels are already resized, so this only rescales and normalises.
     example["pixel_values"] = processing.preprocess_images(element["image"],
                                                            self._cfg.vision)[0]
@@ -111,13 +127,6 @@ def _check_images(info: tfds.core.DatasetInfo, vision_cfg: VisionConfig, name: s
         "with this model's vision config (build_dataset(..., vision_cfg=...)).")
 
 
-def _check_size(size: int, vision_cfg: VisionConfig, name: str):
-  if (size, vision_cfg.kind) != (vision_cfg.image_size, "clip"):
-    raise ValueError(f"{name} holds {size} px images for a CLIP-style tower, but the model's "
-                     f"{vision_cfg.kind} tower takes {vision_cfg.image_size} px; train on it "
-                     "a model made for it (configs/glyph_llava.py).")
-
-
 def shard(ds: grain.MapDataset, index: int, count: int) -> grain.MapDataset:
   """Host `index` of `count`'s elements of the global stream `ds`: every count-th from
   `index` on, after the shuffle, so that the hosts' batches together hold exactly the
@@ -139,10 +148,11 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
     split: the split to read, e.g. "train".
     seed: seeds the shuffle (0 <= seed < 2**32); the same seed gives the same batches.
     tokenizer: the checkpoint's tokenizer.
-    model_cfg: the model's config (image token id and count, vision tower).
+    model_cfg: the model's config (image token id and count, vision tower, arch: the
+      kind of visual input, `visual.input_kind`).
     num_image_tokens: image slots per sequence, the reduction plan's `num_visual`
-      (fewer than the tower's patches after pre-LLM merging or pooling); None:
-      `model_cfg.num_image_tokens`.
+      (fewer than the tower's patches after pre-LLM merging or pooling); None: the
+      kind's unreduced count (`visual.num_slots`).
     shard_index: this host's shard, e.g. jax.process_index().
     shard_count: the number of shards, e.g. jax.process_count().
 
@@ -152,7 +162,9 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
       input_ids: i32[B, T], right-padded with the pad id.
       attention_mask: bool[B, T], False on padding.
       positions: i32[B, T], cumsum(attention_mask) - 1, at least 0.
-      pixel_values: f32[B, S, S, 3], normalised as `processing.preprocess_images` does.
+      pixel_values: f32[B, S, S, 3], normalised as `processing.preprocess_images` does
+        (a llava model; anyres and video models get their keys instead, see
+        tokred_jax.data.visual: crops and their layout, or frames and frame_valid).
       labels: i32[B, T], the next token id at each position (pad id where none).
       loss_mask: bool[B, T], True where labels[t] is a reply token to learn.
   """
@@ -161,13 +173,14 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
   template.end_token(tokenizer)  # The tokenizer can end replies as the template does.
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} is outside 0..{shard_count - 1}.")
-  # Imported here so that `python -m tokred_jax.data.glyph_vqa`, which imports this
-  # package first, does not register its builder twice.
-  # pylint: disable-next=g-import-not-at-top
-  from tokred_jax.data import glyph_vqa, glyphs
-  if config.dataset.split("/")[0] == glyph_vqa.NAME:
-    source = glyph_vqa.source(config.dataset, split, config.data_dir)
-    _check_size(glyphs.IMAGE_SIZE, model_cfg.vision, config.dataset)
+  kind = visual.input_kind(model_cfg, config.dataset)
+  if kind == visual.VIDEO and (isinstance(config.num_frames, bool) or
+                               not isinstance(config.num_frames, int) or config.num_frames < 1):
+    raise ValueError(f"num_frames must be a positive number of frames, got "
+                     f"{config.num_frames!r}.")
+  if generated.is_generated(config.dataset):
+    visual.check_generated(config.dataset, model_cfg)
+    source = generated.source(config.dataset, split, config.data_dir)
   else:
     source = tfds.data_source(config.dataset, split=split, data_dir=config.data_dir)
     _check_images(source.dataset_info, model_cfg.vision, config.dataset)
@@ -176,8 +189,9 @@ def make_dataset(config: DataConfig, split: str, seed: int, *,
     ds = ds.shuffle(seed)
   ds = shard(ds.repeat(config.num_epochs), shard_index, shard_count)
   if num_image_tokens is None:
-    num_image_tokens = model_cfg.num_image_tokens
-  ds = ds.map(_Encode(tokenizer, model_cfg, config.max_length, num_image_tokens, template))
+    num_image_tokens = visual.num_slots(model_cfg, kind, config.num_frames)
+  ds = ds.map(_Encode(tokenizer, model_cfg, config.max_length, num_image_tokens, template,
+                      kind, config.num_frames))
   ds = ds.to_iter_dataset()
   if config.worker_count:
     if not flags.FLAGS.is_parsed():

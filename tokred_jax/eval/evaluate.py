@@ -39,6 +39,11 @@ Per setting (`SettingResult`):
                   (MustDrop's segments compile per capacity they meet, which a later batch
                   may still do: the median keeps such a batch out).
 
+The anyres and video models (LLaVA-NeXT, OneVision) plan each batch for its own input
+bucket (`setting_input`, `Pipeline.batch_plan`): their FLOPs, KV bytes and equivalent
+tokens are at the bucket's counts (its empty slots included), and budget settings,
+which are solved per bucket, are skipped.
+
 Settings the model cannot run (e.g. FastV below k/L retention, ToMe beyond what its
 layers can merge, pooling at a retention that is not 1/s^2) are recorded as skipped with
 the reason; `check_settings(cfg, settings)` raises `ConfigError` for them instead, from
@@ -62,14 +67,15 @@ import numpy as np
 
 from tokred_jax import methods
 from tokred_jax.core import distributed
-from tokred_jax.data import glyph_vqa, glyphs
+from tokred_jax.data import generated, glyphs
 from tokred_jax.engine import budget as budgets
 from tokred_jax.engine import cost
 from tokred_jax.engine.generate import SamplingConfig
 from tokred_jax.engine.pipeline import Pipeline
-from tokred_jax.io import processing, templates
+from tokred_jax.io import anyres, batching, processing, templates
 from tokred_jax.methods import fastv, registry
-from tokred_jax.methods.base import Plan, make_plan
+from tokred_jax.methods.base import Plan, Recipe, make_plan
+from tokred_jax.models import llava_next, llava_onevision
 from tokred_jax.models.config import ConfigError, LlavaConfig
 
 RETENTIONS = (0.5, 0.25, 0.125)
@@ -161,10 +167,11 @@ def parse_settings(spec: str) -> list[Setting]:
 
 
 def setting_plan(cfg: LlavaConfig, setting: Setting,
-                 text_tokens: int = budgets.TEXT_TOKENS) -> Plan:
+                 text_tokens: int = budgets.TEXT_TOKENS, packing=None) -> Plan:
   """The setting's plan for a model of `cfg` (its config alone: no weights needed); a
-  budget is solved at prompts of `text_tokens` text tokens. ConfigError says why the
-  model cannot run it, an option its method lacks included."""
+  budget is solved at prompts of `text_tokens` text tokens; packing: the input bucket
+  of an anyres model (`input_packings`). ConfigError says why the model cannot run it,
+  an option its method lacks included."""
   options = dict(setting.options)
   builder = registry.BUILDERS.get(setting.base_method)
   takes = inspect.signature(builder).parameters if builder else {}
@@ -177,22 +184,53 @@ def setting_plan(cfg: LlavaConfig, setting: Setting,
                         f"{unknown[0]!r}; "
                         + (f"its options are {', '.join(known)}." if known else
                            "it takes none."))
+  if setting.budget is not None and packing is not None:
+    raise ConfigError(f"setting {setting.label}: budgets are solved per input bucket on "
+                      f"{cfg.arch}; give a retention (e.g. {setting.method}@0.25) instead.")
   try:
     if setting.budget is not None:
       return budgets.solve(cfg, setting.method, setting.budget, measure=setting.measure,
                            num_text_tokens=text_tokens, **options).plan
-    return make_plan(methods.get(setting.method, cfg, setting.retention, **options), cfg)
+    return make_plan(methods.get(setting.method, cfg, setting.retention, **options), cfg,
+                     packing)
   except TypeError as e:  # an option that a schedule behind **kwargs does not take
     raise ConfigError(f"setting {setting.label}: {e}.") from None
 
 
-def check_settings(cfg: LlavaConfig, settings: Sequence[Setting]):
-  """ConfigError naming every setting a model of `cfg` cannot run, each with the reason
-  (the evaluation itself would list them as skipped after running the rest)."""
-  failed = []
+def input_packings(cfg: LlavaConfig, examples: Sequence[Example] | None = None) -> list:
+  """The input buckets (`methods.base.make_plan`'s packing) a model's batches of
+  `examples` can fall into: [None] for llava; every crop bucket of the model's pinpoints
+  for anyres images (`anyres.crop_buckets`); for videos (`Example.video`) every rung of
+  the frame ladder up to the longest one's."""
+  if cfg.arch == "llava":
+    return [None]
+  spec = batching.spec_for(cfg)
+  frames = [len(e.video) for e in examples or () if e.video is not None]
+  if frames:
+    top, _ = anyres.frame_bucket(max(frames), batching.FRAME_LADDER)
+    return [llava_onevision.Packing(f, spec.grid) for f in batching.FRAME_LADDER if f <= top]
+  return [llava_next.Packing(b.num_crops, b.capacity, spec.grid)
+          for b in anyres.crop_buckets(spec)]
+
+
+def setting_input(cfg: LlavaConfig, setting: Setting, text_tokens: int = budgets.TEXT_TOKENS,
+                  packings: Sequence[Any] = (None,)) -> Plan | Recipe:
+  """What batches of the setting are prepared with: its plan (llava), or for the anyres
+  models, which plan each batch for its own bucket (`Pipeline.batch_plan`), its recipe,
+  checked to plan at every bucket of `packings` (ConfigError as `setting_plan`)."""
+  plans = [setting_plan(cfg, setting, text_tokens, p) for p in packings]
+  return plans[0] if cfg.arch == "llava" else plans[0].recipe
+
+
+def check_settings(cfg: LlavaConfig, settings: Sequence[Setting],
+                   examples: Sequence[Example] | None = None):
+  """ConfigError naming every setting a model of `cfg` cannot run (on `examples`' input
+  buckets, for the anyres models), each with the reason (the evaluation itself would
+  list them as skipped after running the rest)."""
+  failed, packings = [], input_packings(cfg, examples)
   for s in settings:
     try:
-      setting_plan(cfg, s)
+      setting_input(cfg, s, packings=packings)
     except ValueError as e:
       reason = str(e).removeprefix(f"setting {s.label}: ").rstrip(".")
       failed.append(f"{s.label} ({reason})")
@@ -239,12 +277,14 @@ def with_baselines(settings: Sequence[Setting]) -> list[Setting]:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One question: image u8[H, W, 3], the prompt as stored ("<image>\\nQ"), its answer."""
+  """One question: image u8[H, W, 3] (of any size for the anyres models) or, instead,
+  video u8[F, H, W, 3] (image None), the prompt as stored ("<image>\\nQ"), its answer."""
   id: str
   question_type: str
-  image: np.ndarray
+  image: np.ndarray | None
   prompt: str
   answer: str
+  video: np.ndarray | None = None
 
 
 def _index(example_id: str) -> int:
@@ -256,21 +296,24 @@ def _index(example_id: str) -> int:
 def load_examples(dataset: str, data_dir: str | None, split: str = "test",
                   limit: int | None = None) -> list[Example]:
   """The split's single-question examples in index order (TFDS stores them shuffled),
-  the first `limit` of them if given. `data_dir` None generates glyph_vqa's examples
-  (the same ones a built copy holds)."""
+  the first `limit` of them if given. `data_dir` None generates the examples of the
+  project's own data sets (the same ones a built copy holds). A data set of videos
+  (video_vqa) gives examples with `video` set."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if limit is not None and limit < 1:
     raise ValueError(f"limit must be a positive number of examples, got {limit}.")
   if data_dir is None:
-    if dataset.split("/")[0] != glyph_vqa.NAME:
-      raise ValueError(f"{dataset} needs --data_dir (only glyph_vqa can be generated).")
-    source = glyph_vqa.source(dataset, split, None)
+    if not generated.is_generated(dataset):
+      raise ValueError(f"{dataset} needs --data_dir (only {', '.join(generated.NAMES)} can "
+                       "be generated).")
+    source = generated.source(dataset, split, None)
     _check_limit(dataset, split, limit, len(source))
     records = [source[i] for i in range(limit or len(source))]
   # TFDS would try to build a missing data set (and fail without TensorFlow): say how.
   elif not os.path.isdir(os.path.join(data_dir, *dataset.split(":")[0].split("/"))):
+    name = generated.name_of(dataset) if generated.is_generated(dataset) else "glyph_vqa"
     raise ValueError(f"{dataset} is not built in {data_dir}; build it with `python -m "
-                     f"tokred_jax.data.glyph_vqa --data_dir={data_dir}` (add "
+                     f"tokred_jax.data.{name} --data_dir={data_dir}` (add "
                      "--config=small for the small one), or leave out data_dir.")
   else:
     try:
@@ -289,8 +332,10 @@ def load_examples(dataset: str, data_dir: str | None, split: str = "test",
       raise ValueError(f"example {r['id'].decode()} has {len(turns['value'])} turns; the "
                        "evaluation takes one question and one answer per example.")
     prompt, answer = (v.decode() for v in turns["value"])
+    image, frames = r.get("image"), r.get("frames")
     out.append(Example(r["id"].decode(), r["question_types"][0].decode(),
-                       np.asarray(r["image"]), prompt, answer))
+                       None if image is None else np.asarray(image), prompt, answer,
+                       None if frames is None else np.asarray(frames)))
   return out
 
 
@@ -413,22 +458,37 @@ def _costs(pipe: Pipeline, plan: Plan, batch: dict[str, np.ndarray], rows: int
            c.get("equivalent_tokens_official", c["equivalent_tokens"])) for c in costs]
 
 
-def _run_setting(pipe: Pipeline, plan: Plan, examples: Sequence[Example],
+def _prepare(pipe: Pipeline, chunk: Sequence[Example], max_new_tokens: int,
+             setting: Plan | Recipe) -> tuple[dict[str, Any], Plan]:
+  """A batch of examples (images, or videos) and its plan (the anyres models': for the
+  batch's bucket)."""
+  prompts = [e.prompt for e in chunk]
+  if chunk[0].video is not None:
+    batch = pipe.prepare(None, prompts, max_new_tokens, plan=setting,
+                         videos=[e.video for e in chunk])
+  else:
+    batch = pipe.prepare([e.image for e in chunk], prompts, max_new_tokens, plan=setting)
+  return batch, pipe.batch_plan(batch, setting) if pipe.anyres else setting
+
+
+def _run_setting(pipe: Pipeline, setting: Plan | Recipe, examples: Sequence[Example],
                  batch_size: int, sampling: SamplingConfig, result: SettingResult,
                  progress: Callable[[str, int], None]):
   """Fills `result` (its per-type counts at zero) with the setting's predictions, scores,
-  costs and latency. In a job of several processes each runs its share of the batches
-  (`my_batches`) and every process gets all of the results."""
-  warmed, done = set(), []
+  costs and latency; `setting` from `setting_input`. In a job of several processes each
+  runs its share of the batches (`my_batches`) and every process gets all of the
+  results."""
+  warmed, done, data_dependent = set(), [], False
   for start in my_batches(len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     rows = len(chunk)
     chunk += [chunk[-1]] * (batch_size - rows)
-    batch = pipe.prepare([e.image for e in chunk], [e.prompt for e in chunk],
-                         sampling.max_new_tokens, plan=plan)
-    if batch["input_ids"].shape not in warmed:  # compile outside the timed call
+    batch, plan = _prepare(pipe, chunk, sampling.max_new_tokens, setting)
+    data_dependent = plan.data_dependent
+    shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+    if shapes not in warmed:  # compile outside the timed call (a new length or bucket)
       pipe.generate_tokens(batch, sampling, plan=plan)
-      warmed.add(batch["input_ids"].shape)
+      warmed.add(shapes)
     tokens, timings = pipe.generate_tokens(batch, sampling, plan=plan)
     done.append(dict(
         start=start, time=(timings.prefill_s + timings.decode_s) / batch_size,
@@ -447,7 +507,7 @@ def _run_setting(pipe: Pipeline, plan: Plan, examples: Sequence[Example],
   flops, kv, equivalent, official = np.mean(costs, axis=0)
   result.flops, result.kv_bytes = float(flops), float(kv)
   result.equivalent_visual_tokens = float(equivalent)
-  if plan.data_dependent:
+  if data_dependent:
     result.equivalent_visual_tokens_official = float(official)
   result.flops_compiled = sum(b["compiled"] for b in batches) / len(examples)
   result.latency_s = statistics.median(b["time"] for b in batches)
@@ -487,12 +547,13 @@ def evaluate(pipe: Pipeline, examples: Sequence[Example], settings: Sequence[Set
   runs = []
   text = (median_text_tokens(pipe, examples) if any(s.budget is not None for s in settings)
           else budgets.TEXT_TOKENS)
+  packings = input_packings(pipe.cfg, examples)
   for s in settings:
     preset = s.method if s.method in methods.PRESETS else None
     result = SettingResult(s.label, s.base_method, s.retention, preset, dict(s.options),
                            s.budget, s.measure if s.budget is not None else None)
     try:
-      plan = setting_plan(pipe.cfg, s, text)
+      plan = setting_input(pipe.cfg, s, text, packings)
     except ValueError as e:  # ConfigError included: the method cannot do it here
       result.skipped, plan = str(e), None
     runs.append((plan, result))

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from tokred_jax.core import sharding
 from tokred_jax.core.suggest import closest
-from tokred_jax.data import skips
+from tokred_jax.data import generated, skips
 
 Check = tuple[str, Callable[[object], bool], str]
 
@@ -52,6 +52,7 @@ FIELDS: tuple[Check, ...] = (
     ("data.num_epochs", lambda v: v is None or (_int(v) and v > 0),
      "a positive integer (or None: repeat forever)"),
     ("data.worker_count", lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    ("data.num_frames", *_POSITIVE_INT),
     ("optim.learning_rate", lambda v: _number(v) and v > 0, "a positive number, e.g. 1e-4"),
     ("optim.end_learning_rate", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("optim.warmup_fraction", lambda v: _number(v) and 0 <= v <= 1,
@@ -168,7 +169,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                      "tokred_jax.data.build_dataset) and config.data.data_dir, or "
                      "dataset='synthetic'.")
   if data_dir is None:
-    if name.split("/")[0] == "glyph_vqa":
+    if generated.is_generated(name):
       return  # generated on the fly
     raise ValueError(f"config.data.data_dir is not set: give the TFDS directory that "
                      f"tokred_jax.data.build_dataset wrote {name!r} into.")

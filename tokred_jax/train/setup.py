@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from tokred_jax import data, methods
+from tokred_jax.data import visual
 from tokred_jax.engine.pipeline import TINY_CHECKPOINT
 from tokred_jax.io import checkpoint, parts, processing, templates
 from tokred_jax.methods import pmod
@@ -115,12 +116,15 @@ def make_model(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> llava.Lla
 
 
 def make_plan(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> Plan:
+  """The reduction plan of the run, for the input bucket of its batches (anyres crops
+  and videos: `data.visual.packing`); ValueError if the model cannot train on the data."""
   # p-MoD trains at the schedule its routers were added for.
   kw = ({"schedule": config.model.add_routers, **config.model.get("schedule_args", {})}
         if config.model.method == "pmod" and config.model.add_routers else {})
   recipe = methods.get(config.model.method, cfg, config.model.retention, config.model.mode,
                        **kw)
-  return methods.make_plan(recipe, cfg)
+  kind = visual.input_kind(cfg, config.data.dataset)
+  return methods.make_plan(recipe, cfg, visual.packing(cfg, kind, config.data.num_frames))
 
 
 def make_dataset(config: ml_collections.ConfigDict, cfg: LlavaConfig, plan: Plan

@@ -8,8 +8,10 @@
 Batches are dicts of numpy arrays (`BATCH_NDIM`): input_ids i32[B, T],
 attention_mask bool[B, T], positions i32[B, T], pixel_values f32[B, S, S, 3],
 labels i32[B, T] (the next token at each position) and loss_mask bool[B, T] (True on
-the tokens the loss counts, the assistant's). One batch is one optimizer step; with
-`optim.accum_steps = k` the step splits it into k micro-batches.
+the tokens the loss counts, the assistant's). Anyres and video models take their
+visual keys instead of pixel_values (`batch_ndim`; tokred_jax.data.visual: crops and
+their layout, or frames and frame_valid), as the plan's input bucket says. One batch is
+one optimizer step; with `optim.accum_steps = k` the step splits it into k micro-batches.
 
 Choices, and why:
   * Gradient accumulation is a `lax.scan` over micro-batches inside the one jitted
@@ -57,6 +59,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokred_jax.core import sharding
+from tokred_jax.data import visual
 from tokred_jax.engine import cost
 from tokred_jax.io import checkpoint
 from tokred_jax.methods import pmod
@@ -76,6 +79,14 @@ from tokred_jax.train.checkpoint import (Diverged, Interrupted, NonFiniteState, 
 # The batch contract: key -> rank. Every batch is sharded on its leading axis.
 BATCH_NDIM = {"input_ids": 2, "attention_mask": 2, "positions": 2, "pixel_values": 4,
               "labels": 2, "loss_mask": 2}
+_TEXT_NDIM = {k: n for k, n in BATCH_NDIM.items() if k != "pixel_values"}
+
+
+def batch_ndim(plan: Plan | None) -> dict[str, int]:
+  """The batch contract of a step with `plan`: BATCH_NDIM for one image a sequence, the
+  text keys and the visual ones of its input bucket for the anyres and video models."""
+  kind = visual.kind_of(None if plan is None else plan.packing)
+  return BATCH_NDIM if kind == visual.IMAGE else {**_TEXT_NDIM, **visual.NDIM[kind]}
 
 
 class TrainState(struct.PyTreeNode):
@@ -239,11 +250,12 @@ def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
   loss_tokens. `plan` is a static reduction plan (None: no reduction).
   """
   counts = plan.counts() if plan is not None else None
+  ndim = batch_ndim(plan)
 
   def micro_loss(trainable, frozen, batch, rng):
     logits = model.apply({"params": merge_params(trainable, frozen)}, batch["input_ids"],
-                         batch["pixel_values"], batch["attention_mask"], batch["positions"],
-                         plan=plan, counts=counts, rng=rng)
+                         visual.model_input(batch), batch["attention_mask"],
+                         batch["positions"], plan=plan, counts=counts, rng=rng)
     loss_sum, count = token_loss(logits, batch["labels"], batch["loss_mask"])
     return loss_sum, (loss_sum, count)
 
@@ -262,7 +274,7 @@ def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
 
     zeros = jax.lax.with_sharding_constraint(
         jax.tree.map(jnp.zeros_like, trainable), trainable_shardings)
-    micro = {k: _micro_batches(batch[k], accum_steps, mesh, rules) for k in BATCH_NDIM}
+    micro = {k: _micro_batches(batch[k], accum_steps, mesh, rules) for k in ndim}
     (grads, loss_sum, count), _ = jax.lax.scan(
         accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)),
         (micro, jnp.arange(accum_steps)))
@@ -275,7 +287,7 @@ def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  batch_shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in BATCH_NDIM.items()}
+  batch_shardings = {k: sharding.batch_sharding(mesh, n, rules) for k, n in ndim.items()}
   jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                    donate_argnums=0)
@@ -283,22 +295,29 @@ def make_train_step(model: llava.Llava, tx: optax.GradientTransformation,
   split = accum_steps * train_checks.batch_devices(mesh, rules)
 
   def run(state: TrainState, batch: Batch):
+    missing = [k for k in ndim if k not in batch]
+    if missing:
+      raise ValueError(f"the batch has no {', '.join(missing)}, which a step planned for "
+                       f"{visual.kind_of(None if plan is None else plan.packing)} inputs "
+                       "takes; make the data with the same plan (setup.make_dataset).")
     if batch["input_ids"].shape[0] % split:
       raise ValueError(f"a batch of {batch['input_ids'].shape[0]} does not split into "
                        f"{accum_steps} micro-batches over the batch mesh axes; make it a "
                        f"multiple of {split}.")
     # Traced inside the context, so the model's `constrain` calls lay activations out.
     with sharding.activation_sharding(mesh, rules):
-      return jitted(state, {k: batch[k] for k in BATCH_NDIM})
+      return jitted(state, {k: batch[k] for k in ndim})
   return run
 
 
 def put_batch(batch: Batch, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
               ) -> dict[str, jax.Array]:
-  """This process's share of a batch -> global arrays split on the batch axes."""
+  """This process's share of a batch -> global arrays split on the batch axes (the keys
+  of the batch contract it holds: `batch_ndim` of any kind)."""
+  known = {**BATCH_NDIM, **visual.NDIM[visual.ANYRES], **visual.NDIM[visual.VIDEO]}
   return {k: jax.make_array_from_process_local_data(
       sharding.batch_sharding(mesh, n, rules), np.asarray(batch[k]))
-      for k, n in BATCH_NDIM.items()}
+      for k, n in known.items() if k in batch}
 
 
 def train_flops_per_step(cfg: LlavaConfig, plan: Plan, batch: int, length: int
