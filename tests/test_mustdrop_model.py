@@ -465,7 +465,11 @@ def test_presets_and_config_errors():
        lambda: methods.make_plan(methods.get("mustdrop", CFG, window=2), CFG), "divide"),
       ('methods.get("mustdrop", cfg, filter_layers=(5,)) on 6 layers',
        lambda: methods.make_plan(methods.get("mustdrop", CFG, filter_layers=(5,)), CFG),
-       "outside")]:
+       "outside"),
+      ('methods.get("mustdrop", cfg, sizing="exact")',
+       lambda: methods.get("mustdrop", CFG, sizing="exact"), "not one of"),
+      ('methods.get("mustdrop", cfg, sizing="ladder", ladder=1.5)',
+       lambda: methods.get("mustdrop", CFG, sizing="ladder", ladder=1.5), r"\(0, 1\)")]:
     with pytest.raises(ConfigError, match=match) as e:
       call()
     faults.record("methods / make_plan", case, f"ConfigError: {e.value}", before="compile")
