@@ -499,6 +499,7 @@ def _official_decode(params, logits, state, steps):
   caches = []
   for c, v, n in zip(state.caches, state.valid, state.lengths):
     keep = np.asarray(v[0, :int(n)])
+    c = c.layer_cache(CFG.text.num_kv_heads)
     caches.append((np.asarray(c.k)[:, :int(n)][:, keep], np.asarray(c.v)[:, :int(n)][:, keep]))
   tokens, step_logits = [int(np.argmax(logits[0]))], []
   for _ in range(steps - 1):
@@ -509,8 +510,8 @@ def _official_decode(params, logits, state, steps):
         s = k.shape[1]
         pad = lambda a: np.concatenate([a, np.zeros_like(a[:, :1])], axis=1)
         x, cache, _ = layer(x, np.array([[s]], np.int32), np.ones((1, 1, s + 1), bool),
-                            llava.LayerCache(pad(k), pad(v)), s)
-        grown.append((cache.k, cache.v))
+                            llava.DecodeCache.of(llava.LayerCache(pad(k), pad(v))), s)
+        grown.append(cache.layer_cache(CFG.text.num_kv_heads))
       return m.llm.logits(x)[:, 0], grown
     out, grown = MODEL.apply({"params": params}, method=run)
     caches = [(np.asarray(k), np.asarray(v)) for k, v in grown]

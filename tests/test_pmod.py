@@ -118,7 +118,7 @@ def test_cached_decoding_equals_full_recompute(params):
   logits, state = MODEL.apply({"params": params}, batch["input_ids"], batch["pixel_values"],
                               batch["attention_mask"], batch["positions"], method="prefill",
                               max_new_tokens=5, plan=plan)
-  lengths = [c.k.shape[1] - 5 for c in state.caches]
+  lengths = [c.k.shape[-1] - 5 for c in state.caches]
   text = 96 - plan.num_visual
   assert lengths == [text + (64 if k is None else k) for k in plan.mod_visual]
   ids = np.concatenate([batch["input_ids"], tokens[:, :-1]], 1)

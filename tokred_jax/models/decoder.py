@@ -20,10 +20,34 @@ from tokred_jax.models.config import TextConfig
 
 
 class LayerCache(NamedTuple):
-  """One layer's KV cache. k, v: f32[B, S, K, h] (keys already rotated); S is this
-  layer's own capacity, so it may differ between layers."""
+  """One layer's keys and values as a forward over the stream makes them, the layout
+  scorers read. k, v: f32[B, S, K, h] (keys already rotated)."""
   k: jax.Array
   v: jax.Array
+
+
+class DecodeCache(NamedTuple):
+  """One layer's KV cache for decoding, each sample's KV heads in one leading axis
+  (sample-major): k: f32[B·K, h, S] (keys already rotated), v: f32[B·K, S, h]. A step's
+  attention reads both in memory order (`layers.attend_cache`), and the write of the
+  new token stays in place at any batch size (a [B, K, ...] cache, read through a
+  reshape at B = 1, was copied whole every step). S is this layer's own capacity, so
+  it may differ between layers."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def of(cls, cache: LayerCache) -> "DecodeCache":
+    """From the [B, S, K, h] layout."""
+    b, s, num_kv, head_dim = cache.k.shape
+    return cls(cache.k.transpose(0, 2, 3, 1).reshape(b * num_kv, head_dim, s),
+               cache.v.transpose(0, 2, 1, 3).reshape(b * num_kv, s, head_dim))
+
+  def layer_cache(self, num_kv: int) -> LayerCache:
+    """Back to the [B, S, K, h] layout."""
+    bk, head_dim, s = self.k.shape
+    return LayerCache(self.k.reshape(bk // num_kv, num_kv, head_dim, s).transpose(0, 3, 1, 2),
+                      self.v.reshape(bk // num_kv, num_kv, s, head_dim).transpose(0, 2, 1, 3))
 
 
 class Attention(nn.Module):
@@ -31,13 +55,14 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: LayerCache | None = None, write_index=None):
+  def __call__(self, x, positions, mask, cache: DecodeCache | None = None, write_index=None):
     """x: f32[B, T, D], positions: i32[B, T], mask: bool[B, T, S].
 
     Without a cache, attends over the T new tokens (S = T). With one, writes the new
     keys/values at `write_index` (i32[]) and attends over the whole cache.
-    Returns (f32[B, T, D], LayerCache of what was attended to, the rotated queries
-    f32[B, T, H, h]); a scoring layer hands the queries and keys to its scorer.
+    Returns (f32[B, T, D], what was attended to: a LayerCache, or with a cache the
+    DecodeCache written to, the rotated queries f32[B, T, H, h]); a scoring layer hands
+    the queries and keys to its scorer.
     """
     cfg = self.cfg
     proj = lambda n, name: layers.dense((n, cfg.head_dim), use_bias=cfg.attention_bias,
@@ -45,13 +70,18 @@ class Attention(nn.Module):
     q = layers.rope(proj(cfg.num_heads, "q")(x), positions, cfg.rope_theta)
     k = layers.rope(proj(cfg.num_kv_heads, "k")(x), positions, cfg.rope_theta)
     v = proj(cfg.num_kv_heads, "v")(x)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), write_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), write_index, 1)
-    out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    if cache is None:
+      new_cache = LayerCache(k, v)
+      out = layers.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    else:
+      new = DecodeCache.of(LayerCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype)))
+      new_cache = DecodeCache(
+          jax.lax.dynamic_update_slice_in_dim(cache.k, new.k, write_index, 2),
+          jax.lax.dynamic_update_slice_in_dim(cache.v, new.v, write_index, 1))
+      out = layers.attend_cache(q, *new_cache, mask)
     out = layers.dense(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                        name="o")(out)
-    return out, LayerCache(k, v), q
+    return out, new_cache, q
 
 
 class MLP(nn.Module):
@@ -143,8 +173,8 @@ class Decoder(nn.Module):
 
   def __call__(self, x, positions, masks, caches=None, write_indices=None):
     """Runs every layer. masks: one bool[B, T, S_l] per layer (or one shared mask);
-    caches / write_indices: one per layer, or None for a cache-less forward.
-    Returns (hidden f32[B, T, D], tuple of LayerCache)."""
+    caches / write_indices: one DecodeCache / i32[] per layer, or None for a cache-less
+    forward. Returns (hidden f32[B, T, D], a LayerCache, or DecodeCache, per layer)."""
     n = self.cfg.num_layers
     masks = masks if isinstance(masks, (list, tuple)) else [masks] * n
     caches = caches if caches is not None else [None] * n

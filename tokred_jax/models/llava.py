@@ -30,7 +30,7 @@ from tokred_jax.core import sharding, tokens
 from tokred_jax.core.stream import Stream, live_slots
 from tokred_jax.models import layers, llava_next, llava_onevision
 from tokred_jax.models.config import LlavaConfig
-from tokred_jax.models.decoder import Decoder, LayerCache
+from tokred_jax.models.decoder import DecodeCache, Decoder, LayerCache
 from tokred_jax.models.hooks import Run
 from tokred_jax.models.vit import VisionTower
 
@@ -53,12 +53,13 @@ class LayerOut(NamedTuple):
 class DecodeState(NamedTuple):
   """Everything decoding needs after prefill, one entry per LLM layer where layers differ.
 
-  caches: LayerCache per layer, k/v f32[B, S_l, K, h]; valid: bool[B, S_l] per layer
-  (which cache slots hold a live token); lengths: i32[] per layer, the next free slot;
-  positions: i32[B] per layer, the position id the next token gets in that layer: the
-  prompt's last position + 1, unless a stage's `decode_positions` hook says otherwise.
+  caches: DecodeCache per layer, k f32[B·K, h, S_l], v f32[B·K, S_l, h]; valid:
+  bool[B, S_l] per layer (which cache slots hold a live token); lengths: i32[] per
+  layer, the next free slot; positions: i32[B] per layer, the position id the next token
+  gets in that layer: the prompt's last position + 1, unless a stage's
+  `decode_positions` hook says otherwise.
   """
-  caches: tuple[LayerCache, ...]
+  caches: tuple[DecodeCache, ...]
   valid: tuple[jax.Array, ...]
   lengths: tuple[jax.Array, ...]
   positions: tuple[jax.Array, ...]
@@ -264,7 +265,7 @@ class Llava(nn.Module):
     if lengths is None:
       lengths = tuple(jnp.asarray(c.k.shape[1], jnp.int32) for c, _ in caches)
     positions = run.chain("decode_positions", (next_position,) * len(caches), cache_valid)
-    return DecodeState(tuple(LayerCache(grow(c.k), grow(c.v)) for c, _ in caches),
+    return DecodeState(tuple(DecodeCache.of(jax.tree.map(grow, c)) for c, _ in caches),
                        tuple(grow(v) for v in cache_valid), tuple(lengths), tuple(positions))
 
   def decode(self, tokens_, state: "DecodeState"):
