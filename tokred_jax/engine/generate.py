@@ -4,8 +4,9 @@ Prompts arrive padded to a bucket length (see `processing.encode_batch`), so pre
 compiles once per bucket; the decode loop is a single `lax.while_loop` that stops when
 every sample has emitted an end-of-sequence token or `max_new_tokens` are out.
 `Generator.trace_counts` counts how often each function was traced (= compiled).
-A data-dependent plan (MustDrop, fast mode) prefills in segments (segmented.py), each
-counted under its own name ("merge", "segment0", ...).
+A data-dependent plan (MustDrop, fast mode) prefills in segments (segmented.py), counted
+as "segments" and "segment_caches" when they run as one program, else per segment
+("merge", "segment0", ...).
 """
 
 from __future__ import annotations
