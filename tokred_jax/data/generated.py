@@ -32,6 +32,24 @@ class SizesConfig(tfds.core.BuilderConfig):
   sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+class Splits:
+  """The split generation of a generated data set's builder (a mixin before
+  `tfds.core.GeneratorBasedBuilder`): its config's sizes of `example(split, index)`."""
+
+  @staticmethod
+  def example(split: str, index: int) -> dict:
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Generated, nothing to download.
+    return {split: self._generate_examples(split, n)
+            for split, n in self.builder_config.sizes.items()}
+
+  def _generate_examples(self, split: str, n: int):
+    for index in range(n):
+      yield index, self.example(split, index)
+
+
 def name_of(dataset: str) -> str:
   """"tile_vqa/small:1.0.0" -> "tile_vqa"."""
   return dataset.partition("/")[0].partition(":")[0]

@@ -59,8 +59,10 @@ def example(split: str, index: int) -> dict:
           "cell_colours": scene.colours}
 
 
-class GlyphVqa(tfds.core.GeneratorBasedBuilder):
+class GlyphVqa(generated.Splits, tfds.core.GeneratorBasedBuilder):
   """Coloured digits on a grid with reading/attribute/existence/counting questions."""
+
+  example = staticmethod(example)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
@@ -88,15 +90,6 @@ class GlyphVqa(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(vision_kind="clip", image_size=size,
                                         colours=list(glyphs.COLOUR_NAMES)),
     )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Generated, nothing to download.
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.sizes.items()}
-
-  def _generate_examples(self, split: str, n: int):
-    for index in range(n):
-      yield index, example(split, index)
 
 
 def source(dataset: str, split: str, data_dir: str | None):

@@ -201,8 +201,10 @@ def example(split: str, index: int) -> dict:
           "question_types": [q.kind for q in turns], "items": scene.items}
 
 
-class TileVqa(tfds.core.GeneratorBasedBuilder):
+class TileVqa(generated.Splits, tfds.core.GeneratorBasedBuilder):
   """Small coloured digits on images of varied size and aspect ratio, read in anyres tiles."""
+
+  example = staticmethod(example)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
@@ -231,15 +233,6 @@ class TileVqa(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(tile_size=TILE, pinpoints=[list(p) for p in PINPOINTS],
                                         colours=list(glyphs.COLOUR_NAMES)),
     )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Generated, nothing to download.
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.sizes.items()}
-
-  def _generate_examples(self, split: str, n: int):
-    for index in range(n):
-      yield index, example(split, index)
 
 
 def source(dataset: str, split: str, data_dir: str | None):

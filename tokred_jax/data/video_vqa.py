@@ -232,8 +232,10 @@ def example(split: str, index: int) -> dict:
           "cell_colours": video.colours}
 
 
-class VideoVqa(tfds.core.GeneratorBasedBuilder):
+class VideoVqa(generated.Splits, tfds.core.GeneratorBasedBuilder):
   """Short videos of coloured digits that appear, move, change colour and flash."""
+
+  example = staticmethod(example)
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
@@ -264,15 +266,6 @@ class VideoVqa(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(frame_size=FRAME, frame_counts=list(FRAME_COUNTS),
                                         colours=list(glyphs.COLOUR_NAMES)),
     )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # Generated, nothing to download.
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.sizes.items()}
-
-  def _generate_examples(self, split: str, n: int):
-    for index in range(n):
-      yield index, example(split, index)
 
 
 def source(dataset: str, split: str, data_dir: str | None):
