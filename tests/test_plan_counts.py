@@ -357,3 +357,11 @@ def test_pruning_layers_are_part_of_the_key():
   assert (keeps_all.score_layers, prunes.score_layers) == ((), (1,))
   assert keeps_all != prunes
   assert not same_program(keeps_all, prunes)
+
+
+def test_a_tower_that_runs_no_layer_is_refused():
+  """vision_feature_layer 0 (or -(n+1)) selects the embeddings: one line, not an
+  IndexError in planning."""
+  for layer in (0, -(KEY_CFG.vision.num_layers + 1)):
+    with pytest.raises(ConfigError, match="embeddings, so none of its"):
+      dataclasses.replace(KEY_CFG, vision_feature_layer=layer)

@@ -196,6 +196,10 @@ class LlavaConfig:
     if not -n - 1 <= self.vision_feature_layer <= n:
       raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} is outside the "
                         f"tower's {n} layers (valid: {-n - 1}..{n}).")
+    if self.vision_feature_layer % (n + 1) == 0:
+      raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} selects the "
+                        f"tower's embeddings, so none of its {n} layers would run; the "
+                        "reductions act inside the tower: pick a layer from 1 (or -1).")
     if self.arch not in ARCHS:
       raise ConfigError(f"arch {self.arch!r} is not supported; use one of {sorted(ARCHS)}.")
     if self.arch != "llava" and not self.image_grid_pinpoints:
