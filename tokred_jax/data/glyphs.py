@@ -157,6 +157,22 @@ def _draw(image: np.ndarray, rng: np.random.Generator, row: int, col: int, digit
   draw_glyph(image, y, x, digit, glyph_rgb(rng, colour))
 
 
+def existence(rng: np.random.Generator, pairs: list[tuple[int, int]]) -> tuple[int, int, str]:
+  """An existence question's (digit, colour, answer) about a scene of (digit, colour)
+  `pairs`: one of them half the time ("yes"), else a near miss ("no") that keeps the
+  digit or the colour of one and changes the other until no pair matches."""
+  present = set(pairs)
+  digit, colour = pairs[int(rng.integers(len(pairs)))]
+  if rng.random() < 0.5:
+    return digit, colour, "yes"
+  while (digit, colour) in present:
+    if rng.random() < 0.5:
+      colour = int(rng.integers(len(COLOURS)))
+    else:
+      digit = int(rng.integers(10))
+  return digit, colour, "no"
+
+
 def questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:
   """One question of each type about `scene`, each with a single right answer."""
   items = scene.items
@@ -172,17 +188,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:
   _, _, digit, colour = items[int(rng.choice(unique))]
   out["attribute"] = ask(rng, "attribute", COLOUR_NAMES[colour], digit=digit)
 
-  present = {(digit, colour) for _, _, digit, colour in items}
-  _, _, digit, colour = items[int(rng.integers(len(items)))]
-  if rng.random() < 0.5:
-    answer = "yes"
-  else:  # A near miss: keep the digit or the colour, change the other.
-    answer = "no"
-    while (digit, colour) in present:
-      if rng.random() < 0.5:
-        colour = int(rng.integers(len(COLOURS)))
-      else:
-        digit = int(rng.integers(10))
+  digit, colour, answer = existence(rng, [(digit, colour) for _, _, digit, colour in items])
   out["existence"] = ask(rng, "existence", answer, colour=COLOUR_NAMES[colour], digit=digit)
 
   # Pick the answer first, uniformly over the counts this scene has (the scene was built

@@ -161,18 +161,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> dict[str, glyphs.Questi
   out["reading"] = glyphs.ask(rng, "reading", str(digits[k]), TEMPLATES, colour=name[colours[k]])
   k = int(rng.choice([i for i, d in enumerate(digits) if digits.count(d) == 1]))
   out["attribute"] = glyphs.ask(rng, "attribute", name[colours[k]], TEMPLATES, digit=digits[k])
-  present = set(zip(digits, colours))
-  k = int(rng.integers(len(digits)))
-  digit, colour = digits[k], colours[k]
-  if rng.random() < 0.5:
-    answer = "yes"
-  else:  # A near miss: keep the digit or the colour, change the other.
-    answer = "no"
-    while (digit, colour) in present:
-      if rng.random() < 0.5:
-        colour = int(rng.integers(len(glyphs.COLOURS)))
-      else:
-        digit = int(rng.integers(10))
+  digit, colour, answer = glyphs.existence(rng, list(zip(digits, colours)))
   out["existence"] = glyphs.ask(rng, "existence", answer, TEMPLATES, colour=name[colour],
                                 digit=digit)
   count = digits.count(scene.counted)
